@@ -1,0 +1,22 @@
+# Two entry points, each installs what it needs into .venv (CPU build of torch):
+#   make test   - lint and run the test suite
+#   make demo   - train SmolLM2-135M-Instruct with SDPO on CPU and print held-out accuracy before/after
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+
+$(VENV)/.dev-installed: pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install -q torch==2.13.0
+	$(BIN)/python -m pip install -q -e ".[dev]"
+	touch $@
+
+.PHONY: test lint
+lint: $(VENV)/.dev-installed
+	$(BIN)/ruff check sdpo_rl tests
+
+test: lint
+	$(BIN)/python -m pytest -q

@@ -1,0 +1,98 @@
+"""Every TRL / transformers internal that `SDPOTrainer` relies on, checked once at import.
+
+`SDPOTrainer` extends `trl.GRPOTrainer` through private methods and attributes that TRL may change in any release.
+Listing them here, and checking them when `sdpo_rl` is imported, turns a silent misbehaviour after a TRL upgrade into
+one clear error that names the supported versions.
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import transformers
+import trl
+from packaging.version import Version
+from transformers import Trainer
+from trl import GRPOTrainer
+
+SUPPORTED_TRL = (Version("1.16.0"), Version("1.17.0"))  # [low, high)
+SUPPORTED_TRL_TEXT = ">=1.16.0,<1.17.0"
+
+# Methods we override or call, with the parameters we pass or receive, in order.
+GRPO_METHODS = {
+    "_generate_and_score_completions": ("self", "inputs"),
+    "_calculate_rewards": ("self", "inputs", "prompts", "completions", "completion_ids_list"),
+    "_compute_loss": ("self", "model", "inputs"),
+}
+TRAINER_METHODS = {
+    "_get_grad_norm": ("self", "model", "grad_norm"),
+}
+# Attributes GRPOTrainer.__init__ sets and SDPOTrainer reads; checked on each new trainer (they only exist then).
+GRPO_ATTRIBUTES = (
+    "accelerator",
+    "num_generations",
+    "num_generations_eval",
+    "temperature",
+    "reward_funcs",
+    "reward_func_names",
+    "reward_weights",
+    "chat_template",
+    "chat_template_kwargs",
+    "tools",
+    "beta",
+    "_tokenizer",
+    "_metrics",
+    "_logs",
+)
+# Keys of the batch dict produced by `_generate_and_score_completions` that SDPO reads.
+BATCH_KEYS = ("prompt_ids", "prompt_mask", "completion_ids", "completion_mask", "advantages")
+
+
+class IncompatibleTRLError(ImportError):
+    """The installed TRL does not provide what SDPOTrainer builds on."""
+
+
+def _fail(problem: str) -> None:
+    raise IncompatibleTRLError(
+        f"sdpo_rl supports trl{SUPPORTED_TRL_TEXT} (found trl {trl.__version__}, transformers "
+        f"{transformers.__version__}): {problem}. Install a supported version, e.g. "
+        f"pip install 'trl{SUPPORTED_TRL_TEXT}'."
+    )
+
+
+def _check_methods(cls: type, methods: dict[str, tuple[str, ...]]) -> None:
+    for name, expected in methods.items():
+        method = getattr(cls, name, None)
+        if method is None:
+            _fail(f"{cls.__name__}.{name} no longer exists")
+        parameters = tuple(inspect.signature(method).parameters)[: len(expected)]
+        if parameters != expected:
+            _fail(f"{cls.__name__}.{name} takes {parameters}, expected {expected}")
+
+
+def check_trl() -> None:
+    """Fail with `IncompatibleTRLError` unless the installed TRL has the internals listed above."""
+    low, high = SUPPORTED_TRL
+    if not low <= Version(trl.__version__) < high:
+        _fail("this version is not supported")
+    _check_methods(GRPOTrainer, GRPO_METHODS)
+    _check_methods(Trainer, TRAINER_METHODS)
+    if getattr(GRPOTrainer, "loss_is_scaled_for_ga", None) is not True:
+        _fail("GRPOTrainer no longer scales its loss for gradient accumulation itself (loss_is_scaled_for_ga)")
+
+
+def check_trainer_attributes(trainer: GRPOTrainer) -> None:
+    """Fail unless a freshly built GRPOTrainer has every attribute SDPOTrainer reads."""
+    missing = [name for name in GRPO_ATTRIBUTES if not hasattr(trainer, name)]
+    if missing:
+        _fail(f"GRPOTrainer no longer sets {', '.join(missing)}")
+
+
+def check_batch(batch: dict) -> None:
+    """Fail unless the batch TRL produced has every key SDPO reads."""
+    missing = [key for key in BATCH_KEYS if key not in batch]
+    if missing:
+        _fail(f"GRPOTrainer._generate_and_score_completions no longer returns {', '.join(missing)}")
+
+
+check_trl()

@@ -1,0 +1,298 @@
+"""`SDPOTrainer`: TRL's GRPOTrainer with the GRPO policy-gradient loss replaced by self-distillation.
+
+The trainer is glue over four of GRPOTrainer's extension points (listed in `_trl_compat`):
+
+1. `_calculate_rewards`: after the reward functions ran, keep what the teacher needs (prompts, completion tokens,
+   total rewards, feedback).
+2. `_generate_and_score_completions`: after TRL built the batch, choose each completion's demonstration and feedback
+   over its whole group, render the teacher prompts, and add `teacher_prompt_ids`, `teacher_prompt_mask` and
+   `self_distillation_mask` to the batch (TRL then shuffles and splits it like every other batch tensor).
+3. `_compute_loss`: student forward on prompt + completion, teacher forward on teacher prompt + the same completion,
+   the distillation loss of `sdpo_rl.loss`.
+4. After each optimizer step the teacher is updated (a callback), unless the gradient norm was not finite.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from accelerate.utils import gather_object
+from transformers import TrainerCallback
+from trl import GRPOTrainer
+from trl.trainer.utils import pad
+
+from . import _trl_compat
+from .config import SDPOConfig
+from .feedback import FEEDBACK_COLUMN, collect_feedback, snapshot_feedback
+from .loss import self_distillation_loss
+from .metrics import PREFIX, teacher_signal_metrics
+from .reprompt import TeacherPrompt, render_teacher_prompt, select_teacher_signals
+from .teacher import build_teacher, completion_logits
+
+
+@dataclass
+class _Rollout:
+    """What `_calculate_rewards` saw of the local batch; consumed by `_generate_and_score_completions`."""
+
+    prompts: list
+    completion_ids: list[list[int]]
+    rewards_per_func: torch.Tensor  # [global batch, num reward functions], gathered by TRL
+    feedback: list[str]
+
+
+class _TeacherUpdateCallback(TrainerCallback):
+    """Updates the teacher after every optimizer step (spec section 4)."""
+
+    def __init__(self, trainer: SDPOTrainer):
+        self.trainer = trainer
+
+    def on_optimizer_step(self, args, state, control, **kwargs):
+        self.trainer._update_teacher()
+
+
+class SDPOTrainer(GRPOTrainer):
+    """Self-Distilled Policy Optimization on top of `trl.GRPOTrainer`.
+
+    Accepts every argument of `GRPOTrainer`, plus `sdpo_config` (an `SDPOConfig`, default `SDPOConfig()`). With
+    `SDPOConfig(enabled=False)` it is exactly GRPOTrainer.
+    """
+
+    _tag_names = ["trl", "grpo", "sdpo"]
+
+    def __init__(self, *args: Any, sdpo_config: SDPOConfig | None = None, **kwargs: Any):
+        if sdpo_config is None:
+            sdpo_config = SDPOConfig()
+        if not isinstance(sdpo_config, SDPOConfig):
+            raise TypeError(f"sdpo_config must be an SDPOConfig, got {type(sdpo_config).__name__}.")
+        grpo_config = inspect.signature(GRPOTrainer.__init__).bind(self, *args, **kwargs).arguments.get("args")
+        if sdpo_config.enabled and grpo_config is not None and grpo_config.beta != 0.0:
+            raise ValueError(
+                f"GRPOConfig.beta={grpo_config.beta} weights a KL penalty of the GRPO loss, which SDPO replaces, so "
+                "it would be silently ignored. Set beta=0.0, or SDPOConfig(enabled=False) to train with GRPO."
+            )
+        self.sdpo_config = sdpo_config
+        self._sdpo_rollout: _Rollout | None = None
+        self._last_grad_norm_finite = True
+        super().__init__(*args, **kwargs)
+        _trl_compat.check_trainer_attributes(self)
+        if not sdpo_config.enabled:
+            self.teacher = None
+            return
+        self.teacher = build_teacher(sdpo_config, self.model)
+        self.add_callback(_TeacherUpdateCallback(self))
+
+    # ---- 1. rewards: keep what the teacher needs -------------------------------------------------------------------
+
+    def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
+        before = snapshot_feedback(self.reward_funcs)
+        rewards_per_func = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
+        if self.sdpo_config.enabled:
+            dataset_feedback = [x[FEEDBACK_COLUMN] for x in inputs] if FEEDBACK_COLUMN in inputs[0] else None
+            feedback = collect_feedback(
+                self.reward_funcs, self.reward_func_names, before, len(prompts), dataset_feedback
+            )
+            self._sdpo_rollout = _Rollout(list(prompts), list(completion_ids_list), rewards_per_func, feedback)
+        return rewards_per_func
+
+    # ---- 2. the batch: teacher prompts -----------------------------------------------------------------------------
+
+    def _generate_and_score_completions(self, inputs):
+        batch = super()._generate_and_score_completions(inputs)
+        if not self.sdpo_config.enabled:
+            return batch
+        _trl_compat.check_batch(batch)
+        rollout, self._sdpo_rollout = self._sdpo_rollout, None
+        if rollout is None:
+            raise RuntimeError("SDPOTrainer: the reward step did not run before the batch was built.")
+        batch.update(self._build_teacher_batch(rollout, batch["completion_mask"]))
+        return batch
+
+    def _build_teacher_batch(self, rollout: _Rollout, completion_mask: torch.Tensor) -> dict[str, Any]:
+        config = self.sdpo_config
+        mode = "train" if self.model.training else "eval"
+        num_generations = self.num_generations if mode == "train" else self.num_generations_eval
+        device = self.accelerator.device
+
+        # Success is judged on the total weighted reward; a completion no reward function could score is NaN.
+        rewards_per_func = rollout.rewards_per_func
+        rewards = (rewards_per_func * self.reward_weights.to(rewards_per_func.device)).nansum(dim=1)
+        rewards[torch.isnan(rewards_per_func).all(dim=1)] = math.nan
+
+        # Demonstrations are searched over the whole group, which may span processes: gather texts and feedback.
+        local_count = len(rollout.prompts)
+        texts = gather_object(self._tokenizer.batch_decode(rollout.completion_ids, skip_special_tokens=True))
+        feedback = gather_object(rollout.feedback)
+        signals = select_teacher_signals(
+            texts,
+            rewards.tolist(),
+            feedback,
+            num_generations,
+            success_reward_threshold=config.success_reward_threshold,
+            dont_reprompt_on_self_success=config.dont_reprompt_on_self_success,
+            remove_thinking_from_demonstration=config.remove_thinking_from_demonstration,
+            include_environment_feedback=config.include_environment_feedback,
+            environment_feedback_only_without_solution=config.environment_feedback_only_without_solution,
+        )
+        start = self.accelerator.process_index * local_count
+        local_signals = signals[start : start + local_count]
+
+        template_kwargs = {
+            "chat_template": self.chat_template,
+            "tools": self.tools or None,
+            **self.chat_template_kwargs,
+            **config.apply_chat_template_kwargs,
+        }
+        teacher_prompts: list[TeacherPrompt | None] = [
+            render_teacher_prompt(
+                prompt,
+                signal,
+                self._tokenizer,
+                solution_template=config.solution_template,
+                feedback_template=config.feedback_template,
+                reprompt_template=config.reprompt_template,
+                chat_template_kwargs=template_kwargs,
+                max_reprompt_length=config.max_reprompt_length,
+                reprompt_truncation=config.reprompt_truncation,
+                sample_index=start + i,
+            )
+            if signal.has_signal
+            else None
+            for i, (prompt, signal) in enumerate(zip(rollout.prompts, local_signals, strict=True))
+        ]
+
+        ids = [torch.tensor(p.input_ids if p else [], dtype=torch.long) for p in teacher_prompts]
+        masks = [torch.ones_like(row) for row in ids]
+        if max(len(row) for row in ids) == 0:  # no teacher signal here: keep one padding column
+            ids[0] = torch.tensor([self._tokenizer.pad_token_id])
+            masks[0] = torch.zeros(1, dtype=torch.long)
+        teacher_prompt_ids = pad(ids, padding_value=self._tokenizer.pad_token_id, padding_side="left").to(device)
+        teacher_prompt_mask = pad(masks, padding_value=0, padding_side="left").to(device)
+        self_distillation_mask = torch.tensor([float(s.has_signal) for s in local_signals], device=device)
+
+        # Normaliser of the loss over the whole generation batch, so that accumulated micro-batches sum to the loss
+        # of one big batch (see `_compute_loss`).
+        active = completion_mask * self_distillation_mask.unsqueeze(1)
+        local_items = active.sum() if config.loss_agg_mode == "token-mean" else (active.sum(1) > 0).sum().float()
+        num_items = self.accelerator.gather(local_items.reshape(1)).sum()
+
+        self._log_teacher_metrics(mode, signals, rewards.tolist(), feedback, num_generations, teacher_prompts)
+        return {
+            "teacher_prompt_ids": teacher_prompt_ids,
+            "teacher_prompt_mask": teacher_prompt_mask,
+            "self_distillation_mask": self_distillation_mask,
+            "num_self_distillation_items": num_items,
+        }
+
+    def _log_teacher_metrics(self, mode, signals, rewards, feedback, num_generations, teacher_prompts) -> None:
+        metrics = teacher_signal_metrics(
+            signals, rewards, feedback, num_generations, self.sdpo_config.success_reward_threshold
+        )
+        rendered = [p for p in gather_object(teacher_prompts) if p is not None]
+        metrics[PREFIX + "teacher_prompt_length_mean"] = (
+            sum(len(p.input_ids) for p in rendered) / len(rendered) if rendered else math.nan
+        )
+        metrics[PREFIX + "teacher_prompt_truncated_count"] = float(sum(p.truncated for p in rendered))
+        for name, value in metrics.items():
+            self._metrics[mode][name].append(value)
+        self._logs["extra"]["teacher_prompt"].extend(
+            p.text if p is not None else "" for p in gather_object(teacher_prompts)
+        )
+
+    # ---- 3. the loss -----------------------------------------------------------------------------------------------
+
+    def _compute_loss(self, model, inputs):
+        if not self.sdpo_config.enabled:
+            return super()._compute_loss(model, inputs)
+        config = self.sdpo_config
+        mode = "train" if self.model.training else "eval"
+        completion_ids, completion_mask = inputs["completion_ids"], inputs["completion_mask"]
+        if "tool_mask" in inputs:
+            completion_mask = completion_mask * inputs["tool_mask"]
+        self_distillation_mask = inputs["self_distillation_mask"]
+
+        # Only completions with a teacher signal are forwarded (spec D3). Without any, one row still runs through the
+        # student so the loss is a zero connected to the model (every process must take part in backward).
+        rows = self_distillation_mask.nonzero().squeeze(1)
+        has_signal = rows.numel() > 0
+        if not has_signal:
+            rows = rows.new_zeros(1)
+        completion_ids, completion_mask = completion_ids[rows], completion_mask[rows]
+        logits_to_keep = completion_ids.size(1)
+
+        student_ids = torch.cat([inputs["prompt_ids"][rows], completion_ids], dim=1)
+        student_mask = torch.cat([inputs["prompt_mask"][rows], completion_mask], dim=1)
+        with self.accelerator.autocast():
+            student_logits = completion_logits(model, student_ids, student_mask, logits_to_keep) / self.temperature
+        if has_signal:
+            teacher_ids, teacher_prompt_mask = _drop_shared_padding(
+                inputs["teacher_prompt_ids"][rows], inputs["teacher_prompt_mask"][rows]
+            )
+            teacher_ids = torch.cat([teacher_ids, completion_ids], dim=1)
+            teacher_mask = torch.cat([teacher_prompt_mask, completion_mask], dim=1)
+            with self.accelerator.autocast():
+                teacher_logits = self.teacher.completion_logits(
+                    self.accelerator.unwrap_model(model), teacher_ids, teacher_mask, logits_to_keep
+                )
+            teacher_logits = teacher_logits / self.temperature
+        else:
+            teacher_logits = student_logits.detach()
+
+        old_per_token_logps = inputs.get("old_per_token_logps")
+        importance_sampling_ratio = inputs.get("importance_sampling_ratio")
+        if mode == "train":
+            # TRL scales the loss for gradient accumulation inside `_compute_loss`: divide the sum by this process's
+            # share of the generation batch's items, rescaled to one accumulation window (as TRL's "dapo" loss does).
+            normalizer = (
+                inputs["num_self_distillation_items"].clamp(min=1.0)
+                / self.accelerator.num_processes
+                * self.current_gradient_accumulation_steps
+                / self.args.steps_per_generation
+            )
+        else:
+            normalizer = None
+        loss = self_distillation_loss(
+            student_logits,
+            teacher_logits,
+            completion_ids,
+            completion_mask,
+            self_distillation_mask[rows],
+            None if old_per_token_logps is None else old_per_token_logps[rows],
+            alpha=config.alpha,
+            distillation_topk=config.distillation_topk,
+            distillation_add_tail=config.distillation_add_tail,
+            full_logit_distillation=config.full_logit_distillation,
+            is_clip=config.is_clip,
+            loss_agg_mode=config.loss_agg_mode,
+            per_token_weight=None if importance_sampling_ratio is None else importance_sampling_ratio[rows],
+            normalizer=normalizer,
+        )
+        # In training, `loss` is this micro-batch's share of the step's loss; times the accumulation steps it is a
+        # per-micro-batch estimate whose average over the step is the step's distillation loss.
+        step_share = self.current_gradient_accumulation_steps if mode == "train" else 1
+        self._metrics[mode][PREFIX + "distillation_loss"].append(
+            self.accelerator.gather(loss.detach().reshape(1) * step_share).mean().item()
+        )
+        return loss
+
+    # ---- 4. the teacher update -------------------------------------------------------------------------------------
+
+    def _get_grad_norm(self, model, grad_norm=None):
+        grad_norm = super()._get_grad_norm(model, grad_norm=grad_norm)
+        self._last_grad_norm_finite = grad_norm is None or math.isfinite(float(grad_norm))
+        return grad_norm
+
+    def _update_teacher(self) -> None:
+        """EMA step of the teacher; skipped (and counted) when the step's gradient norm was not finite."""
+        if self._last_grad_norm_finite:
+            self.teacher.update(self.accelerator.unwrap_model(self.model))
+        self._metrics["train"][PREFIX + "teacher_update_skipped"].append(float(not self._last_grad_norm_finite))
+
+
+def _drop_shared_padding(ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Remove the left-padding columns that every row of a left-padded batch has (the batch was padded globally)."""
+    keep_from = int((mask.sum(0) > 0).nonzero()[0]) if mask.any() else mask.size(1) - 1
+    return ids[:, keep_from:], mask[:, keep_from:]

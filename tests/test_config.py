@@ -1,0 +1,110 @@
+import dataclasses
+import math
+
+import pytest
+
+from sdpo_rl import SDPOConfig
+from sdpo_rl.config import TEMPLATE_PLACEHOLDERS
+
+ISSUE_DEFAULTS = {
+    "enabled": True,
+    "alpha": 0.5,
+    "full_logit_distillation": True,
+    "distillation_topk": 100,
+    "distillation_add_tail": True,
+    "is_clip": 2.0,
+    "loss_agg_mode": "token-mean",
+    "teacher_mode": "ema",
+    "teacher_update_rate": 0.05,
+    "apply_chat_template_kwargs": {},
+    "success_reward_threshold": 1.0,
+    "dont_reprompt_on_self_success": True,
+    "remove_thinking_from_demonstration": True,
+    "include_environment_feedback": True,
+    "environment_feedback_only_without_solution": True,
+    "max_reprompt_length": 10240,
+    "reprompt_truncation": "right",
+    "solution_template": "\nCorrect solution:\n\n{successful_previous_attempt}\n\n",
+    "feedback_template": "\nThe following is feedback from your unsuccessful earlier attempt:\n\n{feedback_raw}\n\n",
+    "reprompt_template": "{prompt}{solution}{feedback}\n\nCorrectly solve the original question.\n",
+}
+
+
+def test_defaults_match_the_contract():
+    config = SDPOConfig()
+    for name, expected in ISSUE_DEFAULTS.items():
+        assert getattr(config, name) == expected, name
+
+
+def test_mutable_default_is_not_shared():
+    first, second = SDPOConfig(), SDPOConfig()
+    first.apply_chat_template_kwargs["enable_thinking"] = False
+    assert second.apply_chat_template_kwargs == {}
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("alpha", -0.1),
+        ("alpha", 1.5),
+        ("alpha", math.nan),
+        ("alpha", "0.5"),
+        ("distillation_topk", 0),
+        ("distillation_topk", 2.5),
+        ("distillation_topk", True),
+        ("is_clip", 0.0),
+        ("is_clip", -1.0),
+        ("is_clip", math.inf),
+        ("loss_agg_mode", "mean"),
+        ("teacher_mode", "ema2"),
+        ("teacher_update_rate", 0.0),
+        ("teacher_update_rate", 1.1),
+        ("success_reward_threshold", math.nan),
+        ("success_reward_threshold", math.inf),
+        ("max_reprompt_length", 0),
+        ("max_reprompt_length", 10.0),
+        ("reprompt_truncation", "middle"),
+        ("enabled", 1),
+        ("include_environment_feedback", "yes"),
+        ("apply_chat_template_kwargs", None),
+    ],
+)
+def test_invalid_values_name_field_and_value(field, value):
+    with pytest.raises(ValueError) as info:
+        SDPOConfig(**{field: value})
+    assert f"SDPOConfig.{field}=" in str(info.value)
+    assert repr(value) in str(info.value)
+
+
+@pytest.mark.parametrize("mode", ["lora_ema", "trust_region"])
+def test_modes_not_built_yet_raise_not_implemented_with_issue(mode):
+    with pytest.raises(NotImplementedError, match=r"issue #3"):
+        SDPOConfig(teacher_mode=mode)
+
+
+def test_sampled_token_mode_requires_reverse_kl():
+    with pytest.raises(ValueError, match="alpha=1.0"):
+        SDPOConfig(full_logit_distillation=False, alpha=0.5)
+    assert SDPOConfig(full_logit_distillation=False, alpha=1.0).alpha == 1.0
+
+
+def test_full_vocabulary_and_no_is_clip_are_allowed():
+    config = SDPOConfig(distillation_topk=None, is_clip=None)
+    assert config.distillation_topk is None and config.is_clip is None
+
+
+@pytest.mark.parametrize("name", sorted(TEMPLATE_PLACEHOLDERS))
+def test_templates_need_their_placeholders(name):
+    with pytest.raises(ValueError, match="missing"):
+        SDPOConfig(**{name: "no placeholder here"})
+    good = ISSUE_DEFAULTS[name]
+    with pytest.raises(ValueError, match="unknown"):
+        SDPOConfig(**{name: good + "{other}"})
+    with pytest.raises(ValueError, match="not a valid str.format template"):
+        SDPOConfig(**{name: good + "{"})
+    assert getattr(SDPOConfig(**{name: "{{literal}} " + good}), name).startswith("{{literal}}")
+
+
+def test_every_field_has_help():
+    for f in dataclasses.fields(SDPOConfig):
+        assert f.metadata.get("help"), f.name

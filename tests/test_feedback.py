@@ -1,0 +1,65 @@
+import logging
+
+import pytest
+
+from sdpo_rl.feedback import collect_feedback, snapshot_feedback
+
+
+class Scorer:
+    def __init__(self, feedback):
+        self.next_feedback = feedback
+        self.last_feedback = None
+
+    def __call__(self):
+        self.last_feedback = self.next_feedback
+
+
+def run(funcs, num, dataset=None):
+    before = snapshot_feedback(funcs)
+    for func in funcs:
+        func()
+    return collect_feedback(funcs, [f"f{i}" for i in range(len(funcs))], before, num, dataset)
+
+
+def test_single_function_feedback_passes_through():
+    assert run([Scorer(["bad", "", None])], 3) == ["bad", "", ""]
+
+
+def test_several_sources_are_joined_dataset_first_and_empties_skipped():
+    funcs = [Scorer(["a", "  ", "c"]), Scorer(["x", "y", ""])]
+    assert run(funcs, 3, dataset=["D", None, ""]) == ["D\n\na\n\nx", "y", "c"]
+
+
+def test_no_feedback_anywhere_gives_empty_strings():
+    plain = lambda: None  # noqa: E731  (a reward function without the attribute)
+    assert run([plain], 2) == ["", ""]
+
+
+def test_stale_feedback_is_ignored_with_warning(caplog):
+    func = Scorer(["old", "old"])
+    func()
+    before = snapshot_feedback([func])
+    with caplog.at_level(logging.WARNING):
+        result = collect_feedback([func], ["stale_func"], before, 2)
+    assert result == ["", ""]
+    assert "stale_func" in caplog.text
+
+
+def test_wrong_length_names_the_function():
+    with pytest.raises(ValueError, match=r"'f0'.*2 entries but 3"):
+        run([Scorer(["a", "b"])], 3)
+
+
+def test_non_string_entry_names_index_and_type():
+    with pytest.raises(TypeError, match=r"\[1\] is int"):
+        run([Scorer(["a", 5])], 2)
+
+
+def test_string_instead_of_list_is_rejected():
+    with pytest.raises(TypeError, match="one feedback string per completion"):
+        run([Scorer("abc")], 3)
+
+
+def test_dataset_column_wrong_length():
+    with pytest.raises(ValueError, match="dataset column 'feedback'"):
+        run([], 2, dataset=["a"])

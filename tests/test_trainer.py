@@ -1,0 +1,248 @@
+"""End-to-end tests of SDPOTrainer on a tiny offline Qwen2 (CPU)."""
+
+import copy
+import glob
+import os
+
+import pandas as pd
+import pytest
+import torch
+from tiny import ParityReward, grpo_args, make_dataset, make_model, make_tokenizer
+from trl import GRPOTrainer
+from trl.trainer.utils import split_tensor_dict
+
+from sdpo_rl import SDPOConfig, SDPOTrainer
+
+
+def build(tmp_path, sdpo_config=None, dataset=None, reward=None, model=None, tokenizer=None, eval_dataset=None, **args):
+    tokenizer = tokenizer or make_tokenizer()
+    model = model if model is not None else make_model(tokenizer)
+    return SDPOTrainer(
+        model=model,
+        args=grpo_args(tmp_path, **args),
+        sdpo_config=sdpo_config if sdpo_config is not None else SDPOConfig(),
+        processing_class=tokenizer,
+        reward_funcs=[reward or ParityReward()],
+        train_dataset=dataset if dataset is not None else make_dataset(),
+        eval_dataset=eval_dataset,
+    )
+
+
+def logged(trainer, name):
+    return [entry[name] for entry in trainer.state.log_history if name in entry]
+
+
+def snapshot(model):
+    return {name: p.detach().clone() for name, p in model.named_parameters()}
+
+
+def max_change(before, model):
+    return max((p.detach() - before[name]).abs().max().item() for name, p in model.named_parameters())
+
+
+def test_quick_start_trains_logs_metrics_and_well_formed_teacher_prompts(tmp_path):
+    trainer = build(tmp_path, log_completions=True)
+    initial = snapshot(trainer.model)
+    trainer.train()
+
+    assert max_change(initial, trainer.model) > 0
+    for name in (
+        "success_group_fraction",
+        "success_sample_fraction",
+        "feedback_available_fraction",
+        "feedback_used_fraction",
+        "reprompt_sample_fraction",
+        "distillation_loss",
+        "teacher_prompt_length_mean",
+    ):
+        values = logged(trainer, f"self_distillation/{name}")
+        assert len(values) == 2, name
+    assert all(0 < v <= 1 for v in logged(trainer, "self_distillation/reprompt_sample_fraction"))
+
+    prompts = [p for p in trainer._logs["extra"]["teacher_prompt"] if p]
+    assert prompts, "no teacher prompt was logged"
+    for text in prompts:
+        assert text.count("<|im_start|>user\n") == 1
+        assert text.startswith("<|im_start|>system\nAnswer with just the city name.<|im_end|>\n<|im_start|>user\n")
+        assert text.endswith("\n\nCorrectly solve the original question.\n<|im_end|>\n<|im_start|>assistant\n")
+        assert "What is the capital of" in text
+
+    tables = sorted(glob.glob(os.path.join(tmp_path, "completions", "*.parquet")))
+    assert tables
+    table = pd.read_parquet(tables[-1])
+    assert "teacher_prompt" in table.columns
+    assert (table["teacher_prompt"] != "").any()
+
+
+def test_standard_prompts_train(tmp_path):
+    trainer = build(tmp_path, dataset=make_dataset(conversational=False))
+    initial = snapshot(trainer.model)
+    trainer.train()
+    assert max_change(initial, trainer.model) > 0
+    assert logged(trainer, "self_distillation/reprompt_sample_fraction")
+
+
+def test_accumulation_iterations_and_eval(tmp_path):
+    trainer = build(
+        tmp_path,
+        gradient_accumulation_steps=2,
+        num_iterations=2,
+        max_steps=2,
+        eval_strategy="steps",
+        eval_steps=1,
+        per_device_eval_batch_size=4,
+        num_generations_eval=2,
+        eval_dataset=make_dataset(n=4),
+    )
+    initial = snapshot(trainer.model)
+    trainer.train()
+    assert max_change(initial, trainer.model) > 0
+    assert logged(trainer, "eval_self_distillation/distillation_loss")
+    assert all(torch.isfinite(torch.tensor(logged(trainer, "loss"))))
+
+
+def test_ema_teacher_moves_between_initial_and_student_frozen_does_not(tmp_path):
+    ema = build(tmp_path / "ema", max_steps=3, sdpo_config=SDPOConfig(teacher_update_rate=0.5))
+    initial = snapshot(ema.model)
+    ema.train()
+    teacher = dict(ema.teacher.model.named_parameters())
+    student = dict(ema.model.named_parameters())
+    assert max(float((teacher[n] - initial[n]).abs().max()) for n in initial) > 0
+    assert max(float((teacher[n] - student[n]).abs().max()) for n in initial) > 0
+
+    frozen = build(tmp_path / "frozen", max_steps=3, sdpo_config=SDPOConfig(teacher_mode="frozen"))
+    initial = snapshot(frozen.model)
+    frozen.train()
+    teacher = dict(frozen.teacher.model.named_parameters())
+    assert all(torch.equal(teacher[n], initial[n]) for n in initial)
+    assert max_change(initial, frozen.model) > 0
+
+
+def test_teacher_copy_does_not_run_the_student(tmp_path):
+    """GRPOTrainer patches model.forward; the teacher copy must run its own weights, not the student's."""
+    trainer = build(tmp_path)
+    ids = torch.tensor([[5, 6, 7, 8, 9]])
+    mask = torch.ones_like(ids)
+    with torch.no_grad():
+        for p in trainer.model.parameters():
+            p.add_(0.5)
+    student = trainer.model(input_ids=ids, attention_mask=mask).logits[:, -4:-1]
+    teacher = trainer.teacher.completion_logits(trainer.model, ids, mask, logits_to_keep=3)
+    assert not torch.allclose(student, teacher)
+    assert not any(p.requires_grad for p in trainer.teacher.model.parameters())
+    assert not trainer.teacher.model.training
+
+
+def grads_of(trainer, batches, accumulation):
+    trainer.model.zero_grad()
+    trainer.current_gradient_accumulation_steps = accumulation
+    trainer.args.steps_per_generation = accumulation
+    for batch in batches:
+        trainer._compute_loss(trainer.model, batch).backward()
+    return {n: p.grad.clone() for n, p in trainer.model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("loss_agg_mode", ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum"])
+def test_gradient_accumulation_equals_one_big_batch(tmp_path, loss_agg_mode):
+    trainer = build(
+        tmp_path,
+        per_device_train_batch_size=8,
+        max_completion_length=8,
+        sdpo_config=SDPOConfig(loss_agg_mode=loss_agg_mode),
+        gradient_checkpointing=False,
+    )
+    trainer.model.train()
+    inputs = [trainer.train_dataset[i] for i in range(2) for _ in range(4)]
+    batch = trainer._generate_and_score_completions(inputs)
+    mask = batch["self_distillation_mask"]
+    assert 0 < mask.sum() < len(mask), "the test needs a batch with and without teacher signal"
+
+    whole = grads_of(trainer, [batch], accumulation=1)
+    halves = grads_of(trainer, split_tensor_dict(batch, 2), accumulation=2)
+    assert whole.keys() == halves.keys() and whole
+    for name in whole:
+        torch.testing.assert_close(halves[name], whole[name], rtol=1e-4, atol=1e-7)
+
+
+def test_disabled_is_exactly_grpo(tmp_path):
+    tokenizer = make_tokenizer()
+    sdpo = build(tmp_path / "a", sdpo_config=SDPOConfig(enabled=False), tokenizer=tokenizer)
+    sdpo.train()
+    grpo = GRPOTrainer(
+        model=make_model(tokenizer),
+        args=grpo_args(tmp_path / "b"),
+        processing_class=tokenizer,
+        reward_funcs=[ParityReward()],
+        train_dataset=make_dataset(),
+    )
+    grpo.train()
+    assert sdpo.teacher is None
+    for (name, a), (_, b) in zip(sdpo.model.named_parameters(), grpo.model.named_parameters(), strict=True):
+        assert torch.equal(a, b), name
+    assert logged(sdpo, "loss") == logged(grpo, "loss")
+    assert not logged(sdpo, "self_distillation/distillation_loss")
+
+
+def test_callers_objects_are_not_mutated(tmp_path):
+    tokenizer = make_tokenizer()
+    args = grpo_args(tmp_path)
+    config = SDPOConfig()
+    args_before, config_before = copy.deepcopy(args.to_dict()), copy.deepcopy(config)
+    sides = (tokenizer.padding_side, tokenizer.truncation_side)
+    trainer = SDPOTrainer(
+        model=make_model(tokenizer),
+        args=args,
+        sdpo_config=config,
+        processing_class=tokenizer,
+        reward_funcs=[ParityReward()],
+        train_dataset=make_dataset(),
+    )
+    trainer.train()
+    assert args.to_dict() == args_before
+    assert config == config_before
+    assert (tokenizer.padding_side, tokenizer.truncation_side) == sides
+
+
+def test_beta_is_rejected_while_sdpo_is_on(tmp_path):
+    with pytest.raises(ValueError, match=r"GRPOConfig.beta=0.1"):
+        build(tmp_path, beta=0.1)
+
+
+def test_sdpo_config_type_is_checked(tmp_path):
+    with pytest.raises(TypeError, match="SDPOConfig"):
+        build(tmp_path, sdpo_config={"alpha": 0.5})
+
+
+def test_dataset_feedback_column_reaches_the_teacher(tmp_path):
+    dataset = make_dataset().map(lambda row: {"feedback": f"Hint: it is not {row['answer']}ville."})
+
+    def never_right(completions, **kwargs):
+        return [0.0] * len(completions)
+
+    trainer = build(tmp_path, dataset=dataset, reward=never_right, max_steps=1)
+    trainer.train()
+    prompts = [p for p in trainer._logs["extra"]["teacher_prompt"] if p]
+    assert prompts and all("feedback from your unsuccessful earlier attempt" in p for p in prompts)
+    assert any("Hint: it is not Parisville." in p for p in prompts)
+    assert logged(trainer, "self_distillation/success_sample_fraction") == [0.0]
+    assert logged(trainer, "self_distillation/feedback_used_fraction") == [1.0]
+
+
+def test_no_teacher_signal_gives_zero_loss_and_no_update(tmp_path):
+    def never_right(completions, **kwargs):
+        return [0.0] * len(completions)
+
+    trainer = build(tmp_path, reward=never_right, max_steps=1)
+    initial = snapshot(trainer.model)
+    trainer.train()
+    assert logged(trainer, "self_distillation/reprompt_sample_fraction") == [0.0]
+    assert logged(trainer, "loss") == [0.0]
+    assert max_change(initial, trainer.model) == 0.0
+
+
+def test_model_given_as_a_path(tmp_path):
+    tokenizer = make_tokenizer()
+    make_model(tokenizer).save_pretrained(tmp_path / "model")
+    trainer = build(tmp_path / "out", model=str(tmp_path / "model"), tokenizer=tokenizer, max_steps=1)
+    trainer.train()
+    assert logged(trainer, "self_distillation/distillation_loss")

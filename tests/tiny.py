@@ -1,0 +1,134 @@
+"""Tiny offline models and tokenizers for tests: nothing is downloaded from the Hub."""
+
+from __future__ import annotations
+
+import torch
+from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+from tokenizers import decoders as tk_decoders
+from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+
+CHATML_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+
+_CORPUS = [
+    "What is the capital of France? Paris is the capital of France.",
+    "Correctly solve the original question. Correct solution: the answer is 42.",
+    "The following is feedback from your unsuccessful earlier attempt: wrong answer, expected 7.",
+    "system user assistant You are a helpful assistant. Answer with just the city name.",
+    "<think> let me think about it </think> 1 2 3 4 5 6 7 8 9 0 + - * / = ( ) [ ] { } , . : ; ! ?",
+    "abcdefghijklmnopqrstuvwxyz ABCDEFGHIJKLMNOPQRSTUVWXYZ def return print import traceback error",
+]
+
+
+def make_tokenizer(vocab_size: int = 300) -> PreTrainedTokenizerFast:
+    """A byte-level BPE tokenizer trained in-process, with a ChatML chat template and left padding."""
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = tk_decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(_CORPUS * 4, trainer=trainer)
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        padding_side="left",
+    )
+    tokenizer.chat_template = CHATML_TEMPLATE
+    return tokenizer
+
+
+def make_model(tokenizer: PreTrainedTokenizerFast, seed: int = 0, **config_overrides) -> Qwen2ForCausalLM:
+    """A 2-layer Qwen2 with random weights sized to ``tokenizer``."""
+    torch.manual_seed(seed)
+    config = Qwen2Config(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=2048,
+        tie_word_embeddings=False,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=None,
+        **config_overrides,
+    )
+    model = Qwen2ForCausalLM(config)
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    return model
+
+
+COUNTRIES = [("France", "Paris"), ("Japan", "Tokyo"), ("Peru", "Lima"), ("Kenya", "Nairobi")]
+
+
+def make_dataset(conversational: bool = True, with_system: bool = True, n: int = 8):
+    """A small prompt-only dataset ("What is the capital of X?") in TRL's conversational or standard format."""
+    from datasets import Dataset
+
+    rows = []
+    for i in range(n):
+        country, city = COUNTRIES[i % len(COUNTRIES)]
+        question = f"What is the capital of {country}?"
+        if conversational:
+            prompt = [{"role": "user", "content": question}]
+            if with_system:
+                prompt = [{"role": "system", "content": "Answer with just the city name."}, *prompt]
+        else:
+            prompt = question
+        rows.append({"prompt": prompt, "answer": city})
+    return Dataset.from_list(rows)
+
+
+class ParityReward:
+    """Reward 1 for completions whose first token id is even, else 0, with feedback for the failures.
+
+    A random tiny model makes such groups mixed, so SDPO finds demonstrations and feedback.
+    """
+
+    __name__ = "parity_reward"
+
+    def __init__(self):
+        self.last_feedback = None
+        self.calls = 0
+
+    def __call__(self, prompts, completions, completion_ids, **kwargs):
+        self.calls += 1
+        rewards = [1.0 if ids and ids[0] % 2 == 0 else 0.0 for ids in completion_ids]
+        self.last_feedback = ["" if r == 1.0 else "The first token was odd." for r in rewards]
+        return rewards
+
+
+def grpo_args(output_dir, **overrides):
+    """A CPU GRPOConfig small enough for unit tests."""
+    from trl import GRPOConfig
+
+    settings = dict(
+        output_dir=str(output_dir),
+        per_device_train_batch_size=4,
+        num_generations=4,
+        max_completion_length=6,
+        max_steps=2,
+        learning_rate=1e-2,
+        logging_steps=1,
+        report_to="none",
+        save_strategy="no",
+        use_cpu=True,
+        bf16=False,
+        seed=0,
+        disable_tqdm=True,
+    )
+    settings.update(overrides)
+    return GRPOConfig(**settings)
