@@ -16,7 +16,6 @@ from .reprompt import DEFAULT_FEEDBACK_TEMPLATE, DEFAULT_REPROMPT_TEMPLATE, DEFA
 LOSS_AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum")
 TEACHER_MODES = ("ema", "frozen", "lora_ema", "trust_region")
 REPROMPT_TRUNCATIONS = ("right", "left", "error")
-_NOT_BUILT_TEACHER_MODES = {"lora_ema": 3, "trust_region": 3}
 
 # Placeholders each template must contain, and the only ones it may contain.
 TEMPLATE_PLACEHOLDERS = {
@@ -77,7 +76,14 @@ class SDPOConfig:
         default=0.05,
         metadata={
             "help": "EMA rate r of the teacher update theta_T <- (1 - r) theta_T + r theta_S after each optimizer "
-            "step (mixing weight of the current policy for `trust_region`)."
+            "step (`ema`, `lora_ema`); weight r of the current policy's logits for `trust_region`."
+        },
+    )
+    grpo_weight: float = field(
+        default=0.0,
+        metadata={
+            "help": "Hybrid SDPO+GRPO: the loss is grpo_weight * GRPO loss + (1 - grpo_weight) * SDPO loss. "
+            "0 = pure SDPO, 1 = pure GRPO (no teacher is built, same as enabled=False)."
         },
     )
     apply_chat_template_kwargs: dict[str, Any] = field(
@@ -131,6 +137,11 @@ class SDPOConfig:
         metadata={"help": "Template of the teacher's task text; placeholders {prompt}, {solution}, {feedback}."},
     )
 
+    @property
+    def distills(self) -> bool:
+        """Whether a teacher is built and the distillation loss used (False = exactly GRPO)."""
+        return self.enabled and self.grpo_weight < 1.0
+
     def __post_init__(self) -> None:
         for name in (
             "enabled",
@@ -154,12 +165,8 @@ class SDPOConfig:
             _check_number("is_clip", self.is_clip, 0.0, math.inf, low_open=True)
         _check_choice("loss_agg_mode", self.loss_agg_mode, LOSS_AGG_MODES)
         _check_choice("teacher_mode", self.teacher_mode, TEACHER_MODES)
-        if self.teacher_mode in _NOT_BUILT_TEACHER_MODES:
-            raise NotImplementedError(
-                f"SDPOConfig.teacher_mode={self.teacher_mode!r} is not available yet (planned in issue "
-                f"#{_NOT_BUILT_TEACHER_MODES[self.teacher_mode]}). Use 'ema' or 'frozen'."
-            )
         _check_number("teacher_update_rate", self.teacher_update_rate, 0.0, 1.0, low_open=True)
+        _check_number("grpo_weight", self.grpo_weight, 0.0, 1.0)
         if not isinstance(self.apply_chat_template_kwargs, dict):
             _reject("apply_chat_template_kwargs", self.apply_chat_template_kwargs, "a dict of keyword arguments")
         _check_number("success_reward_threshold", self.success_reward_threshold, -math.inf, math.inf)

@@ -210,8 +210,8 @@ def _shorten(text: str | None, offsets: list[tuple[int, int]], keep: int, side: 
 
     Slicing the original string (rather than decoding token ids) gives an exact prefix/suffix of the text, with no
     replacement characters where a token boundary falls inside a multi-byte character. The cut is made at the start
-    of the first dropped token (right) or the end of the last dropped one (left), so a character shared by a kept
-    and a dropped token is dropped and the result never holds more than ``keep`` tokens' worth of text.
+    of the first dropped token (right) or the end of the last dropped one (left), so a character split between a kept
+    and a dropped token is dropped rather than half kept.
     """
     if text is None or keep >= len(offsets):
         return text
@@ -220,14 +220,6 @@ def _shorten(text: str | None, offsets: list[tuple[int, int]], keep: int, side: 
     if side == "right":
         return text[: offsets[keep][0]]
     return text[offsets[len(offsets) - keep - 1][1] :]
-
-
-def _emptied(signal: TeacherSignal) -> dict[str, str | None]:
-    """The signal's texts with each present one replaced by "" (absent ones stay ``None``)."""
-    return {
-        "demonstration": None if signal.demonstration is None else "",
-        "feedback": None if signal.feedback is None else "",
-    }
 
 
 def _offsets(tokenizer, text: str | None) -> list[tuple[int, int]]:
@@ -274,7 +266,7 @@ def render_teacher_prompt(
             reprompt_template=reprompt_template,
         )
         if isinstance(prompt, str):
-            return reprompt, tokenizer(reprompt, add_special_tokens=False)["input_ids"]
+            return reprompt, tokenizer(reprompt)["input_ids"]
         text = tokenizer.apply_chat_template(
             teacher_prompt_messages(prompt, reprompt),
             add_generation_prompt=True,
@@ -287,8 +279,14 @@ def render_teacher_prompt(
     if len(ids) <= max_reprompt_length:
         return TeacherPrompt(text, ids, truncated=False)
 
-    # The fixed part keeps the sub-templates' own text (e.g. "Correct solution:") with empty demonstration/feedback.
-    fixed_length = len(render(replace(signal, **_emptied(signal)))[1])
+    # The fixed part keeps the sub-templates' own text (e.g. "Correct solution:") around an empty demonstration and
+    # feedback, since truncation can empty those texts but never drops a section.
+    emptied = replace(
+        signal,
+        demonstration=None if signal.demonstration is None else "",
+        feedback=None if signal.feedback is None else "",
+    )
+    fixed_length = len(render(emptied)[1])
     lengths = (
         f"the teacher prompt of sample {sample_index} has {len(ids)} tokens, its fixed part (prompt, template text and "
         f"chat scaffolding, without demonstration and feedback) {fixed_length}, max_reprompt_length is "

@@ -1,25 +1,37 @@
 """Teacher strategies: where the teacher's logits come from and how the teacher follows the student.
 
-Every teacher answers two questions behind one small interface:
+Every teacher answers three questions behind one small interface:
 
 - `completion_logits(student, input_ids, attention_mask, logits_to_keep)`: the teacher's logits at the positions that
   predict the last `logits_to_keep` tokens, without gradient and in eval mode (no dropout);
-- `update(student)`: what happens after each optimizer step.
+- `update(student)`: what happens after each optimizer step;
+- `state_tensors()`: the named tensors that must be saved with a checkpoint to rebuild the teacher exactly.
 
-`ema` keeps its own copy of the weights and moves it toward the student (spec section 4); `frozen` keeps the initial
-weights (a copy, or the base model with the adapter disabled for a PEFT student).
+Modes (spec section 4, docs/teachers.md):
+
+- `ema`: a full copy of the initial weights, moved toward the student after each step;
+- `frozen`: the initial weights (a copy, or the base model with the adapter disabled for a PEFT student);
+- `lora_ema`: a second LoRA adapter on the student's own base model, EMA-updated from the student's adapter;
+- `trust_region`: logits `(1 - r) z_ref + r z_theta` of the initial and the current weights, no weights of its own.
 """
 
 from __future__ import annotations
 
 import copy
+import json
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 
 import torch
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .config import SDPOConfig
+
+TEACHER_ADAPTER_NAME = "sdpo_teacher"
+TEACHER_WEIGHTS_FILE = "teacher.safetensors"
+TEACHER_INFO_FILE = "teacher.json"
 
 
 def completion_logits(
@@ -45,6 +57,12 @@ def eval_mode(module: nn.Module) -> Iterator[None]:
         yield
     finally:
         module.train(was_training)
+
+
+def no_grad_logits(model: nn.Module, input_ids, attention_mask, logits_to_keep: int) -> torch.Tensor:
+    """`completion_logits` of `model` in eval mode, without gradient."""
+    with torch.no_grad(), eval_mode(model):
+        return completion_logits(model, input_ids, attention_mask, logits_to_keep)
 
 
 def is_peft_model(model: nn.Module) -> bool:
@@ -74,6 +92,14 @@ def detached_copy(model: nn.Module) -> nn.Module:
     return teacher
 
 
+@torch.no_grad()
+def ema_update_(pairs: list[tuple[torch.Tensor, torch.Tensor]], rate: float) -> None:
+    """theta_T <- (1 - rate) theta_T + rate theta_S for every (teacher, student) pair, in place, in one fused op."""
+    teacher = [t.data for t, _ in pairs]
+    student = [s.data.to(t.dtype) for t, s in pairs]
+    torch._foreach_lerp_(teacher, student, rate)
+
+
 class Teacher:
     """Interface of a teacher; see the module docstring."""
 
@@ -83,14 +109,17 @@ class Teacher:
         raise NotImplementedError
 
     def update(self, student: nn.Module) -> None:
-        """Called after every optimizer step whose gradient norm was finite."""
+        """Called after every optimizer step whose gradient norm was finite; most teachers do nothing."""
+
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        """Named tensors that rebuild this teacher exactly when loaded back into a fresh one."""
+        return {}
 
 
 class CopiedWeightsTeacher(Teacher):
     """A separate copy of the student's initial weights, EMA-updated at `rate` (rate 0 = frozen).
 
-    EMA (spec section 4): theta_T <- (1 - r) theta_T + r theta_S, done in place with one fused `lerp` over all
-    parameters, matched by name.
+    Memory: one more full set of weights (no gradients, no optimizer state).
     """
 
     def __init__(self, student: nn.Module, rate: float):
@@ -103,36 +132,169 @@ class CopiedWeightsTeacher(Teacher):
         self._pairs = [(teacher_params[name], student_params[name]) for name in teacher_params]
 
     def completion_logits(self, student, input_ids, attention_mask, logits_to_keep):
-        with torch.no_grad():
-            return completion_logits(self.model, input_ids, attention_mask, logits_to_keep)
+        return no_grad_logits(self.model, input_ids, attention_mask, logits_to_keep)
 
-    @torch.no_grad()
     def update(self, student: nn.Module) -> None:
-        if self.rate == 0.0:
-            return
-        teacher_tensors = [t.data for t, _ in self._pairs]
-        student_tensors = [s.data.to(t.dtype) for t, s in self._pairs]
-        torch._foreach_lerp_(teacher_tensors, student_tensors, self.rate)
+        if self.rate > 0.0:
+            ema_update_(self._pairs, self.rate)
+
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        return dict(self.model.named_parameters())
 
 
 class AdapterDisabledTeacher(Teacher):
-    """Frozen teacher of a PEFT student: the shared base model with the adapter disabled; no copy is made."""
+    """The initial weights of a PEFT student: its base model with the adapter disabled; nothing is copied."""
 
     def completion_logits(self, student, input_ids, attention_mask, logits_to_keep):
-        with torch.no_grad(), eval_mode(student), student.disable_adapter():
-            return completion_logits(student, input_ids, attention_mask, logits_to_keep)
+        with student.disable_adapter():
+            return no_grad_logits(student, input_ids, attention_mask, logits_to_keep)
+
+
+class LoraEMATeacher(Teacher):
+    """A second LoRA adapter on the student's base model, EMA-updated from the student's adapter.
+
+    The EMA is taken factor by factor: A_T <- (1 - r) A_T + r A_S and B_T <- (1 - r) B_T + r B_S. That is not the EMA
+    of the weight update B·A: the teacher's update B_T·A_T contains cross terms of old and new factors. It starts
+    exact (the teacher's factors are a copy) and the gap is second order in how far the factors moved within the
+    EMA's horizon; see docs/teachers.md.
+    """
+
+    def __init__(self, student: nn.Module, rate: float):
+        self.rate = rate
+        self.student_adapter = student.active_adapter
+        student.add_adapter(TEACHER_ADAPTER_NAME, copy.deepcopy(student.peft_config[self.student_adapter]))
+        student_segment, teacher_segment = f".{self.student_adapter}.", f".{TEACHER_ADAPTER_NAME}."
+        params = dict(student.named_parameters())
+        # Keyed by the student parameter's name: stable across runs, so a checkpoint's tensors map back one to one.
+        self._named_pairs: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        for name, param in params.items():
+            if student_segment in name:
+                teacher_param = params[name.replace(student_segment, teacher_segment)]
+                with torch.no_grad():
+                    teacher_param.copy_(param)
+                teacher_param.requires_grad_(False)
+                self._named_pairs[name] = (teacher_param, param)
+        if not self._named_pairs:
+            raise ValueError(f"The PEFT model has no parameters of its active adapter {self.student_adapter!r}.")
+
+    @contextmanager
+    def _active(self, student: nn.Module) -> Iterator[None]:
+        student.set_adapter(TEACHER_ADAPTER_NAME, inference_mode=True)
+        try:
+            yield
+        finally:
+            student.set_adapter(self.student_adapter)
+
+    def completion_logits(self, student, input_ids, attention_mask, logits_to_keep):
+        with self._active(student):
+            return no_grad_logits(student, input_ids, attention_mask, logits_to_keep)
+
+    def update(self, student: nn.Module) -> None:
+        ema_update_(list(self._named_pairs.values()), self.rate)
+
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        return {name: teacher for name, (teacher, _) in self._named_pairs.items()}
+
+
+class TrustRegionTeacher(Teacher):
+    """Teacher logits `(1 - r) z_ref + r z_theta` on the teacher prompt (spec section 4).
+
+    `z_ref` comes from the initial weights (`reference`), `z_theta` from the current student, both without gradient.
+    At temperature 1 this is the geometric mixture pi_ref^(1 - r) pi_theta^r, a teacher that cannot drift further
+    from the initial policy than the student itself.
+    """
+
+    def __init__(self, reference: Teacher, rate: float):
+        self.reference = reference
+        self.rate = rate
+
+    def completion_logits(self, student, input_ids, attention_mask, logits_to_keep):
+        reference = self.reference.completion_logits(student, input_ids, attention_mask, logits_to_keep)
+        current = no_grad_logits(student, input_ids, attention_mask, logits_to_keep)
+        return torch.lerp(reference, current.to(reference.dtype), self.rate)
+
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        return self.reference.state_tensors()
+
+
+@contextmanager
+def hidden_teacher_adapter(model: nn.Module) -> Iterator[None]:
+    """Hide the `lora_ema` teacher adapter from PEFT while saving, so `save_pretrained` writes the student only."""
+    peft_config = getattr(model, "peft_config", None)
+    hidden = peft_config.pop(TEACHER_ADAPTER_NAME, None) if is_peft_model(model) else None
+    try:
+        yield
+    finally:
+        if hidden is not None:
+            peft_config[TEACHER_ADAPTER_NAME] = hidden
+
+
+def _require_lora(student: nn.Module) -> None:
+    if not is_peft_model(student):
+        raise ValueError(
+            "SDPOConfig.teacher_mode='lora_ema' needs a PEFT LoRA model (pass a PeftModel, or "
+            f"peft_config=LoraConfig(...) to SDPOTrainer), got {type(student).__name__}. For a full model use "
+            "teacher_mode='ema'."
+        )
+    peft_type = str(getattr(student.peft_config[student.active_adapter], "peft_type", ""))
+    if "LORA" not in peft_type.upper():
+        raise ValueError(
+            f"SDPOConfig.teacher_mode='lora_ema' needs a LoRA adapter, got peft_type={peft_type!r}. "
+            "Use teacher_mode='frozen' or 'trust_region' with other PEFT methods."
+        )
 
 
 def build_teacher(config: SDPOConfig, student: nn.Module) -> Teacher:
-    """The teacher for `config.teacher_mode`, built from the (unwrapped) student before training starts."""
+    """The teacher for `config.teacher_mode`, built from the unwrapped student before training starts."""
+    mode, rate = config.teacher_mode, config.teacher_update_rate
     peft = is_peft_model(student)
-    if config.teacher_mode == "frozen":
+
+    def initial_weights() -> Teacher:
         return AdapterDisabledTeacher() if peft else CopiedWeightsTeacher(student, rate=0.0)
-    if config.teacher_mode == "ema":
+
+    if mode == "frozen":
+        return initial_weights()
+    if mode == "trust_region":
+        return TrustRegionTeacher(initial_weights(), rate)
+    if mode == "lora_ema":
+        _require_lora(student)
+        return LoraEMATeacher(student, rate)
+    if mode == "ema":
         if peft:
             raise ValueError(
                 "SDPOConfig.teacher_mode='ema' copies the whole model, which a PEFT student does not need: use "
-                "teacher_mode='frozen' (the base model with the adapter disabled) for a PEFT model."
+                "teacher_mode='lora_ema' (an EMA teacher adapter on the shared base model), 'frozen' or "
+                "'trust_region'."
             )
-        return CopiedWeightsTeacher(student, rate=config.teacher_update_rate)
-    raise ValueError(f"SDPOConfig.teacher_mode={config.teacher_mode!r} has no teacher implementation.")
+        return CopiedWeightsTeacher(student, rate=rate)
+    raise ValueError(f"SDPOConfig.teacher_mode={mode!r} has no teacher implementation.")
+
+
+def save_teacher(teacher: Teacher, directory: str, mode: str) -> None:
+    """Write the teacher's state to `directory` (`teacher.safetensors` and `teacher.json`)."""
+    os.makedirs(directory, exist_ok=True)
+    tensors = {name: t.detach().contiguous().cpu() for name, t in teacher.state_tensors().items()}
+    save_file(tensors, os.path.join(directory, TEACHER_WEIGHTS_FILE))
+    with open(os.path.join(directory, TEACHER_INFO_FILE), "w") as f:
+        json.dump({"teacher_mode": mode, "tensors": len(tensors)}, f)
+
+
+def load_teacher(teacher: Teacher, directory: str, mode: str) -> None:
+    """Restore what `save_teacher` wrote, in place; the saved mode and tensor names must match this teacher."""
+    with open(os.path.join(directory, TEACHER_INFO_FILE)) as f:
+        saved_mode = json.load(f)["teacher_mode"]
+    if saved_mode != mode:
+        raise ValueError(
+            f"The checkpoint's teacher at {directory} was saved with teacher_mode={saved_mode!r}, but this run uses "
+            f"teacher_mode={mode!r}. Resume with the same SDPOConfig.teacher_mode."
+        )
+    saved = load_file(os.path.join(directory, TEACHER_WEIGHTS_FILE))
+    current = teacher.state_tensors()
+    if saved.keys() != current.keys():
+        raise ValueError(
+            f"The checkpoint's teacher at {directory} has {len(saved)} tensors that do not match this teacher's "
+            f"{len(current)}: was it saved for another model?"
+        )
+    with torch.no_grad():
+        for name, tensor in current.items():
+            tensor.copy_(saved[name])

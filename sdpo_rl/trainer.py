@@ -16,12 +16,14 @@ from __future__ import annotations
 
 import inspect
 import math
+import os
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from accelerate.utils import gather_object
 from transformers import TrainerCallback
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from trl import GRPOTrainer
 from trl.trainer.utils import pad
 
@@ -31,7 +33,9 @@ from .feedback import FEEDBACK_COLUMN, collect_feedback, snapshot_feedback
 from .loss import self_distillation_loss
 from .metrics import PREFIX, teacher_signal_metrics
 from .reprompt import TeacherPrompt, render_teacher_prompt, select_teacher_signals
-from .teacher import build_teacher, completion_logits
+from .teacher import Teacher, build_teacher, completion_logits, hidden_teacher_adapter, load_teacher, save_teacher
+
+TEACHER_DIR = "teacher"
 
 
 @dataclass
@@ -69,28 +73,28 @@ class SDPOTrainer(GRPOTrainer):
         if not isinstance(sdpo_config, SDPOConfig):
             raise TypeError(f"sdpo_config must be an SDPOConfig, got {type(sdpo_config).__name__}.")
         grpo_config = inspect.signature(GRPOTrainer.__init__).bind(self, *args, **kwargs).arguments.get("args")
-        if sdpo_config.enabled and grpo_config is not None and grpo_config.beta != 0.0:
+        if sdpo_config.distills and sdpo_config.grpo_weight == 0.0 and grpo_config is not None and grpo_config.beta:
             raise ValueError(
-                f"GRPOConfig.beta={grpo_config.beta} weights a KL penalty of the GRPO loss, which SDPO replaces, so "
-                "it would be silently ignored. Set beta=0.0, or SDPOConfig(enabled=False) to train with GRPO."
+                f"GRPOConfig.beta={grpo_config.beta} weights a KL penalty of the GRPO loss, which pure SDPO replaces, "
+                "so it would be silently ignored. Set beta=0.0, or SDPOConfig(grpo_weight=...) > 0 to keep a GRPO "
+                "term (the hybrid), or SDPOConfig(enabled=False) to train with GRPO."
             )
         self.sdpo_config = sdpo_config
         self._sdpo_rollout: _Rollout | None = None
         self._last_grad_norm_finite = True
         super().__init__(*args, **kwargs)
         _trl_compat.check_trainer_attributes(self)
-        if not sdpo_config.enabled:
-            self.teacher = None
-            return
-        self.teacher = build_teacher(sdpo_config, self.model)
-        self.add_callback(_TeacherUpdateCallback(self))
+        self.teacher: Teacher | None = None
+        if sdpo_config.distills:
+            self.teacher = build_teacher(sdpo_config, self.model)
+            self.add_callback(_TeacherUpdateCallback(self))
 
     # ---- 1. rewards: keep what the teacher needs -------------------------------------------------------------------
 
     def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
         before = snapshot_feedback(self.reward_funcs)
         rewards_per_func = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
-        if self.sdpo_config.enabled:
+        if self.teacher is not None:
             dataset_feedback = [x[FEEDBACK_COLUMN] for x in inputs] if FEEDBACK_COLUMN in inputs[0] else None
             feedback = collect_feedback(
                 self.reward_funcs, self.reward_func_names, before, len(prompts), dataset_feedback
@@ -102,7 +106,7 @@ class SDPOTrainer(GRPOTrainer):
 
     def _generate_and_score_completions(self, inputs):
         batch = super()._generate_and_score_completions(inputs)
-        if not self.sdpo_config.enabled:
+        if self.teacher is None:
             return batch
         _trl_compat.check_batch(batch)
         rollout, self._sdpo_rollout = self._sdpo_rollout, None
@@ -205,8 +209,29 @@ class SDPOTrainer(GRPOTrainer):
     # ---- 3. the loss -----------------------------------------------------------------------------------------------
 
     def _compute_loss(self, model, inputs):
-        if not self.sdpo_config.enabled:
+        """The SDPO loss; with `grpo_weight` = w in (0, 1), the blend w * GRPO loss + (1 - w) * SDPO loss."""
+        if self.teacher is None:
             return super()._compute_loss(model, inputs)
+        loss = self._self_distillation_loss(model, inputs)
+        weight = self.sdpo_config.grpo_weight
+        if weight == 0.0:
+            return loss
+        # TRL's own GRPO loss, with its own student forward, normalisation and accumulation scaling.
+        grpo_loss = super()._compute_loss(model, inputs)
+        self._log_loss_metric("grpo_loss", grpo_loss)
+        return weight * grpo_loss + (1.0 - weight) * loss
+
+    def _log_loss_metric(self, name: str, loss: torch.Tensor) -> None:
+        """Log a loss term as its value for the whole optimizer step (not this micro-batch's share of it)."""
+        mode = "train" if self.model.training else "eval"
+        # In training, `loss` is this micro-batch's share of the step's loss; times the accumulation steps it is a
+        # per-micro-batch estimate whose average over the step is the step's loss.
+        step_share = self.current_gradient_accumulation_steps if mode == "train" else 1
+        self._metrics[mode][PREFIX + name].append(
+            self.accelerator.gather(loss.detach().reshape(1) * step_share).mean().item()
+        )
+
+    def _self_distillation_loss(self, model, inputs) -> torch.Tensor:
         config = self.sdpo_config
         mode = "train" if self.model.training else "eval"
         completion_ids, completion_mask = inputs["completion_ids"], inputs["completion_mask"]
@@ -270,12 +295,7 @@ class SDPOTrainer(GRPOTrainer):
             per_token_weight=None if importance_sampling_ratio is None else importance_sampling_ratio[rows],
             normalizer=normalizer,
         )
-        # In training, `loss` is this micro-batch's share of the step's loss; times the accumulation steps it is a
-        # per-micro-batch estimate whose average over the step is the step's distillation loss.
-        step_share = self.current_gradient_accumulation_steps if mode == "train" else 1
-        self._metrics[mode][PREFIX + "distillation_loss"].append(
-            self.accelerator.gather(loss.detach().reshape(1) * step_share).mean().item()
-        )
+        self._log_loss_metric("distillation_loss", loss)
         return loss
 
     # ---- 4. the teacher update -------------------------------------------------------------------------------------
@@ -284,6 +304,33 @@ class SDPOTrainer(GRPOTrainer):
         grad_norm = super()._get_grad_norm(model, grad_norm=grad_norm)
         self._last_grad_norm_finite = grad_norm is None or math.isfinite(float(grad_norm))
         return grad_norm
+
+    # ---- 5. checkpoints: the teacher is saved with every checkpoint and restored on resume (spec D4) -----------------
+
+    def _save_checkpoint(self, model, trial):
+        super()._save_checkpoint(model, trial)
+        if self.teacher is not None and self.args.should_save:
+            checkpoint = os.path.join(
+                self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+            )
+            save_teacher(self.teacher, os.path.join(checkpoint, TEACHER_DIR), self.sdpo_config.teacher_mode)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+        super()._load_from_checkpoint(resume_from_checkpoint, model)
+        if self.teacher is None:
+            return
+        folder = os.path.join(resume_from_checkpoint, TEACHER_DIR)
+        if not os.path.isdir(folder):
+            raise FileNotFoundError(
+                f"{resume_from_checkpoint} has no {TEACHER_DIR}/ folder, so the SDPO teacher cannot be restored (was "
+                "the checkpoint written by GRPOTrainer or with SDPO disabled?). Resume from an SDPOTrainer checkpoint."
+            )
+        load_teacher(self.teacher, folder, self.sdpo_config.teacher_mode)
+
+    def _save(self, output_dir=None, state_dict=None):
+        """Save the student only: a `lora_ema` teacher adapter is kept out of the saved PEFT model."""
+        with hidden_teacher_adapter(self.accelerator.unwrap_model(self.model)):
+            super()._save(output_dir, state_dict)
 
     def _update_teacher(self) -> None:
         """EMA step of the teacher; skipped (and counted) when the step's gradient norm was not finite."""

@@ -16,6 +16,7 @@ ISSUE_DEFAULTS = {
     "loss_agg_mode": "token-mean",
     "teacher_mode": "ema",
     "teacher_update_rate": 0.05,
+    "grpo_weight": 0.0,
     "apply_chat_template_kwargs": {},
     "success_reward_threshold": 1.0,
     "dont_reprompt_on_self_success": True,
@@ -59,6 +60,8 @@ def test_mutable_default_is_not_shared():
         ("teacher_mode", "ema2"),
         ("teacher_update_rate", 0.0),
         ("teacher_update_rate", 1.1),
+        ("grpo_weight", -0.5),
+        ("grpo_weight", 2.0),
         ("success_reward_threshold", math.nan),
         ("success_reward_threshold", math.inf),
         ("max_reprompt_length", 0),
@@ -76,10 +79,17 @@ def test_invalid_values_name_field_and_value(field, value):
     assert repr(value) in str(info.value)
 
 
-@pytest.mark.parametrize("mode", ["lora_ema", "trust_region"])
-def test_modes_not_built_yet_raise_not_implemented_with_issue(mode):
-    with pytest.raises(NotImplementedError, match=r"issue #3"):
-        SDPOConfig(teacher_mode=mode)
+@pytest.mark.parametrize("mode", ["ema", "frozen", "lora_ema", "trust_region"])
+def test_every_teacher_mode_is_accepted(mode):
+    assert SDPOConfig(teacher_mode=mode).teacher_mode == mode
+
+
+@pytest.mark.parametrize(
+    ("enabled", "grpo_weight", "distills"),
+    [(True, 0.0, True), (True, 0.5, True), (True, 1.0, False), (False, 0.0, False)],
+)
+def test_distills_only_when_enabled_and_not_pure_grpo(enabled, grpo_weight, distills):
+    assert SDPOConfig(enabled=enabled, grpo_weight=grpo_weight).distills is distills
 
 
 def test_sampled_token_mode_requires_reverse_kl():

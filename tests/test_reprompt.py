@@ -281,13 +281,14 @@ def test_odd_characters_survive_selection_and_rendering():
     )
     prompt = [{"role": "user", "content": ODD_PROMPT}]
     result = render(prompt, signals[0])
+    assert signals[0] == TeacherSignal(ODD_DEMO, ODD_FEEDBACK, 1)
     assert result.text == (
-        "<|im_start|>user\n"
-        + build_reprompt_text(ODD_PROMPT, TeacherSignal(ODD_DEMO, ODD_FEEDBACK, 1), **DEFAULT_TEMPLATES)
-        + "<|im_end|>\n<|im_start|>assistant\n"
+        "<|im_start|>user\nUse {prompt} and {0} {solution}; path C:\\new\\x \\n ünï 日本 {"
+        "\nCorrect solution:\n\n}{feedback_raw} \\t {successful_previous_attempt} 🙂\n\n"
+        "\nThe following is feedback from your unsuccessful earlier attempt:\n\n"
+        "{0}{1} Traceback:\n  File \\x00 {prompt} é\n\n"
+        "\n\nCorrectly solve the original question.\n<|im_end|>\n<|im_start|>assistant\n"
     )
-    for original in (ODD_PROMPT, ODD_DEMO, ODD_FEEDBACK):
-        assert original in result.text
     assert TOKENIZER.decode(result.input_ids) == result.text
 
 
