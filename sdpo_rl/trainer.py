@@ -30,7 +30,7 @@ from trl.trainer.utils import pad
 from . import _trl_compat
 from .config import SDPOConfig
 from .feedback import FEEDBACK_COLUMN, collect_feedback, snapshot_feedback
-from .loss import self_distillation_loss
+from .loss import self_distillation_loss, token_entropy
 from .metrics import PREFIX, teacher_signal_metrics
 from .reprompt import TeacherPrompt, render_teacher_prompt, select_teacher_signals
 from .teacher import Teacher, build_teacher, completion_logits, hidden_teacher_adapter, load_teacher, save_teacher
@@ -231,6 +231,11 @@ class SDPOTrainer(GRPOTrainer):
             self.accelerator.gather(loss.detach().reshape(1) * step_share).mean().item()
         )
 
+    def _log_masked_mean(self, mode: str, name: str, values: torch.Tensor, mask: torch.Tensor) -> None:
+        """Log the mean of `values` over the unmasked positions of every process (NaN when there are none)."""
+        totals = self.accelerator.reduce(torch.stack([(values * mask).sum(), mask.sum()]).float(), reduction="sum")
+        self._metrics[mode][PREFIX + name].append((totals[0] / totals[1]).item() if totals[1] > 0 else math.nan)
+
     def _self_distillation_loss(self, model, inputs) -> torch.Tensor:
         config = self.sdpo_config
         mode = "train" if self.model.training else "eval"
@@ -265,6 +270,9 @@ class SDPOTrainer(GRPOTrainer):
             teacher_logits = teacher_logits / self.temperature
         else:
             teacher_logits = student_logits.detach()
+        distilled = completion_mask * self_distillation_mask[rows].unsqueeze(1)
+        self._log_masked_mean(mode, "student_entropy", token_entropy(student_logits), distilled)
+        self._log_masked_mean(mode, "teacher_entropy", token_entropy(teacher_logits), distilled)
 
         old_per_token_logps = inputs.get("old_per_token_logps")
         importance_sampling_ratio = inputs.get("importance_sampling_ratio")

@@ -1,0 +1,250 @@
+"""Does it learn, and does it collapse? SDPO vs GRPO vs the hybrid on SmolLM2-135M-Instruct, on CPU, several seeds.
+
+Every (method, task, seed) run trains the embedded SmolLM2-135M-Instruct from the same GRPOConfig and evaluates
+held-out accuracy (several samples per prompt, fixed sampling settings and seed) every `--eval-every` steps,
+step 0 included. Each finished run is appended to the results JSON at once, and a rerun skips the runs already
+there, so the full benchmark can be completed over several interrupted invocations.
+
+    python benchmarks/learning.py                 # the full benchmark (see benchmarks/README.md for its size)
+    python benchmarks/learning.py --quick         # a smoke run (CI): one step, tiny evaluation, separate output
+    python benchmarks/learning.py --plot-only     # redraw the plot from the results JSON
+
+Runs execute in `--jobs` worker processes with one thread each (two processes of two threads on two cores are
+several times slower than two of one).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import statistics
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from multiprocessing import get_context
+from pathlib import Path
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+METHODS = {
+    # name: SDPOConfig keyword arguments (the GRPOConfig is the same for every method)
+    "grpo": {"enabled": False},
+    "sdpo": {},
+    "hybrid": {"grpo_weight": 0.5},
+}
+TASKS = ("capitals", "short_answer")
+FULL = dict(steps=20, eval_every=5, seeds=(0, 1, 2), heldout_rows=None, samples_per_prompt=4, batch=16)
+QUICK = dict(steps=1, eval_every=1, seeds=(0,), heldout_rows=4, samples_per_prompt=1, batch=8)
+SHARED = dict(learning_rate=2e-5, num_generations=4, max_completion_length=24, temperature=1.0)
+EVAL = dict(temperature=0.7, max_new_tokens=24)
+LOGGED = (
+    "reward",
+    "entropy",
+    "completions/mean_length",
+    "self_distillation/distillation_loss",
+    "self_distillation/grpo_loss",
+    "self_distillation/reprompt_sample_fraction",
+    "self_distillation/success_sample_fraction",
+    "self_distillation/feedback_used_fraction",
+    "self_distillation/student_entropy",
+    "self_distillation/teacher_entropy",
+)
+
+
+def run_one(method: str, task_name: str, seed: int, size: dict, output_dir: str) -> dict:
+    """Train one (method, task, seed) and return its record for the results JSON."""
+    import torch
+
+    torch.set_num_threads(1)
+    from transformers import TrainerCallback
+    from trl import GRPOConfig
+
+    from sdpo_rl import SDPOConfig, SDPOTrainer
+    from sdpo_rl.evaluation import heldout_accuracy
+    from sdpo_rl.models import load_default_model
+    from sdpo_rl.tasks import get_task
+
+    task = get_task(task_name)
+    heldout = task.heldout_dataset()
+    if size["heldout_rows"]:
+        heldout = heldout.select(range(size["heldout_rows"]))
+    model, tokenizer = load_default_model()
+    curve = {"eval_steps": [], "heldout_accuracy": [], "mean_completion_length": []}
+
+    def evaluate(step: int) -> None:
+        result = heldout_accuracy(
+            model, tokenizer, heldout, task, samples_per_prompt=size["samples_per_prompt"], seed=1234, **EVAL
+        )
+        curve["eval_steps"].append(step)
+        curve["heldout_accuracy"].append(result["accuracy"])
+        curve["mean_completion_length"].append(result["mean_completion_length"])
+        print(f"[{method}/{task_name}/seed {seed}] step {step}: held-out accuracy {result['accuracy']:.3f}", flush=True)
+
+    class EvaluateEvery(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step % size["eval_every"] == 0:
+                evaluate(state.global_step)
+
+    args = GRPOConfig(
+        output_dir=output_dir,
+        per_device_train_batch_size=size["batch"],
+        max_steps=size["steps"],
+        beta=0.0,
+        seed=seed,
+        use_cpu=True,
+        gradient_checkpointing=False,
+        logging_steps=1,
+        save_strategy="no",
+        report_to="none",
+        disable_tqdm=True,
+        **SHARED,
+    )
+    sdpo_config = SDPOConfig(**METHODS[method])
+    evaluate(0)
+    trainer = SDPOTrainer(
+        model=model,
+        args=args,
+        sdpo_config=sdpo_config,
+        processing_class=tokenizer,
+        reward_funcs=[task.reward_func()],
+        train_dataset=task.train_dataset(),
+        callbacks=[EvaluateEvery()],
+    )
+    start = time.perf_counter()
+    trainer.train()
+    wall = time.perf_counter() - start
+    history = [entry for entry in trainer.state.log_history if "reward" in entry]
+    return {
+        "method": method,
+        "task": task_name,
+        "seed": seed,
+        **curve,
+        "wall_seconds": wall,
+        "seconds_per_step": statistics.median(entry["step_time"] for entry in history if "step_time" in entry),
+        "train_metrics": {name: [entry.get(name) for entry in history] for name in LOGGED},
+        "config": {
+            "grpo": {**SHARED, "per_device_train_batch_size": size["batch"], "max_steps": size["steps"]},
+            "sdpo": METHODS[method],
+            "eval": {**EVAL, "samples_per_prompt": size["samples_per_prompt"]},
+        },
+    }
+
+
+def load_results(path: Path) -> dict:
+    return json.loads(path.read_text()) if path.exists() else {"runs": []}
+
+
+def save_results(path: Path, results: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_suffix(".tmp")
+    temporary.write_text(json.dumps(results, indent=1))
+    os.replace(temporary, path)
+
+
+def summarise(results: dict) -> str:
+    """A Markdown table: start and final held-out accuracy (mean ± std over seeds) and final answer length."""
+    lines = [
+        "| task | method | seeds | step-0 accuracy | final accuracy | final − step 0, worst seed | final length |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    groups: dict[tuple[str, str], list[dict]] = {}
+    for run in results["runs"]:
+        groups.setdefault((run["task"], run["method"]), []).append(run)
+
+    def mean_std(values: list[float]) -> str:
+        spread = statistics.stdev(values) if len(values) > 1 else 0.0
+        return f"{100 * statistics.mean(values):.1f} ± {100 * spread:.1f}%"
+
+    for (task, method), runs in sorted(groups.items()):
+        start = [r["heldout_accuracy"][0] for r in runs]
+        final = [r["heldout_accuracy"][-1] for r in runs]
+        worst = min(f - s for s, f in zip(start, final, strict=True))
+        length = statistics.mean(r["mean_completion_length"][-1] for r in runs)
+        lines.append(
+            f"| {task} | {method} | {len(runs)} | {mean_std(start)} | {mean_std(final)} | {100 * worst:+.1f} pts "
+            f"| {length:.1f} |"
+        )
+    return "\n".join(lines)
+
+
+def plot(results: dict, path: Path) -> None:
+    """Held-out accuracy and answer length against steps: mean over seeds, shaded min-max spread."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tasks = sorted({r["task"] for r in results["runs"]})
+    figure, axes = plt.subplots(2, len(tasks), figsize=(6 * len(tasks), 7), squeeze=False)
+    for column, task in enumerate(tasks):
+        for method in METHODS:
+            runs = [r for r in results["runs"] if r["task"] == task and r["method"] == method]
+            if not runs:
+                continue
+            steps = runs[0]["eval_steps"]
+            for row, key in enumerate(("heldout_accuracy", "mean_completion_length")):
+                values = [[r[key][i] for r in runs] for i in range(len(steps))]
+                mean = [statistics.mean(v) for v in values]
+                axis = axes[row][column]
+                (line,) = axis.plot(steps, mean, marker="o", label=f"{method} ({len(runs)} seeds)")
+                axis.fill_between(
+                    steps, [min(v) for v in values], [max(v) for v in values], alpha=0.2, color=line.get_color()
+                )
+                axis.set_xlabel("optimizer step")
+                axis.set_ylabel("held-out accuracy" if row == 0 else "mean completion length (tokens)")
+                axis.set_title(f"{task}")
+                axis.grid(alpha=0.3)
+        axes[0][column].legend()
+    figure.suptitle("SmolLM2-135M-Instruct on CPU: mean over seeds, shaded min-max")
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="smoke run: one step, tiny evaluation")
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    parser.add_argument("--tasks", nargs="+", default=list(TASKS), choices=list(TASKS))
+    parser.add_argument("--seeds", nargs="+", type=int, help="seeds (default: 0 1 2, or 0 with --quick)")
+    parser.add_argument("--jobs", type=int, default=2, help="runs in parallel, one thread each (default 2)")
+    parser.add_argument("--results", type=Path, help="results JSON (default: benchmarks/results/...)")
+    parser.add_argument("--plot-only", action="store_true", help="only redraw the plot and print the table")
+    options = parser.parse_args(argv)
+
+    size = QUICK if options.quick else FULL
+    name = "learning_curves_quick" if options.quick else "learning_curves"
+    results_path = options.results or RESULTS_DIR / f"{name}.json"
+    results = load_results(results_path)
+    seeds = options.seeds if options.seeds is not None else list(size["seeds"])
+    done = {(r["method"], r["task"], r["seed"]) for r in results["runs"]}
+    todo = [(m, t, s) for t in options.tasks for s in seeds for m in options.methods if (m, t, s) not in done]
+
+    if not options.plot_only and todo:
+        print(f"{len(todo)} runs to do ({len(done)} already in {results_path})", flush=True)
+        work_dir = Path(os.environ.get("TMPDIR", "/tmp")) / "sdpo-rl-learning"
+        with ProcessPoolExecutor(max_workers=options.jobs, mp_context=get_context("spawn")) as pool:
+            futures = {
+                pool.submit(run_one, m, t, s, size, str(work_dir / f"{m}-{t}-{s}")): (m, t, s) for m, t, s in todo
+            }
+            for future in as_completed(futures):
+                record = future.result()
+                results = load_results(results_path)
+                results["runs"].append(record)
+                save_results(results_path, results)
+                print(f"finished {futures[future]} in {record['wall_seconds']:.0f} s", flush=True)
+
+    if not results["runs"]:
+        print("no results yet", file=sys.stderr)
+        return 1
+    print(summarise(results))
+    try:
+        plot(results, results_path.with_suffix(".png"))
+        print(f"plot: {results_path.with_suffix('.png')}")
+    except ImportError:
+        print("matplotlib is not installed: no plot (pip install matplotlib)")
+    return 0 if all(not math.isnan(a) for r in results["runs"] for a in r["heldout_accuracy"]) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

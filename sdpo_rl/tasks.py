@@ -1,0 +1,306 @@
+"""Small verifiable tasks with feedback, for the demo, the examples and learning benchmarks.
+
+Each `Task` gives TRL-ready datasets (conversational `prompt` column plus the columns its reward reads), a factory
+of reward functions that follow the feedback protocol of `sdpo_rl.feedback` (a fresh `last_feedback` list on every
+call), and `is_correct` for evaluation. Pure Python; the datasets are built in memory.
+
+- `capitals`: "What is the capital of <country>? Answer with just the city name." The reward is 1 when the answer
+  names the capital (case- and accent-insensitive). The feedback says the answer is wrong, without the right one.
+- `short_answer`: "<easy question> Answer in at most three words." A length constraint, checked by counting
+  words; the feedback says how many words the answer had and what the limit is, which tells the model how to fix
+  its answer without giving it one.
+
+Measured with SmolLM2-135M-Instruct at temperature 1.0, 8 samples on each of 12 prompts: `capitals` passes ~35-40%
+with 11/12 groups mixed; `short_answer` ~17% with 8/12 groups mixed. (Other candidates, rejected for passing too
+rarely: one lowercase word 2%, one word 3-12%, exactly five words 3%, digits only 1%.)
+"""
+
+from __future__ import annotations
+
+import re
+import unicodedata
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+# ---- capitals ------------------------------------------------------------------------------------------------------
+
+# (country, capital, other accepted spellings). Only countries whose capital is unambiguous: no split or moving
+# capitals (Bolivia, South Africa, Netherlands, Indonesia, ...), no city-states named like their capital.
+CAPITALS: list[tuple[str, str, tuple[str, ...]]] = [
+    ("France", "Paris", ()),
+    ("Germany", "Berlin", ()),
+    ("Italy", "Rome", ()),
+    ("Spain", "Madrid", ()),
+    ("Portugal", "Lisbon", ()),
+    ("the United Kingdom", "London", ()),
+    ("Ireland", "Dublin", ()),
+    ("Belgium", "Brussels", ()),
+    ("Austria", "Vienna", ()),
+    ("Switzerland", "Bern", ("Berne",)),
+    ("Poland", "Warsaw", ()),
+    ("the Czech Republic", "Prague", ()),
+    ("Hungary", "Budapest", ()),
+    ("Greece", "Athens", ()),
+    ("Denmark", "Copenhagen", ()),
+    ("Sweden", "Stockholm", ()),
+    ("Norway", "Oslo", ()),
+    ("Finland", "Helsinki", ()),
+    ("Iceland", "Reykjavik", ()),
+    ("Estonia", "Tallinn", ()),
+    ("Latvia", "Riga", ()),
+    ("Lithuania", "Vilnius", ()),
+    ("Ukraine", "Kyiv", ("Kiev",)),
+    ("Russia", "Moscow", ()),
+    ("Turkey", "Ankara", ()),
+    ("Romania", "Bucharest", ()),
+    ("Bulgaria", "Sofia", ()),
+    ("Serbia", "Belgrade", ()),
+    ("Croatia", "Zagreb", ()),
+    ("Slovenia", "Ljubljana", ()),
+    ("Slovakia", "Bratislava", ()),
+    ("Albania", "Tirana", ("Tirane",)),
+    ("Cyprus", "Nicosia", ()),
+    ("Malta", "Valletta", ()),
+    ("Georgia", "Tbilisi", ()),
+    ("Armenia", "Yerevan", ()),
+    ("Azerbaijan", "Baku", ()),
+    ("Iran", "Tehran", ("Teheran",)),
+    ("Iraq", "Baghdad", ()),
+    ("Syria", "Damascus", ()),
+    ("Jordan", "Amman", ()),
+    ("Lebanon", "Beirut", ()),
+    ("Saudi Arabia", "Riyadh", ()),
+    ("Qatar", "Doha", ()),
+    ("the United Arab Emirates", "Abu Dhabi", ()),
+    ("Oman", "Muscat", ()),
+    ("Afghanistan", "Kabul", ()),
+    ("Pakistan", "Islamabad", ()),
+    ("India", "New Delhi", ()),
+    ("Nepal", "Kathmandu", ()),
+    ("Bangladesh", "Dhaka", ()),
+    ("Thailand", "Bangkok", ()),
+    ("Vietnam", "Hanoi", ()),
+    ("Cambodia", "Phnom Penh", ()),
+    ("the Philippines", "Manila", ()),
+    ("South Korea", "Seoul", ()),
+    ("North Korea", "Pyongyang", ()),
+    ("Japan", "Tokyo", ()),
+    ("China", "Beijing", ()),
+    ("Mongolia", "Ulaanbaatar", ("Ulan Bator",)),
+    ("Australia", "Canberra", ()),
+    ("New Zealand", "Wellington", ()),
+    ("Canada", "Ottawa", ()),
+    ("the United States", "Washington", ()),
+    ("Mexico", "Mexico City", ()),
+    ("Cuba", "Havana", ()),
+    ("Jamaica", "Kingston", ()),
+    ("Venezuela", "Caracas", ()),
+    ("Colombia", "Bogota", ()),
+    ("Ecuador", "Quito", ()),
+    ("Peru", "Lima", ()),
+    ("Chile", "Santiago", ()),
+    ("Argentina", "Buenos Aires", ()),
+    ("Uruguay", "Montevideo", ()),
+    ("Paraguay", "Asuncion", ()),
+    ("Brazil", "Brasilia", ()),
+    ("Egypt", "Cairo", ()),
+    ("Cameroon", "Yaounde", ()),
+    ("Algeria", "Algiers", ()),
+    ("Morocco", "Rabat", ()),
+    ("Ethiopia", "Addis Ababa", ()),
+    ("Kenya", "Nairobi", ()),
+    ("Uganda", "Kampala", ()),
+    ("Rwanda", "Kigali", ()),
+    ("Zimbabwe", "Harare", ()),
+    ("Mozambique", "Maputo", ()),
+    ("Angola", "Luanda", ()),
+    ("Ghana", "Accra", ()),
+    ("Senegal", "Dakar", ()),
+    ("Nigeria", "Abuja", ()),
+]
+
+
+def _fold(text: str) -> str:
+    """Lowercase without accents: 'Bogotá' -> 'bogota', 'Chișinău' -> 'chisinau'."""
+    decomposed = unicodedata.normalize("NFKD", text)
+    return "".join(c for c in decomposed if not unicodedata.combining(c)).casefold()
+
+
+def _first_line(text: str, limit: int = 60) -> str:
+    line = text.strip().split("\n", 1)[0].strip()
+    return line if len(line) <= limit else line[: limit - 3] + "..."
+
+
+def _split_every_third(items: list) -> tuple[list, list]:
+    """Deterministic 2:1 train/held-out split: every third item is held out."""
+    return [x for i, x in enumerate(items) if i % 3 != 2], [x for i, x in enumerate(items) if i % 3 == 2]
+
+
+def _capitals_rows() -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    rows = [
+        {
+            "prompt": [
+                {"role": "user", "content": f"What is the capital of {country}? Answer with just the city name."}
+            ],
+            "answer": capital,
+            "aliases": [capital, *aliases],
+            "country": country,
+        }
+        for country, capital, aliases in CAPITALS
+    ]
+    return _split_every_third(rows)
+
+
+def _capitals_feedback(text: str, row: dict[str, Any]) -> str:
+    folded = _fold(text)
+    if any(_fold(name) in folded for name in row["aliases"]):
+        return ""
+    if not text.strip():
+        return f"Incorrect: the answer is empty; name the capital of {row['country']}."
+    return f"Incorrect: '{_first_line(text)}' is not the capital of {row['country']}."
+
+
+# ---- short_answer --------------------------------------------------------------------------------------------------
+
+# Easy questions: the model knows the answers, the task is to keep the answer short.
+QUESTIONS = [
+    "What color is the sky?", "What do bees make?", "Which animal says moo?", "What is frozen water called?",
+    "What do you use to write on paper?", "Where do fish live?", "What is the opposite of hot?",
+    "What season comes after winter?", "What do cows give us?", "What shape is a ball?",
+    "What is the largest planet?", "What fruit is yellow and curved?", "What do plants need to grow?",
+    "What color is grass?", "Which animal is called the king of the jungle?", "What do you call a baby cat?",
+    "What do we use to smell?", "What falls from clouds when it rains?", "What gives us light during the day?",
+    "What do you wear on your feet?", "What do birds build to lay their eggs in?", "What is the opposite of up?",
+    "What do you call a baby dog?", "Which instrument has black and white keys?", "What is the capital of France?",
+    "What do you drink when you are thirsty?", "What do chickens lay?", "What is bread mainly made from?",
+    "What do you use to cut paper?", "What planet do we live on?", "Which animal has a long trunk?",
+    "What color is a ripe tomato?", "What do you sleep on?", "Which month comes after June?",
+    "What is the first meal of the day called?", "What is the opposite of night?",
+    "What do you use to open a locked door?", "What is the tallest animal?", "What do bakers make?",
+    "Which sport is played with a bat and a ball?", "What do you use to brush your teeth?",
+    "What covers most of the Earth's surface?", "What do caterpillars turn into?",
+    "What is the hottest season of the year?", "What do you call a house made of ice?",
+]  # fmt: skip
+SHORT_ANSWER_TEMPLATES = ["{question} Answer in at most three words.", "{question} Reply with three words or fewer."]
+MAX_WORDS = 3
+_WORD = re.compile(r"[^\W_]+(?:['’-][^\W_]+)*")  # "don't" and "ice-cream" are one word each
+
+
+def count_words(text: str) -> int:
+    return len(_WORD.findall(text))
+
+
+def _short_answer_rows() -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    # Split by question, so the held-out prompts ask questions never asked in training.
+    train_questions, heldout_questions = _split_every_third(QUESTIONS)
+
+    def rows(questions):
+        return [
+            {
+                "prompt": [{"role": "user", "content": template.format(question=question)}],
+                "question": question,
+                "max_words": MAX_WORDS,
+            }
+            for question in questions
+            for template in SHORT_ANSWER_TEMPLATES
+        ]
+
+    return rows(train_questions), rows(heldout_questions)
+
+
+def _short_answer_feedback(text: str, row: dict[str, Any]) -> str:
+    words, limit = count_words(text), row["max_words"]
+    if 1 <= words <= limit:
+        return ""
+    if words == 0:
+        return f"Incorrect: the answer has no words; answer the question in at most {limit} words."
+    return f"Too long: the answer has {words} words, but at most {limit} are allowed. Answer in {limit} words or fewer."
+
+
+# ---- the Task API --------------------------------------------------------------------------------------------------
+
+
+class TaskReward:
+    """A TRL reward function for a task: 1.0 when `feedback(text, row)` is "", else 0.0.
+
+    Columns of the dataset reach it as keyword arguments (TRL passes them); every call assigns a new
+    `last_feedback` list (one string per completion, "" for a success), which SDPO's teacher reads.
+    """
+
+    def __init__(self, name: str, feedback: Callable[[str, dict[str, Any]], str]):
+        self.__name__ = name
+        self._feedback = feedback
+        self.last_feedback: list[str] | None = None
+
+    def __call__(self, prompts=None, completions=None, **columns) -> list[float]:
+        texts = [_completion_text(c) for c in completions]
+        keys = [k for k, v in columns.items() if isinstance(v, list) and len(v) == len(texts)]
+        rows = [{k: columns[k][i] for k in keys} for i in range(len(texts))]
+        feedback = [self._feedback(text, row) for text, row in zip(texts, rows, strict=True)]
+        self.last_feedback = feedback
+        return [0.0 if message else 1.0 for message in feedback]
+
+
+def _completion_text(completion: Any) -> str:
+    """The text of a completion in TRL's conversational ([{"role": "assistant", "content": ...}]) or plain format."""
+    if isinstance(completion, str):
+        return completion
+    return "".join(m["content"] for m in completion if isinstance(m.get("content"), str))
+
+
+@dataclass(frozen=True)
+class Task:
+    """A verifiable task. Rows hold a conversational `prompt` and the columns its reward function reads.
+
+    `rows()` returns the (train, held-out) rows; `feedback(text, row)` returns "" for a correct completion and
+    otherwise the message the teacher reads.
+    """
+
+    name: str
+    description: str
+    rows: Callable[[], tuple[list[dict[str, Any]], list[dict[str, Any]]]]
+    feedback: Callable[[str, dict[str, Any]], str]
+
+    def train_dataset(self):
+        """Training rows as a `datasets.Dataset` in TRL's conversational prompt format."""
+        from datasets import Dataset
+
+        return Dataset.from_list(self.rows()[0])
+
+    def heldout_dataset(self):
+        """Held-out rows, disjoint from the training rows, for evaluation."""
+        from datasets import Dataset
+
+        return Dataset.from_list(self.rows()[1])
+
+    def reward_func(self) -> TaskReward:
+        """A fresh reward function (with its own `last_feedback`), named `<task>_reward`."""
+        return TaskReward(f"{self.name}_reward", self.feedback)
+
+    def is_correct(self, completion_text: str, row: dict[str, Any]) -> bool:
+        return self.feedback(completion_text, row) == ""
+
+
+TASKS: dict[str, Task] = {
+    "capitals": Task(
+        "capitals",
+        "Name the capital of a country (feedback: wrong, without the answer).",
+        _capitals_rows,
+        _capitals_feedback,
+    ),
+    "short_answer": Task(
+        "short_answer",
+        "Answer an easy question in at most three words (feedback: how many words were too many).",
+        _short_answer_rows,
+        _short_answer_feedback,
+    ),
+}
+
+
+def get_task(name: str) -> Task:
+    """The task called `name` (one of `TASKS`)."""
+    try:
+        return TASKS[name]
+    except KeyError:
+        raise ValueError(f"Unknown task {name!r}; choose one of {', '.join(TASKS)}.") from None

@@ -1,0 +1,109 @@
+"""The `sdpo-rl` command line: help, the plot, and a one-step smoke run of the demo on the real model."""
+
+import json
+import shutil
+import subprocess
+import sys
+import time
+from importlib.metadata import entry_points
+
+import pytest
+
+from sdpo_rl import cli
+
+
+def test_console_script_is_declared():
+    scripts = {ep.name: ep.value for ep in entry_points(group="console_scripts")}
+    assert scripts.get("sdpo-rl") == "sdpo_rl.cli:main"
+
+
+def test_demo_help_lists_the_options(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["demo", "--help"])
+    assert exit_.value.code == 0
+    text = capsys.readouterr().out
+    for option in ("--max-steps", "--output-dir", "--seed", "--task", "--lr", "capitals", "one_word"):
+        assert option in text
+    assert f"(default: {cli.DEMO_MAX_STEPS})" in text
+
+
+def test_installed_command_runs_help():
+    command = shutil.which("sdpo-rl") or shutil.which("sdpo-rl", path=str(sys.prefix) + "/bin")
+    args = [command] if command else [sys.executable, "-m", "sdpo_rl.cli"]
+    result = subprocess.run([*args, "demo", "--help"], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "usage: sdpo-rl demo" in result.stdout
+
+
+def test_a_command_is_required(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        cli.main([])
+    assert exit_.value.code == 2
+
+
+def test_bad_arguments_are_rejected():
+    with pytest.raises(SystemExit, match="num-generations"):
+        cli.main(["demo", "--num-generations", "1"])
+
+
+def test_demo_settings_are_the_library_defaults():
+    from sdpo_rl import SDPOConfig
+
+    assert cli.DEMO_SDPO_CONFIG == SDPOConfig()
+
+
+LOG_HISTORY = [
+    {"step": 1, "reward": 0.25, "self_distillation/distillation_loss": 0.5, "completions/mean_length": 9.0},
+    {"step": 2, "reward": 0.5, "self_distillation/distillation_loss": float("nan"), "completions/mean_length": 8.0},
+    {"step": 2, "train_runtime": 10.0},
+]
+
+
+def test_plot_is_written(tmp_path):
+    pytest.importorskip("matplotlib")
+    path = cli.plot_metrics(LOG_HISTORY, tmp_path / "plot.png")
+    assert path == tmp_path / "plot.png"
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_plot_is_skipped_with_a_message_without_matplotlib(tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # makes `import matplotlib` raise ImportError
+    assert cli.plot_metrics(LOG_HISTORY, tmp_path / "plot.png") is None
+    assert "matplotlib is not installed" in capsys.readouterr().out
+    assert not (tmp_path / "plot.png").exists()
+
+
+@pytest.mark.slow
+def test_demo_smoke_run_one_step_on_the_real_model(tmp_path, capsys):
+    """One training step with tiny settings; uses (and on first use fills) the default model cache."""
+    start = time.monotonic()
+    code = cli.main(
+        [
+            "demo",
+            "--max-steps=1",
+            f"--output-dir={tmp_path}",
+            "--num-generations=2",
+            "--prompts-per-step=1",
+            "--max-completion-length=8",
+            "--eval-samples-per-prompt=1",
+            "--eval-prompts=2",
+        ]
+    )
+    print(f"demo smoke run took {time.monotonic() - start:.1f} s")
+    assert code == 0
+    out = capsys.readouterr().out
+    assert "Held-out accuracy (capitals):" in out and "before ->" in out
+
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["max_steps"] == 1
+    assert 0.0 <= summary["heldout_accuracy_before"] <= 1.0 and 0.0 <= summary["heldout_accuracy_after"] <= 1.0
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    step = next(r for r in records if "reward" in r)
+    assert step["step"] == 1 and "self_distillation/distillation_loss" in step
+    state = json.loads((tmp_path / "trainer_state.json").read_text())
+    assert state["global_step"] == 1
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return
+    assert (tmp_path / "training_metrics.png").is_file()

@@ -1,0 +1,131 @@
+"""The demo tasks: datasets, rewards, feedback (no model needed)."""
+
+import pytest
+
+from sdpo_rl.feedback import collect_feedback, snapshot_feedback
+from sdpo_rl.tasks import CAPITALS, TASKS, TaskReward, get_task
+
+
+def as_completions(*texts):
+    return [[{"role": "assistant", "content": text}] for text in texts]
+
+
+def score(task, texts, rows):
+    """Call a fresh reward function the way TRL does: columns as lists, one entry per completion."""
+    reward = task.reward_func()
+    columns = {key: [row[key] for row in rows] for key in rows[0] if key != "prompt"}
+    rewards = reward(
+        prompts=[row["prompt"] for row in rows],
+        completions=as_completions(*texts),
+        completion_ids=[[1, 2]] * len(texts),
+        trainer_state=None,
+        **columns,
+    )
+    return rewards, reward.last_feedback
+
+
+def capital_row(country):
+    rows = [*TASKS["capitals"].rows()[0], *TASKS["capitals"].rows()[1]]
+    return next(row for row in rows if row["country"] == country)
+
+
+@pytest.mark.parametrize("name", sorted(TASKS))
+def test_datasets_are_conversational_and_train_heldout_disjoint(name):
+    task = get_task(name)
+    train, heldout = task.train_dataset(), task.heldout_dataset()
+    assert len(train) == 60 and len(heldout) == 30
+    for row in [*train, *heldout]:
+        assert row["prompt"] == [{"role": "user", "content": row["prompt"][0]["content"]}]
+    train_prompts = {row["prompt"][0]["content"] for row in train}
+    heldout_prompts = {row["prompt"][0]["content"] for row in heldout}
+    assert len(train_prompts) == 60 and len(heldout_prompts) == 30
+    assert not train_prompts & heldout_prompts
+    # The split is deterministic.
+    assert [r["prompt"] for r in task.heldout_dataset()] == [r["prompt"] for r in heldout]
+
+
+def test_capitals_split_by_country_and_unique_countries():
+    task = get_task("capitals")
+    assert len({country for country, _, _ in CAPITALS}) == len(CAPITALS) == 90
+    # Answering with the country's name must never count as naming its capital.
+    assert not [(c, a) for c, capital, aliases in CAPITALS for a in (capital, *aliases) if a.lower() in c.lower()]
+    train = {row["country"] for row in task.train_dataset()}
+    heldout = {row["country"] for row in task.heldout_dataset()}
+    assert not train & heldout
+    row = capital_row("France")
+    assert row["prompt"][0]["content"] == "What is the capital of France? Answer with just the city name."
+    assert row["answer"] == "Paris"
+
+
+def test_one_word_heldout_asks_for_unseen_things():
+    task = get_task("one_word")
+    assert not {r["thing"] for r in task.train_dataset()} & {r["thing"] for r in task.heldout_dataset()}
+    assert "Name an animal." in {r["prompt"][0]["content"].split(" Answer")[0] for r in task.heldout_dataset()}
+
+
+def test_capitals_reward_and_feedback():
+    task = get_task("capitals")
+    rows = [capital_row(c) for c in ("France", "France", "Colombia", "Ukraine", "Ukraine", "Japan", "Japan", "Peru")]
+    texts = ["Paris", "The capital of France is PARIS.", "Bogotá", "Kiev", "Kyiv", "Osaka\nor maybe Kyoto", "", "Lim"]
+    rewards, feedback = score(task, texts, rows)
+    assert rewards == [1.0, 1.0, 1.0, 1.0, 1.0, 0.0, 0.0, 0.0]
+    assert feedback[:5] == [""] * 5
+    assert feedback[5] == "Incorrect: 'Osaka' is not the capital of Japan."
+    assert "empty" in feedback[6] and "Japan" in feedback[6]
+    assert feedback[7] == "Incorrect: 'Lim' is not the capital of Peru."
+    assert task.is_correct("Tokyo!", rows[5]) and not task.is_correct("Osaka", rows[5])
+
+
+def test_capitals_feedback_never_reveals_the_answer():
+    task = get_task("capitals")
+    rows = [*task.train_dataset(), *task.heldout_dataset()]
+    rewards, feedback = score(task, ["I do not know."] * len(rows), rows)
+    assert rewards == [0.0] * len(rows)
+    for row, message in zip(rows, feedback, strict=True):
+        assert message.startswith("Incorrect") and row["country"] in message
+        assert all(alias.lower() not in message.lower() for alias in row["aliases"]), message
+
+
+def test_one_word_reward_and_feedback_name_the_violated_constraint():
+    task = get_task("one_word")
+    row = task.train_dataset()[0]
+    texts = ["apple", "  banana\n", "Apple", "red apple", "apple.", "", "Granny Smith!"]
+    rewards, feedback = score(task, texts, [row] * len(texts))
+    assert rewards == [1.0, 1.0, 0.0, 0.0, 0.0, 0.0, 0.0]
+    assert feedback[:2] == ["", ""]
+    assert "uppercase" in feedback[2] and "words" not in feedback[2]
+    assert "2 words" in feedback[3]
+    assert "other than letters" in feedback[4]
+    assert "empty" in feedback[5]
+    assert all(part in feedback[6] for part in ("2 words", "uppercase", "other than letters"))
+
+
+@pytest.mark.parametrize("name", sorted(TASKS))
+def test_reward_assigns_a_fresh_feedback_list_on_every_call(name):
+    task = get_task(name)
+    rows = list(task.train_dataset())[:2]
+    reward = task.reward_func()
+    assert isinstance(reward, TaskReward) and reward.__name__ == f"{name}_reward"
+    assert reward is not task.reward_func()
+    columns = {key: [row[key] for row in rows] for key in rows[0] if key != "prompt"}
+    seen = []
+    for _ in range(3):
+        before = snapshot_feedback([reward])
+        reward(prompts=[r["prompt"] for r in rows], completions=as_completions("x", "y"), **columns)
+        assert len(reward.last_feedback) == 2
+        assert all(reward.last_feedback is not old for old in seen)
+        seen.append(reward.last_feedback)
+        # The library's feedback collection accepts it as fresh.
+        assert collect_feedback([reward], [reward.__name__], before, 2) == reward.last_feedback
+
+
+def test_reward_accepts_plain_text_completions():
+    task = get_task("capitals")
+    row = capital_row("France")
+    reward = task.reward_func()
+    assert reward(prompts=[row["prompt"]], completions=["Paris"], aliases=[row["aliases"]], country=["France"]) == [1.0]
+
+
+def test_unknown_task_is_rejected_with_the_choices():
+    with pytest.raises(ValueError, match="capitals"):
+        get_task("chess")
