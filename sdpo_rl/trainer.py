@@ -15,6 +15,7 @@ The trainer is glue over four of GRPOTrainer's extension points (listed in `_trl
 from __future__ import annotations
 
 import inspect
+import logging
 import math
 import os
 from dataclasses import dataclass
@@ -32,10 +33,12 @@ from .config import SDPOConfig
 from .feedback import FEEDBACK_COLUMN, collect_feedback, snapshot_feedback
 from .loss import self_distillation_loss, token_entropy
 from .metrics import PREFIX, teacher_signal_metrics
+from .monitor import ADVICE, collapse_signs
 from .reprompt import TeacherPrompt, render_teacher_prompt, select_teacher_signals
 from .teacher import Teacher, build_teacher, completion_logits, hidden_teacher_adapter, load_teacher, save_teacher
 
 TEACHER_DIR = "teacher"
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -82,6 +85,7 @@ class SDPOTrainer(GRPOTrainer):
         self.sdpo_config = sdpo_config
         self._sdpo_rollout: _Rollout | None = None
         self._last_grad_norm_finite = True
+        self._collapse_warned = False
         super().__init__(*args, **kwargs)
         _trl_compat.check_trainer_attributes(self)
         self.teacher: Teacher | None = None
@@ -313,7 +317,18 @@ class SDPOTrainer(GRPOTrainer):
         self._last_grad_norm_finite = grad_norm is None or math.isfinite(float(grad_norm))
         return grad_norm
 
-    # ---- 5. checkpoints: the teacher is saved with every checkpoint and restored on resume (spec D4) -----------------
+    # ---- 5. logging: warn once when the signs of a collapse appear -------------------------------------------------
+
+    def log(self, logs, start_time=None):
+        super().log(logs, start_time)
+        if self.teacher is None or self._collapse_warned or not self.model.training:
+            return
+        signs = collapse_signs(self.state.log_history)
+        if signs:
+            self._collapse_warned = True
+            logger.warning("SDPO may be collapsing: %s. %s", "; ".join(signs), ADVICE)
+
+    # ---- 6. checkpoints: the teacher is saved with every checkpoint and restored on resume (spec D4) -----------------
 
     def _save_checkpoint(self, model, trial):
         super()._save_checkpoint(model, trial)

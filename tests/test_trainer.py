@@ -246,3 +246,24 @@ def test_model_given_as_a_path(tmp_path):
     trainer = build(tmp_path / "out", model=str(tmp_path / "model"), tokenizer=tokenizer, max_steps=1)
     trainer.train()
     assert logged(trainer, "self_distillation/distillation_loss")
+
+
+def test_collapse_warning_is_logged_once(tmp_path, caplog):
+    class FadingReward:
+        """Successes in the first five steps only: reward and demonstrations then fall together."""
+
+        __name__ = "fading_reward"
+
+        def __init__(self):
+            self.calls = 0
+
+        def __call__(self, completions, **kwargs):
+            self.calls += 1
+            return [1.0 if self.calls <= 5 and i % 2 == 0 else 0.0 for i in range(len(completions))]
+
+    trainer = build(tmp_path, reward=FadingReward(), max_steps=11, dataset=make_dataset(n=64))
+    with caplog.at_level("WARNING", logger="sdpo_rl.trainer"):
+        trainer.train()
+    warnings = [r for r in caplog.records if "SDPO may be collapsing" in r.getMessage()]
+    assert len(warnings) == 1
+    assert "reward fell" in warnings[0].getMessage() and "grpo_weight=0.5" in warnings[0].getMessage()

@@ -1,0 +1,44 @@
+import math
+
+from sdpo_rl.monitor import collapse_signs
+
+
+def entries(rewards, demos, entropy=None, length=None):
+    rows = []
+    for i, (r, d) in enumerate(zip(rewards, demos, strict=True)):
+        row = {"reward": r, "self_distillation/success_sample_fraction": d}
+        row["self_distillation/student_entropy"] = entropy[i] if entropy else 1.0
+        row["completions/mean_length"] = length[i] if length else 10.0
+        rows.append(row)
+    return rows
+
+
+def test_healthy_run_has_no_signs():
+    assert collapse_signs(entries([0.4] * 5 + [0.6] * 5, [0.5] * 10)) == []
+
+
+def test_too_short_history_is_not_judged():
+    assert collapse_signs(entries([0.4] * 5 + [0.0] * 4, [0.5] * 5 + [0.0] * 4)) == []
+
+
+def test_reward_and_demonstrations_falling_together():
+    signs = collapse_signs(entries([0.4] * 5 + [0.05] * 5, [0.6] * 5 + [0.1] * 5))
+    assert len(signs) == 1 and "reward fell from 0.400 to 0.050" in signs[0]
+
+
+def test_reward_falling_alone_is_not_a_collapse_sign():
+    assert collapse_signs(entries([0.4] * 5 + [0.05] * 5, [0.6] * 10)) == []
+
+
+def test_entropy_and_length_running_away():
+    signs = collapse_signs(entries([0.4] * 10, [0.5] * 10, entropy=[1.0] * 5 + [2.0] * 5, length=[8] * 5 + [20] * 5))
+    assert any("entropy grew from 1.000 to 2.000" in s for s in signs)
+    assert any("completion length grew from 8.000 to 20.000" in s for s in signs)
+
+
+def test_missing_and_nan_values_are_ignored():
+    rows = entries([0.4] * 10, [0.5] * 10)
+    for row in rows:
+        row["self_distillation/student_entropy"] = math.nan
+    rows.insert(3, {"loss": 1.0})  # an entry without reward (e.g. eval) is skipped
+    assert collapse_signs(rows) == []
