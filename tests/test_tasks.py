@@ -3,7 +3,7 @@
 import pytest
 
 from sdpo_rl.feedback import collect_feedback, snapshot_feedback
-from sdpo_rl.tasks import CAPITALS, TASKS, TaskReward, get_task
+from sdpo_rl.tasks import CAPITALS, TASKS, TaskReward, count_words, get_task
 
 
 def as_completions(*texts):
@@ -57,10 +57,12 @@ def test_capitals_split_by_country_and_unique_countries():
     assert row["answer"] == "Paris"
 
 
-def test_one_word_heldout_asks_for_unseen_things():
-    task = get_task("one_word")
-    assert not {r["thing"] for r in task.train_dataset()} & {r["thing"] for r in task.heldout_dataset()}
-    assert "Name an animal." in {r["prompt"][0]["content"].split(" Answer")[0] for r in task.heldout_dataset()}
+def test_short_answer_heldout_asks_unseen_questions():
+    task = get_task("short_answer")
+    train, heldout = task.train_dataset(), task.heldout_dataset()
+    assert not {r["question"] for r in train} & {r["question"] for r in heldout}
+    assert heldout[0]["prompt"][0]["content"] == "Which animal says moo? Answer in at most five words."
+    assert heldout[1]["prompt"][0]["content"] == "Which animal says moo? Reply with five words or fewer."
 
 
 def test_capitals_reward_and_feedback():
@@ -86,18 +88,16 @@ def test_capitals_feedback_never_reveals_the_answer():
         assert all(alias.lower() not in message.lower() for alias in row["aliases"]), message
 
 
-def test_one_word_reward_and_feedback_name_the_violated_constraint():
-    task = get_task("one_word")
+def test_short_answer_reward_and_feedback_count_the_words():
+    task = get_task("short_answer")
     row = task.train_dataset()[0]
-    texts = ["apple", "  banana\n", "Apple", "red apple", "apple.", "", "Granny Smith!"]
+    texts = ["Blue.", "The sky is blue!", "It's a light-blue sky today.", "The sky is blue during the day.", "", "..."]
     rewards, feedback = score(task, texts, [row] * len(texts))
-    assert rewards == [1.0, 1.0, 0.0, 0.0, 0.0, 0.0, 0.0]
-    assert feedback[:2] == ["", ""]
-    assert "uppercase" in feedback[2] and "words" not in feedback[2]
-    assert "2 words" in feedback[3]
-    assert "other than letters" in feedback[4]
-    assert "empty" in feedback[5]
-    assert all(part in feedback[6] for part in ("2 words", "uppercase", "other than letters"))
+    assert rewards == [1.0, 1.0, 1.0, 0.0, 0.0, 0.0]
+    assert feedback[:3] == ["", "", ""]
+    assert feedback[3] == "Too long: the answer has 7 words, but at most 5 are allowed. Answer in 5 words or fewer."
+    assert "no words" in feedback[4] and feedback[4] == feedback[5]
+    assert count_words("Don't use ice-cream, über-cool naïve words") == 6
 
 
 @pytest.mark.parametrize("name", sorted(TASKS))
@@ -129,3 +129,51 @@ def test_reward_accepts_plain_text_completions():
 def test_unknown_task_is_rejected_with_the_choices():
     with pytest.raises(ValueError, match="capitals"):
         get_task("chess")
+
+
+# ---- evaluation ----------------------------------------------------------------------------------------------------
+
+
+def test_heldout_accuracy_is_reproducible_and_leaves_rng_and_mode_alone():
+    import torch
+    from tiny import make_model, make_tokenizer
+
+    from sdpo_rl.evaluation import heldout_accuracy, sample_completions
+
+    tokenizer = make_tokenizer()
+    model = make_model(tokenizer)
+    model.train()
+    tokenizer.padding_side = "right"
+    task = get_task("capitals")
+    heldout = task.heldout_dataset().select(range(3))
+
+    torch.manual_seed(123)
+    state = torch.get_rng_state()
+    first = heldout_accuracy(model, tokenizer, heldout, task, samples_per_prompt=2, max_new_tokens=5, batch_size=4)
+    assert torch.equal(torch.get_rng_state(), state), "the caller's RNG state is restored"
+    assert model.training and tokenizer.padding_side == "right", "mode and padding side are restored"
+    assert first["num_samples"] == 6 and 0.0 <= first["accuracy"] <= 1.0
+    assert 1 <= first["mean_completion_length"] <= 5
+    again = heldout_accuracy(model, tokenizer, heldout, task, samples_per_prompt=2, max_new_tokens=5, batch_size=4)
+    assert again == first
+
+    samples = sample_completions(
+        model, tokenizer, [r["prompt"] for r in heldout], samples_per_prompt=2, max_new_tokens=5, batch_size=4
+    )
+    assert [len(group) for group in samples] == [2, 2, 2]
+    other_seed = sample_completions(
+        model, tokenizer, [r["prompt"] for r in heldout], samples_per_prompt=2, max_new_tokens=5, seed=1
+    )
+    assert other_seed != samples
+
+
+def test_heldout_accuracy_scores_with_the_task(monkeypatch):
+    from sdpo_rl import evaluation
+
+    task = get_task("capitals")
+    heldout = task.heldout_dataset().select(range(2))  # Italy (Rome), then the next held-out country
+    fake = [[("Rome", 3), ("Milan", 5)], [("no idea", 4), ("no idea", 4)]]
+    monkeypatch.setattr(evaluation, "sample_completions", lambda *args, **kwargs: fake)
+    result = evaluation.heldout_accuracy(None, None, heldout, task, samples_per_prompt=2)
+    assert result["accuracy"] == 0.25 and result["mean_completion_length"] == 4.0
+    assert result["examples"][0] == (heldout[0]["prompt"][0]["content"], "Rome")
