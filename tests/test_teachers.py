@@ -154,24 +154,6 @@ def test_grpo_weight_zero_is_pure_sdpo_and_in_between_blends(tmp_path):
     assert sdpo_loss.item() != 0.0
 
 
-def test_grpo_weight_one_is_pure_grpo(tmp_path):
-    tokenizer = make_tokenizer()
-    hybrid = build(tmp_path / "a", SDPOConfig(grpo_weight=1.0), tokenizer=tokenizer)
-    hybrid.train()
-    grpo = GRPOTrainer(
-        model=make_model(tokenizer),
-        args=grpo_args(tmp_path / "b"),
-        processing_class=tokenizer,
-        reward_funcs=[ParityReward()],
-        train_dataset=make_dataset(),
-    )
-    grpo.train()
-    assert hybrid.teacher is None
-    for (name, a), (_, b) in zip(hybrid.model.named_parameters(), grpo.model.named_parameters(), strict=True):
-        assert torch.equal(a, b), name
-    assert logged(hybrid, "loss") == logged(grpo, "loss")
-
-
 def test_hybrid_logs_both_components(tmp_path):
     trainer = build(tmp_path, SDPOConfig(grpo_weight=0.5), beta=0.0)
     trainer.train()

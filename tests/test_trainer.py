@@ -164,9 +164,10 @@ def test_gradient_accumulation_equals_one_big_batch(tmp_path, loss_agg_mode):
         torch.testing.assert_close(halves[name], whole[name], rtol=1e-4, atol=1e-7)
 
 
-def test_disabled_is_exactly_grpo(tmp_path):
+@pytest.mark.parametrize("sdpo_config", [SDPOConfig(enabled=False), SDPOConfig(grpo_weight=1.0)], ids=["off", "w1"])
+def test_disabled_or_pure_grpo_weight_is_exactly_grpo(tmp_path, sdpo_config):
     tokenizer = make_tokenizer()
-    sdpo = build(tmp_path / "a", sdpo_config=SDPOConfig(enabled=False), tokenizer=tokenizer)
+    sdpo = build(tmp_path / "a", sdpo_config=sdpo_config, tokenizer=tokenizer)
     sdpo.train()
     grpo = GRPOTrainer(
         model=make_model(tokenizer),
