@@ -85,6 +85,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.add_argument("--lr", type=float, default=DEMO_LEARNING_RATE, help="learning rate (AdamW)")
     demo.add_argument(
+        "--grpo-weight",
+        type=float,
+        default=DEMO_SDPO_CONFIG.grpo_weight,
+        help="hybrid SDPO+GRPO: weight of the GRPO loss in [0, 1] (0 = pure SDPO, the default)",
+    )
+    demo.add_argument(
         "--num-generations", type=int, default=DEMO_NUM_GENERATIONS, help="completions sampled per prompt (group)"
     )
     demo.add_argument(
@@ -211,7 +217,7 @@ def run_demo(args: argparse.Namespace) -> int:
     trainer = SDPOTrainer(
         model=model,
         args=grpo_args,
-        sdpo_config=DEMO_SDPO_CONFIG,
+        sdpo_config=dataclasses.replace(DEMO_SDPO_CONFIG, grpo_weight=args.grpo_weight),
         processing_class=tokenizer,
         reward_funcs=[task.reward_func()],
         train_dataset=train_dataset,

@@ -14,6 +14,7 @@ The trainer is glue over four of GRPOTrainer's extension points (listed in `_trl
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import logging
 import math
@@ -82,7 +83,7 @@ class SDPOTrainer(GRPOTrainer):
                 "so it would be silently ignored. Set beta=0.0, or SDPOConfig(grpo_weight=...) > 0 to keep a GRPO "
                 "term (the hybrid), or SDPOConfig(enabled=False) to train with GRPO."
             )
-        self.sdpo_config = sdpo_config
+        self.sdpo_config = dataclasses.replace(sdpo_config)  # a private copy: later edits of the caller's do nothing
         self._sdpo_rollout: _Rollout | None = None
         self._last_grad_norm_finite = True
         self._collapse_warned = False
