@@ -17,8 +17,8 @@ $(VENV)/.dev-installed: pyproject.toml | $(BIN)/python
 
 .PHONY: test lint
 lint: $(VENV)/.dev-installed
-	$(BIN)/ruff check sdpo_rl tests benchmarks
-	$(BIN)/ruff format --check sdpo_rl tests benchmarks
+	$(BIN)/ruff check sdpo_rl tests benchmarks examples
+	$(BIN)/ruff format --check sdpo_rl tests benchmarks examples
 
 test: lint
 	$(BIN)/python -m pytest -q
