@@ -8,10 +8,10 @@ import argparse
 
 import torch
 from datasets import Dataset
-from transformers import AutoModelForCausalLM, AutoTokenizer
 from trl import GRPOConfig
 
 from sdpo_rl import SDPOConfig, SDPOTrainer
+from sdpo_rl.models import load_model
 
 QUESTIONS = [("France", "Paris"), ("Japan", "Tokyo"), ("Kenya", "Nairobi"), ("Peru", "Lima")] * 4
 
@@ -24,14 +24,6 @@ def capital_reward(completions, answer, **kwargs):
     return rewards
 
 
-def load(model_name):
-    if model_name is None:
-        from sdpo_rl.models import load_default_model
-
-        return load_default_model()
-    return AutoModelForCausalLM.from_pretrained(model_name), AutoTokenizer.from_pretrained(model_name)
-
-
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", help="model path or hub id (default: the embedded SmolLM2-135M-Instruct)")
@@ -39,7 +31,7 @@ def main():
     parser.add_argument("--output-dir", default="outputs/basic_sdpo")
     args = parser.parse_args()
 
-    model, tokenizer = load(args.model)
+    model, tokenizer = load_model(args.model)
     dataset = Dataset.from_list(
         [
             {

