@@ -26,6 +26,10 @@ GRPO_METHODS = {
 }
 TRAINER_METHODS = {
     "_get_grad_norm": ("self", "model", "grad_norm"),
+    "_save_checkpoint": ("self", "model", "trial"),
+    "_load_from_checkpoint": ("self", "resume_from_checkpoint", "model"),
+    "_save": ("self", "output_dir", "state_dict"),
+    "_get_output_dir": ("self", "trial"),
 }
 # Attributes GRPOTrainer.__init__ sets and SDPOTrainer reads; checked on each new trainer (they only exist then).
 GRPO_ATTRIBUTES = (

@@ -10,6 +10,9 @@ The trainer is glue over four of GRPOTrainer's extension points (listed in `_trl
 3. `_compute_loss`: student forward on prompt + completion, teacher forward on teacher prompt + the same completion,
    the distillation loss of `sdpo_rl.loss`.
 4. After each optimizer step the teacher is updated (a callback), unless the gradient norm was not finite.
+5. `log`: after TRL logged a step, look for the signs of a collapse (`sdpo_rl.monitor`) and warn once.
+6. `_save_checkpoint` / `_load_from_checkpoint` / `_save`: the teacher goes into every checkpoint and comes back on
+   resume; a saved model holds the student only.
 """
 
 from __future__ import annotations
@@ -305,7 +308,10 @@ class SDPOTrainer(GRPOTrainer):
             full_logit_distillation=config.full_logit_distillation,
             is_clip=config.is_clip,
             loss_agg_mode=config.loss_agg_mode,
-            per_token_weight=None if importance_sampling_ratio is None else importance_sampling_ratio[rows],
+            # vLLM's correction is per token, or per sequence ([B, 1]) in its sequence-level modes.
+            per_token_weight=None
+            if importance_sampling_ratio is None
+            else importance_sampling_ratio[rows].expand(completion_ids.shape),
             normalizer=normalizer,
         )
         self._log_loss_metric("distillation_loss", loss)
@@ -317,6 +323,12 @@ class SDPOTrainer(GRPOTrainer):
         grad_norm = super()._get_grad_norm(model, grad_norm=grad_norm)
         self._last_grad_norm_finite = grad_norm is None or math.isfinite(float(grad_norm))
         return grad_norm
+
+    def _update_teacher(self) -> None:
+        """EMA step of the teacher; skipped (and counted) when the step's gradient norm was not finite."""
+        if self._last_grad_norm_finite:
+            self.teacher.update(self.accelerator.unwrap_model(self.model))
+        self._metrics["train"][PREFIX + "teacher_update_skipped"].append(float(not self._last_grad_norm_finite))
 
     # ---- 5. logging: warn once when the signs of a collapse appear -------------------------------------------------
 
@@ -355,12 +367,6 @@ class SDPOTrainer(GRPOTrainer):
         """Save the student only: a `lora_ema` teacher adapter is kept out of the saved PEFT model."""
         with hidden_teacher_adapter(self.accelerator.unwrap_model(self.model)):
             super()._save(output_dir, state_dict)
-
-    def _update_teacher(self) -> None:
-        """EMA step of the teacher; skipped (and counted) when the step's gradient norm was not finite."""
-        if self._last_grad_norm_finite:
-            self.teacher.update(self.accelerator.unwrap_model(self.model))
-        self._metrics["train"][PREFIX + "teacher_update_skipped"].append(float(not self._last_grad_norm_finite))
 
 
 def _drop_shared_padding(ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
