@@ -32,6 +32,7 @@ METHODS = {
     "grpo": {"enabled": False},
     "sdpo": {},
     "hybrid": {"grpo_weight": 0.5},
+    "hybrid_0.8": {"grpo_weight": 0.8},
 }
 TASKS = ("capitals", "short_answer")
 FULL = dict(steps=10, eval_every=5, seeds=(0, 1, 2), heldout_rows=None, samples_per_prompt=4, batch=16)

@@ -267,4 +267,4 @@ def test_collapse_warning_is_logged_once(tmp_path, caplog):
         trainer.train()
     warnings = [r for r in caplog.records if "SDPO may be collapsing" in r.getMessage()]
     assert len(warnings) == 1
-    assert "reward fell" in warnings[0].getMessage() and "grpo_weight=0.5" in warnings[0].getMessage()
+    assert "reward fell" in warnings[0].getMessage() and "grpo_weight=0.8" in warnings[0].getMessage()
