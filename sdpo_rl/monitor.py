@@ -20,8 +20,7 @@ LENGTH = "completions/mean_length"
 
 ADVICE = (
     "Consider the hybrid SDPOConfig(grpo_weight=0.8), which stayed above its starting accuracy in every measured "
-    "run, or GRPO (enabled=False); "
-    "see benchmarks/README.md."
+    "run, or GRPO (enabled=False); see benchmarks/README.md."
 )
 
 

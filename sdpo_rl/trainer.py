@@ -93,8 +93,8 @@ class SDPOTrainer(GRPOTrainer):
         super().__init__(*args, **kwargs)
         _trl_compat.check_trainer_attributes(self)
         self.teacher: Teacher | None = None
-        if sdpo_config.distills:
-            self.teacher = build_teacher(sdpo_config, self.model)
+        if self.sdpo_config.distills:
+            self.teacher = build_teacher(self.sdpo_config, self.model)
             self.add_callback(_TeacherUpdateCallback(self))
 
     # ---- 1. rewards: keep what the teacher needs -------------------------------------------------------------------
