@@ -14,6 +14,7 @@ import trl
 from packaging.version import Version
 from transformers import Trainer
 from trl import GRPOTrainer
+from trl.trainer import utils as trl_utils
 
 SUPPORTED_TRL = (Version("1.16.0"), Version("1.17.0"))  # [low, high)
 SUPPORTED_TRL_TEXT = ">=1.16.0,<1.17.0"
@@ -31,6 +32,8 @@ TRAINER_METHODS = {
     "_save": ("self", "output_dir", "state_dict"),
     "_get_output_dir": ("self", "trial"),
 }
+# Helpers of trl.trainer.utils that sdpo_rl imports.
+TRL_UTILS = ("pad", "is_async_callable")
 # Attributes GRPOTrainer.__init__ sets and SDPOTrainer reads; checked on each new trainer (they only exist then).
 GRPO_ATTRIBUTES = (
     "accelerator",
@@ -80,6 +83,9 @@ def check_trl() -> None:
     if not low <= Version(trl.__version__) < high:
         _fail("this version is not supported")
     _check_methods(GRPOTrainer, GRPO_METHODS)
+    missing_utils = [name for name in TRL_UTILS if not hasattr(trl_utils, name)]
+    if missing_utils:
+        _fail(f"trl.trainer.utils no longer has {', '.join(missing_utils)}")
     _check_methods(Trainer, TRAINER_METHODS)
     if getattr(GRPOTrainer, "loss_is_scaled_for_ga", None) is not True:
         _fail("GRPOTrainer no longer scales its loss for gradient accumulation itself (loss_is_scaled_for_ga)")

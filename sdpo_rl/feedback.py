@@ -1,9 +1,15 @@
 """Collect per-completion environment feedback from reward functions and from the dataset.
 
-A reward function gives feedback by assigning a new list to its `last_feedback` attribute each time it is called:
-one string per completion it just scored ("" or None = no feedback for that completion). A dataset column named
-`feedback` (one string per prompt, repeated by TRL for each of its completions) is read too. Several non-empty
-sources for one completion are joined with a blank line, dataset first, then reward functions in order.
+A reward function gives feedback in one of two ways:
+
+- recommended: it returns `Scored(value, feedback)` items instead of plain floats. Score and feedback travel
+  together, so they cannot be mixed up, whatever runs concurrently (async reward functions included);
+- it assigns a new list to its `last_feedback` attribute each time it is called: one string per completion it just
+  scored ("" or None = no feedback for that completion). Ignored for a call whose returned values carry feedback.
+
+A dataset column named `feedback` (one string per prompt, repeated by TRL for each of its completions) is read too.
+Several non-empty sources for one completion are joined with a blank line, dataset first, then reward functions in
+order.
 """
 
 from __future__ import annotations
@@ -12,11 +18,74 @@ import logging
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from trl.trainer.utils import is_async_callable
+
 FEEDBACK_ATTRIBUTE = "last_feedback"
 FEEDBACK_COLUMN = "feedback"
 _SEPARATOR = "\n\n"
 
 logger = logging.getLogger(__name__)
+
+
+class Scored(float):
+    """A reward value that carries the feedback for its completion: `Scored(0.0, "expected 4, got 5")`.
+
+    It is a float, so TRL (and any code that only wants the score) treats it as the reward itself.
+    """
+
+    feedback: str
+
+    def __new__(cls, value: float, feedback: str = "") -> Scored:
+        if not isinstance(feedback, str):
+            raise TypeError(f"Scored feedback must be a str, got {type(feedback).__name__} ({feedback!r}).")
+        scored = super().__new__(cls, value)
+        scored.feedback = feedback
+        return scored
+
+    def __getnewargs__(self) -> tuple[float, str]:
+        return float(self), self.feedback
+
+    def __repr__(self) -> str:
+        return f"Scored({float(self)!r}, feedback={self.feedback!r})"
+
+
+def returned_feedback(values: Sequence[Any] | None) -> list[str | None] | None:
+    """The feedback carried by a reward function's returned values, or None when none of them is `Scored`."""
+    if values is None or not any(isinstance(value, Scored) for value in values):
+        return None
+    return [value.feedback if isinstance(value, Scored) else None for value in values]
+
+
+class ReturnRecorder:
+    """Wraps a reward function to keep what its latest call returned; everything else is the wrapped function's.
+
+    Each trainer gets its own recorders, so a reward function object shared between trainers stays untouched.
+    """
+
+    def __init__(self, func: Callable):
+        self.func = func
+        self.returned: Sequence[Any] | None = None
+        self.__name__ = getattr(func, "__name__", type(func).__name__)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        self.returned = self.func(*args, **kwargs)
+        return self.returned
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.func, name)
+
+
+class AsyncReturnRecorder(ReturnRecorder):
+    """`ReturnRecorder` for an async reward function (TRL awaits it on its event loop)."""
+
+    async def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        self.returned = await self.func(*args, **kwargs)
+        return self.returned
+
+
+def record_returns(func: Callable) -> ReturnRecorder:
+    """Wrap a reward function (sync or async) in the matching `ReturnRecorder`."""
+    return AsyncReturnRecorder(func) if is_async_callable(func) else ReturnRecorder(func)
 
 
 def snapshot_feedback(reward_funcs: Sequence[Callable]) -> list[Any]:
@@ -52,9 +121,10 @@ def collect_feedback(
 ) -> list[str]:
     """Join the fresh feedback of every source into one string per completion ("" = no feedback).
 
-    `before` is `snapshot_feedback(reward_funcs)` taken just before the reward functions ran: a `last_feedback`
-    that is still the very same object was not refreshed by this call and is ignored (with a warning), so feedback
-    meant for an earlier batch never reaches this one.
+    A reward function wrapped by `record_returns` whose latest call returned `Scored` values gives their feedback.
+    Otherwise its `last_feedback` is read: `before` is `snapshot_feedback(reward_funcs)` taken just before the
+    reward functions ran, and a `last_feedback` that is still the very same object was not refreshed by this call and
+    is ignored (with a warning), so feedback meant for an earlier batch never reaches this one.
     """
     sources: list[list[str | None]] = []
     if dataset_feedback is not None:
@@ -62,6 +132,10 @@ def collect_feedback(
             validate_feedback_list(dataset_feedback, num_completions, f"The dataset column {FEEDBACK_COLUMN!r}")
         )
     for func, name, previous in zip(reward_funcs, reward_func_names, before, strict=True):
+        returned = returned_feedback(func.returned) if isinstance(func, ReturnRecorder) else None
+        if returned is not None:
+            sources.append(validate_feedback_list(returned, num_completions, f"Reward function {name!r}'s returns"))
+            continue
         current = getattr(func, FEEDBACK_ATTRIBUTE, None)
         if current is None:
             continue

@@ -27,6 +27,7 @@ from typing import Any
 
 import torch
 from accelerate.utils import gather_object
+from torch import nn
 from transformers import TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from trl import GRPOTrainer
@@ -34,7 +35,7 @@ from trl.trainer.utils import pad
 
 from . import _trl_compat
 from .config import SDPOConfig
-from .feedback import FEEDBACK_COLUMN, collect_feedback, snapshot_feedback
+from .feedback import FEEDBACK_COLUMN, ReturnRecorder, collect_feedback, record_returns, snapshot_feedback
 from .loss import self_distillation_loss, token_entropy
 from .metrics import PREFIX, teacher_signal_metrics
 from .monitor import ADVICE, collapse_signs
@@ -79,7 +80,10 @@ class SDPOTrainer(GRPOTrainer):
             sdpo_config = SDPOConfig()
         if not isinstance(sdpo_config, SDPOConfig):
             raise TypeError(f"sdpo_config must be an SDPOConfig, got {type(sdpo_config).__name__}.")
-        grpo_config = inspect.signature(GRPOTrainer.__init__).bind(self, *args, **kwargs).arguments.get("args")
+        arguments = inspect.signature(GRPOTrainer.__init__).bind(self, *args, **kwargs)
+        if isinstance(arguments.arguments.get("reward_funcs"), list):  # GRPOTrainer edits the list it is given
+            arguments.arguments["reward_funcs"] = list(arguments.arguments["reward_funcs"])
+        grpo_config = arguments.arguments.get("args")
         if sdpo_config.distills and sdpo_config.grpo_weight == 0.0 and grpo_config is not None and grpo_config.beta:
             raise ValueError(
                 f"GRPOConfig.beta={grpo_config.beta} weights a KL penalty of the GRPO loss, which pure SDPO replaces, "
@@ -90,8 +94,10 @@ class SDPOTrainer(GRPOTrainer):
         self._sdpo_rollout: _Rollout | None = None
         self._last_grad_norm_finite = True
         self._collapse_warned = False
-        super().__init__(*args, **kwargs)
+        super().__init__(*arguments.args[1:], **arguments.kwargs)
         _trl_compat.check_trainer_attributes(self)
+        # Keep each reward function's returned values, to read the feedback of `Scored` rewards.
+        self.reward_funcs = [f if isinstance(f, nn.Module) else record_returns(f) for f in self.reward_funcs]
         self.teacher: Teacher | None = None
         if self.sdpo_config.distills:
             self.teacher = build_teacher(self.sdpo_config, self.model)
@@ -101,6 +107,9 @@ class SDPOTrainer(GRPOTrainer):
 
     def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
         before = snapshot_feedback(self.reward_funcs)
+        for func in self.reward_funcs:
+            if isinstance(func, ReturnRecorder):
+                func.returned = None
         rewards_per_func = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
         if self.teacher is not None:
             dataset_feedback = [x[FEEDBACK_COLUMN] for x in inputs] if FEEDBACK_COLUMN in inputs[0] else None

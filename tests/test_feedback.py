@@ -63,3 +63,52 @@ def test_string_instead_of_list_is_rejected():
 def test_dataset_column_wrong_length():
     with pytest.raises(ValueError, match="dataset column 'feedback'"):
         run([], 2, dataset=["a"])
+
+
+def test_scored_is_a_float_that_carries_feedback_and_pickles():
+    import pickle
+
+    from sdpo_rl.feedback import Scored
+
+    value = Scored(0.25, "wrong answer on test 2")
+    assert value == 0.25 and isinstance(value, float) and value.feedback == "wrong answer on test 2"
+    assert pickle.loads(pickle.dumps(value)).feedback == "wrong answer on test 2"
+    with pytest.raises(TypeError, match="feedback must be a str"):
+        Scored(1.0, None)
+
+
+def test_returned_feedback_wins_over_the_attribute_and_plain_floats_have_none():
+    from sdpo_rl.feedback import Scored, record_returns
+
+    class Both:
+        __name__ = "both"
+
+        def __init__(self):
+            self.last_feedback = None
+
+        def __call__(self):
+            self.last_feedback = ["attribute", "attribute"]
+            return [Scored(0.0, "returned"), 1.0]
+
+    recorder = record_returns(Both())
+    before = snapshot_feedback([recorder])
+    recorder()
+    assert recorder.__name__ == "both"
+    assert collect_feedback([recorder], ["both"], before, 2) == ["returned", ""]
+
+
+def test_async_recorder_stays_async_and_records():
+    import asyncio
+
+    from trl.trainer.utils import is_async_callable
+
+    from sdpo_rl.feedback import Scored, record_returns
+
+    async def judge(values):
+        await asyncio.sleep(0)
+        return [Scored(v, f"saw {v}") for v in values]
+
+    recorder = record_returns(judge)
+    assert is_async_callable(recorder)
+    assert asyncio.run(recorder([1.0, 0.0])) == [1.0, 0.0]
+    assert collect_feedback([recorder], ["judge"], [None], 2) == ["saw 1.0", "saw 0.0"]

@@ -229,6 +229,28 @@ def test_dataset_feedback_column_reaches_the_teacher(tmp_path):
     assert logged(trainer, "self_distillation/feedback_used_fraction") == [1.0]
 
 
+def test_async_scored_rewards_keep_feedback_on_their_completions(tmp_path):
+    import asyncio
+
+    from sdpo_rl import Scored
+
+    async def first_token_judge(completions, completion_ids, **kwargs):
+        await asyncio.sleep(0)
+        return [
+            Scored(1.0) if ids and ids[0] % 2 == 0 else Scored(0.0, f"Attempt <<{completion[0]['content']}>> failed.")
+            for completion, ids in zip(completions, completion_ids, strict=True)
+        ]
+
+    trainer = build(tmp_path, reward=first_token_judge, max_steps=1, log_completions=True)
+    trainer.train()
+    logs = trainer._logs
+    rows = list(zip(logs["completion"], logs["extra"]["teacher_prompt"], strict=True))
+    with_feedback = [(c, p) for c, p in rows if "feedback from your unsuccessful" in p]
+    assert with_feedback
+    for completion, prompt in with_feedback:
+        assert f"Attempt <<{completion[0]['content']}>> failed." in prompt
+
+
 def test_no_teacher_signal_gives_zero_loss_and_no_update(tmp_path):
     def never_right(completions, **kwargs):
         return [0.0] * len(completions)
