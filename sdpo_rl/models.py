@@ -102,6 +102,14 @@ def find_gguf() -> Path:
     return path
 
 
+def prepare_default_model(cache_dir: str | os.PathLike | None = None) -> Path:
+    """The folder of the converted SmolLM2-135M-Instruct, converting it first if needed (for other loaders)."""
+    path = default_model_path(cache_dir)
+    if not _is_complete(path):
+        convert_gguf(path)
+    return path
+
+
 def load_default_model(
     cache_dir: str | os.PathLike | None = None, dtype: torch.dtype = torch.float32
 ) -> tuple[torch.nn.Module, object]:
@@ -114,9 +122,7 @@ def load_default_model(
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    path = default_model_path(cache_dir)
-    if not _is_complete(path):
-        convert_gguf(path)
+    path = prepare_default_model(cache_dir)
     tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
     _configure_tokenizer(tokenizer)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=True)
