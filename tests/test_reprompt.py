@@ -606,3 +606,36 @@ def test_truncation_property(demonstration, feedback, extra, side):
             kept = match.group(1)
             assert original.startswith(kept) if side == "right" else original.endswith(kept)
             assert (kept == original) or result.truncated
+
+
+PLACEHOLDER_LIKE = ["{prompt}", "{solution}", "{feedback}", "{feedback_raw}", "{successful_previous_attempt}", "{0}"]
+tricky_text = st.lists(
+    st.text(max_size=12) | st.sampled_from([*PLACEHOLDER_LIKE, "{", "}", "\\", "{{", "🙂"]), max_size=6
+).map("".join)
+
+
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    prompt_text=tricky_text.filter(bool),
+    demonstration=tricky_text.filter(lambda text: text and "<think>" not in text),
+    feedback=tricky_text.filter(str.strip),
+)
+def test_any_text_passes_through_selection_and_rendering_literally(prompt_text, demonstration, feedback):
+    """Braces, placeholders, backslashes, any unicode: each text appears unchanged in the teacher prompt."""
+    signals = select(
+        ["wrong", demonstration],
+        [0.0, 1.0],
+        [feedback, None],
+        2,
+        environment_feedback_only_without_solution=False,
+        remove_thinking_from_demonstration=False,
+    )
+    assert signals[0] == TeacherSignal(demonstration, feedback, 1)
+    result = render([{"role": "user", "content": prompt_text}], signals[0])
+    user_turn = DEFAULT_REPROMPT_TEMPLATE.format(  # one str.format pass: the values are never parsed
+        prompt=prompt_text,
+        solution=DEFAULT_SOLUTION_TEMPLATE.format(successful_previous_attempt=demonstration),
+        feedback=DEFAULT_FEEDBACK_TEMPLATE.format(feedback_raw=feedback),
+    )
+    assert not result.truncated
+    assert result.text == "<|im_start|>user\n" + user_turn + "<|im_end|>\n" + GENERATION_HEADER
