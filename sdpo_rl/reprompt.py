@@ -153,6 +153,25 @@ def build_reprompt_text(
     return reprompt_template.format(prompt=prompt_text, solution=solution, feedback=feedback)
 
 
+def check_prompts_end_with_user_turn(prompts: list) -> None:
+    """Fail on the first conversational prompt of a batch that does not end with a user turn, naming its row.
+
+    The teacher prompt rewrites the last user turn (D1), so a prompt ending with an assistant or tool turn has no
+    place for the demonstration and feedback. Checked for the whole batch, so the error does not depend on which
+    completions happen to get a teacher signal.
+    """
+    for row, prompt in enumerate(prompts):
+        if isinstance(prompt, str):
+            continue
+        role = prompt[-1].get("role") if prompt else None
+        if role != "user":
+            raise ValueError(
+                f"The dataset column 'prompt' has a conversational prompt (row {row} of this batch) whose last turn "
+                f"has role {role!r}: SDPO writes the demonstration and feedback into the last user turn, so every "
+                "prompt must end with a user message. Drop or fix such rows (e.g. remove a trailing assistant turn)."
+            )
+
+
 def _last_user_turn(messages: list[dict]) -> dict:
     """The final message of a conversational prompt, which must be the user turn that the teacher re-asks."""
     if not messages:

@@ -26,11 +26,13 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from accelerate.utils import gather_object
+from accelerate.utils import DistributedType, gather_object
+from datasets import Dataset
 from torch import nn
 from transformers import TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from trl import GRPOTrainer
+from trl.data_utils import is_conversational
 from trl.trainer.utils import pad
 
 from . import _trl_compat
@@ -39,7 +41,12 @@ from .feedback import FEEDBACK_COLUMN, ReturnRecorder, collect_feedback, record_
 from .loss import self_distillation_loss, token_entropy
 from .metrics import PREFIX, teacher_signal_metrics
 from .monitor import ADVICE, collapse_signs
-from .reprompt import TeacherPrompt, render_teacher_prompt, select_teacher_signals
+from .reprompt import (
+    TeacherPrompt,
+    check_prompts_end_with_user_turn,
+    render_teacher_prompt,
+    select_teacher_signals,
+)
 from .teacher import Teacher, build_teacher, completion_logits, hidden_teacher_adapter, load_teacher, save_teacher
 
 TEACHER_DIR = "teacher"
@@ -96,12 +103,25 @@ class SDPOTrainer(GRPOTrainer):
         self._collapse_warned = False
         super().__init__(*arguments.args[1:], **arguments.kwargs)
         _trl_compat.check_trainer_attributes(self)
+        self._check_chat_template()
         # Keep each reward function's returned values, to read the feedback of `Scored` rewards.
         self.reward_funcs = [f if isinstance(f, nn.Module) else record_returns(f) for f in self.reward_funcs]
         self.teacher: Teacher | None = None
         if self.sdpo_config.distills:
             self.teacher = build_teacher(self.sdpo_config, self.model)
             self.add_callback(_TeacherUpdateCallback(self))
+
+    def _check_chat_template(self) -> None:
+        """Fail at construction, not mid-training, when conversational prompts meet a tokenizer without a template."""
+        dataset = self.train_dataset
+        if not isinstance(dataset, Dataset) or len(dataset) == 0 or not is_conversational(dataset[0]):
+            return
+        if self.chat_template is None and getattr(self._tokenizer, "chat_template", None) is None:
+            raise ValueError(
+                "The train dataset's prompts are conversational (lists of messages) but the tokenizer "
+                f"({type(self._tokenizer).__name__}) has no chat template and GRPOConfig.chat_template is not set. "
+                "Use a chat (instruct) model's tokenizer, set tokenizer.chat_template, or give plain-text prompts."
+            )
 
     # ---- 1. rewards: keep what the teacher needs -------------------------------------------------------------------
 
@@ -129,6 +149,7 @@ class SDPOTrainer(GRPOTrainer):
         rollout, self._sdpo_rollout = self._sdpo_rollout, None
         if rollout is None:
             raise RuntimeError("SDPOTrainer: the reward step did not run before the batch was built.")
+        check_prompts_end_with_user_turn(rollout.prompts)
         batch.update(self._build_teacher_batch(rollout, batch["completion_mask"]))
         return batch
 
@@ -329,15 +350,31 @@ class SDPOTrainer(GRPOTrainer):
     # ---- 4. the teacher update -------------------------------------------------------------------------------------
 
     def _get_grad_norm(self, model, grad_norm=None):
+        """Note whether the step's gradient norm is finite; if not, drop the gradients so the step changes nothing.
+
+        A NaN/inf gradient would otherwise be applied by the optimizer and corrupt the student, and then the EMA
+        teacher. With the gradients set to None, `optimizer.step()` skips every parameter (no weight or optimizer
+        state changes); the learning-rate schedule still advances. Under DeepSpeed, its engine owns the gradients
+        and only the teacher update is skipped.
+        """
         grad_norm = super()._get_grad_norm(model, grad_norm=grad_norm)
         self._last_grad_norm_finite = grad_norm is None or math.isfinite(float(grad_norm))
+        if not self._last_grad_norm_finite and self.teacher is not None:
+            logger.warning(
+                "SDPO: step %d has a non-finite gradient norm (%s); its update of the student and the teacher is "
+                "skipped.",
+                self.state.global_step + 1,
+                grad_norm,
+            )
+            if self.accelerator.distributed_type != DistributedType.DEEPSPEED:
+                model.zero_grad(set_to_none=True)
         return grad_norm
 
     def _update_teacher(self) -> None:
         """EMA step of the teacher; skipped (and counted) when the step's gradient norm was not finite."""
         if self._last_grad_norm_finite:
             self.teacher.update(self.accelerator.unwrap_model(self.model))
-        self._metrics["train"][PREFIX + "teacher_update_skipped"].append(float(not self._last_grad_norm_finite))
+        self._metrics["train"][PREFIX + "nonfinite_step"].append(float(not self._last_grad_norm_finite))
 
     # ---- 5. logging: warn once when the signs of a collapse appear -------------------------------------------------
 

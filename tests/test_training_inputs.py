@@ -1,0 +1,103 @@
+"""Training-time inputs are checked with errors that name what is at fault; bad steps change nothing (issue #9)."""
+
+import logging
+import math
+
+import pytest
+import torch
+from tiny import ParityReward, grpo_args, make_dataset, make_model, make_tokenizer
+
+from sdpo_rl import SDPOConfig, SDPOTrainer
+
+
+def build(tmp_path, reward=None, dataset=None, tokenizer=None, trainer_class=SDPOTrainer, **args):
+    tokenizer = tokenizer or make_tokenizer()
+    return trainer_class(
+        model=make_model(tokenizer),
+        args=grpo_args(tmp_path, **args),
+        sdpo_config=SDPOConfig(teacher_update_rate=0.5),
+        processing_class=tokenizer,
+        reward_funcs=[reward or ParityReward()],
+        train_dataset=dataset if dataset is not None else make_dataset(),
+    )
+
+
+def logged(trainer, name):
+    return [entry[name] for entry in trainer.state.log_history if name in entry]
+
+
+def test_none_and_nan_rewards_are_failures_and_the_loss_stays_finite(tmp_path):
+    def partial_judge(completion_ids, **kwargs):
+        """Scores only every third completion; NaN or None for the others."""
+        return [
+            (1.0 if ids and ids[0] % 2 == 0 else 0.0) if i % 3 == 0 else (None if i % 2 else math.nan)
+            for i, ids in enumerate(completion_ids)
+        ]
+
+    trainer = build(tmp_path, reward=partial_judge)
+    trainer.train()
+    assert all(math.isfinite(loss) for loss in logged(trainer, "loss"))
+    assert all(fraction <= 1 / 3 + 1e-6 for fraction in logged(trainer, "self_distillation/success_sample_fraction"))
+
+
+@pytest.mark.parametrize(
+    "bad_feedback, message",
+    [(lambda n: ["x"] * (n + 1), "has 5 entries but 4 completions"), (lambda n: [3] * n, r"\[0\] is int")],
+)
+def test_bad_last_feedback_names_the_reward_function(tmp_path, bad_feedback, message):
+    class Judge:
+        __name__ = "my_judge"
+
+        def __call__(self, completions, **kwargs):
+            self.last_feedback = bad_feedback(len(completions))
+            return [0.0] * len(completions)
+
+    trainer = build(tmp_path, reward=Judge())
+    with pytest.raises((ValueError, TypeError), match=rf"'my_judge'.*{message}"):
+        trainer.train()
+
+
+def test_prompt_not_ending_with_a_user_turn_names_the_column_and_row(tmp_path):
+    dataset = make_dataset().map(
+        lambda row, index: {"prompt": row["prompt"] + [{"role": "assistant", "content": "Sure."}] * (index == 2)},
+        with_indices=True,
+    )
+    trainer = build(tmp_path, dataset=dataset, per_device_train_batch_size=8, num_generations=2, shuffle_dataset=False)
+    with pytest.raises(ValueError, match=r"column 'prompt'.*row 4 of this batch.*role 'assistant'"):
+        trainer.train()
+
+
+def test_conversational_prompts_without_a_chat_template_fail_at_construction(tmp_path):
+    tokenizer = make_tokenizer()
+    tokenizer.chat_template = None
+    with pytest.raises(ValueError, match="no chat template"):
+        build(tmp_path, tokenizer=tokenizer)
+
+
+class NaNOnFirstStep(SDPOTrainer):
+    """Makes the first optimizer step's loss NaN."""
+
+    def _compute_loss(self, model, inputs):
+        loss = super()._compute_loss(model, inputs)
+        return loss * math.nan if self.state.global_step == 0 else loss
+
+
+def test_nonfinite_step_changes_neither_student_nor_teacher_and_is_reported(tmp_path, caplog):
+    trainer = build(tmp_path, trainer_class=NaNOnFirstStep, max_steps=1)
+    student = {name: p.detach().clone() for name, p in trainer.model.named_parameters()}
+    teacher = {name: p.detach().clone() for name, p in trainer.teacher.model.named_parameters()}
+    with caplog.at_level(logging.WARNING, logger="sdpo_rl.trainer"):
+        trainer.train()
+    assert all(torch.equal(p, student[name]) for name, p in trainer.model.named_parameters())
+    assert all(torch.equal(p, teacher[name]) for name, p in trainer.teacher.model.named_parameters())
+    assert logged(trainer, "self_distillation/nonfinite_step") == [1.0]
+    assert "step 1 has a non-finite gradient norm" in caplog.text
+
+
+def test_a_finite_step_after_a_nonfinite_one_trains_again(tmp_path):
+    trainer = build(tmp_path, trainer_class=NaNOnFirstStep, max_steps=2)
+    student = {name: p.detach().clone() for name, p in trainer.model.named_parameters()}
+    trainer.train()
+    assert logged(trainer, "self_distillation/nonfinite_step") == [1.0, 0.0]
+    assert any(not torch.equal(p, student[name]) for name, p in trainer.model.named_parameters())
+    assert all(torch.isfinite(p).all() for p in trainer.model.parameters())
