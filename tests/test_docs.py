@@ -23,3 +23,35 @@ def test_every_field_is_documented_with_its_default():
         value = getattr(config, name)
         expected = '"' + value.encode("unicode_escape").decode() + '"' if isinstance(value, str) else repr(value)
         assert documented[name] == expected, name
+
+
+INTERVAL = re.compile(r"^([\[(])(-?\d+(?:\.\d+)?), (\d+(?:\.\d+)?|∞)([\])])")
+
+
+def documented_valid_values() -> dict[str, str]:
+    rows = re.findall(r"^\| `(\w+)` \| `.*?` \| (.+?) \|", DOC.read_text(), flags=re.MULTILINE)
+    return dict(rows)
+
+
+def accepts(name: str, value) -> bool:
+    try:
+        SDPOConfig(**{name: value, **({"full_logit_distillation": True} if name == "alpha" else {})})
+    except ValueError:
+        return False
+    return True
+
+
+def test_every_field_states_its_valid_values_and_documented_intervals_are_enforced():
+    valid = documented_valid_values()
+    assert set(valid) == {f.name for f in dataclasses.fields(SDPOConfig)}
+    intervals = {name: INTERVAL.match(text) for name, text in valid.items() if INTERVAL.match(text)}
+    assert set(intervals) == {"alpha", "is_clip", "teacher_update_rate", "grpo_weight"}
+    for name, match in intervals.items():
+        opening, low, high, closing = match.groups()
+        low = float(low)
+        assert accepts(name, low) == (opening == "["), name
+        assert not accepts(name, low - 1e-9), name
+        if high != "∞":
+            assert accepts(name, float(high)) == (closing == "]"), name
+            assert not accepts(name, float(high) + 1e-9), name
+        assert not accepts(name, float("nan")), name
