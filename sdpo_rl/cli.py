@@ -22,8 +22,10 @@ from transformers import TrainerCallback
 
 from .config import SDPOConfig
 
-# The demo's SDPO settings, in one place: the library defaults (JSD, top-100 + tail, EMA teacher at rate 0.05).
-DEMO_SDPO_CONFIG = SDPOConfig()
+# The demo's SDPO settings, in one place: the library defaults (JSD, top-100 + tail, EMA teacher at rate 0.05) in the
+# hybrid with grpo_weight=0.8, the setting measured to improve this 135M model on both tasks in every seed
+# (benchmarks/README.md); pure SDPO (`--grpo-weight 0`) degrades it.
+DEMO_SDPO_CONFIG = SDPOConfig(grpo_weight=0.8)
 DEMO_LEARNING_RATE = 1e-5
 DEMO_MAX_STEPS = 20
 DEMO_NUM_GENERATIONS = 8
@@ -88,7 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--grpo-weight",
         type=float,
         default=DEMO_SDPO_CONFIG.grpo_weight,
-        help="hybrid SDPO+GRPO: weight of the GRPO loss in [0, 1] (0 = pure SDPO, the default)",
+        help="hybrid SDPO+GRPO: weight of the GRPO loss in [0, 1] (0 = pure SDPO, which degrades this small model)",
     )
     demo.add_argument(
         "--num-generations", type=int, default=DEMO_NUM_GENERATIONS, help="completions sampled per prompt (group)"
@@ -214,10 +216,11 @@ def run_demo(args: argparse.Namespace) -> int:
         seed=args.seed,
         log_completions=False,
     )
+    sdpo_config = dataclasses.replace(DEMO_SDPO_CONFIG, grpo_weight=args.grpo_weight)
     trainer = SDPOTrainer(
         model=model,
         args=grpo_args,
-        sdpo_config=dataclasses.replace(DEMO_SDPO_CONFIG, grpo_weight=args.grpo_weight),
+        sdpo_config=sdpo_config,
         processing_class=tokenizer,
         reward_funcs=[task.reward_func()],
         train_dataset=train_dataset,
@@ -248,7 +251,7 @@ def run_demo(args: argparse.Namespace) -> int:
         "learning_rate": args.lr,
         "seconds_per_step": train_seconds / args.max_steps,
         "total_seconds": time.monotonic() - demo_start,
-        "sdpo_config": dataclasses.asdict(DEMO_SDPO_CONFIG),
+        "sdpo_config": dataclasses.asdict(sdpo_config),
         "heldout_accuracy_before": before and before["accuracy"],
         "heldout_accuracy_after": after and after["accuracy"],
         "mean_completion_length_before": before and before["mean_completion_length"],

@@ -47,10 +47,13 @@ def test_bad_arguments_are_rejected():
         cli.main(["demo", "--num-generations", "1"])
 
 
-def test_demo_settings_are_the_library_defaults():
+def test_demo_settings_are_the_library_defaults_in_the_benchmarked_hybrid():
+    import dataclasses
+
     from sdpo_rl import SDPOConfig
 
-    assert cli.DEMO_SDPO_CONFIG == SDPOConfig()
+    assert cli.DEMO_SDPO_CONFIG.grpo_weight == 0.8  # hybrid_0.8 of benchmarks/learning.py
+    assert dataclasses.replace(cli.DEMO_SDPO_CONFIG, grpo_weight=0.0) == SDPOConfig()
 
 
 LOG_HISTORY = [
