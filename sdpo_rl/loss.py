@@ -1,15 +1,22 @@
 """The SDPO self-distillation loss (docs: SDPO.md section 3). Pure tensor math, no model or trainer code.
 
-Notation: ``B`` completions, ``T`` completion tokens, ``V`` vocabulary size. Logits arrive already divided by the
-sampling temperature. ``s = log_softmax(student_logits)``, ``q = log_softmax(teacher_logits)`` and
+Notation: ``B`` completions, ``T`` completion tokens, ``V`` vocabulary size, ``H`` hidden size. Logits arrive already
+divided by the sampling temperature. ``s = log_softmax(student_logits)``, ``q = log_softmax(teacher_logits)`` and
 ``KL(a || b) = sum_v e^a_v (a_v - b_v)`` over the distillation support.
+
+Two entry points compute the same loss: :func:`self_distillation_loss` from ``[B, T, V]`` logits, and
+:func:`self_distillation_loss_from_hidden` from final hidden states and the output head's weight, a chunk of tokens
+at a time, so that the ``[B, T, V]`` logits never exist.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
+from torch.autograd.function import once_differentiable
 
 LOSS_AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum")
 
@@ -17,6 +24,9 @@ LOSS_AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum")
 _MAX_TOPK_LOG_MASS = -1e-7
 # Bounds on the IS log-ratio before exp, as in the reference, so that a stale old logp cannot overflow.
 _MAX_ABS_IS_LOG_RATIO = 20.0
+# Tokens projected at a time by `self_distillation_loss_from_hidden`: with a 151,936-token vocabulary one float32
+# [64, V] tensor is 39 MB, and a chunk's loss and gradient hold a handful of them.
+DEFAULT_CHUNK_SIZE = 64
 
 
 def sampled_token_logps(logits: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
@@ -159,6 +169,14 @@ def _check_settings(alpha, distillation_topk, full_logit_distillation, is_clip, 
         raise ValueError(f"is_clip={is_clip!r} must be None (no importance sampling) or > 0")
 
 
+def _check_token_shapes(batch_shape: tuple[int, ...], source: str, **others: torch.Tensor | None) -> None:
+    """``self_distillation_mask`` must be ``[B]``, every other tensor ``[B, T] = batch_shape`` (from ``source``)."""
+    for name, tensor in others.items():
+        expected = batch_shape[:1] if name == "self_distillation_mask" else batch_shape
+        if tensor is not None and tuple(tensor.shape) != expected:
+            raise ValueError(f"{name} shape {tuple(tensor.shape)} != {expected} expected from {source}")
+
+
 def _check_shapes(student_logits: torch.Tensor, teacher_logits: torch.Tensor, **others: torch.Tensor | None) -> None:
     """student/teacher logits ``[B, T, V]``; ``self_distillation_mask`` ``[B]``; every other tensor ``[B, T]``."""
     shape = tuple(student_logits.shape)
@@ -166,10 +184,89 @@ def _check_shapes(student_logits: torch.Tensor, teacher_logits: torch.Tensor, **
         raise ValueError(f"student_logits shape {shape} must be [B, T, V]")
     if tuple(teacher_logits.shape) != shape:
         raise ValueError(f"teacher_logits shape {tuple(teacher_logits.shape)} != student_logits shape {shape}")
-    for name, tensor in others.items():
-        expected = shape[:1] if name == "self_distillation_mask" else shape[:2]
-        if tensor is not None and tuple(tensor.shape) != expected:
-            raise ValueError(f"{name} shape {tuple(tensor.shape)} != {expected} expected from student_logits {shape}")
+    _check_token_shapes(shape[:2], f"student_logits {shape}", **others)
+
+
+def _check_hidden_shapes(
+    student_hidden: torch.Tensor,
+    student_weight: torch.Tensor,
+    teacher_hidden: tuple[torch.Tensor, ...],
+    teacher_weight: tuple[torch.Tensor, ...],
+    **others: torch.Tensor | None,
+) -> None:
+    """Hidden states ``[B, T, H_i]`` with head weights ``[V, H_i]``; the other tensors as in :func:`_check_shapes`."""
+    shape = tuple(student_hidden.shape)
+    if len(shape) != 3:
+        raise ValueError(f"student_hidden shape {shape} must be [B, T, H]")
+    if len(teacher_hidden) != len(teacher_weight) or not teacher_hidden:
+        raise ValueError(
+            f"teacher_hidden ({len(teacher_hidden)} tensors) and teacher_lm_head_weight ({len(teacher_weight)}) must "
+            "pair up, at least one of each"
+        )
+    vocab = student_weight.shape[0]
+    for name, hidden, weight in [("student", student_hidden, student_weight)] + [
+        ("teacher", h, w) for h, w in zip(teacher_hidden, teacher_weight, strict=True)
+    ]:
+        if hidden.dim() != 3 or tuple(hidden.shape[:2]) != shape[:2]:
+            raise ValueError(f"{name}_hidden shape {tuple(hidden.shape)} must be [B, T, H] = {shape[:2]} + [H]")
+        if tuple(weight.shape) != (vocab, hidden.shape[-1]):
+            raise ValueError(
+                f"{name}_lm_head_weight shape {tuple(weight.shape)} != [V, H] = {(vocab, hidden.shape[-1])}"
+            )
+    _check_token_shapes(shape[:2], f"student_hidden {shape}", **others)
+
+
+def _loss_dtype(*tensors: torch.Tensor) -> torch.dtype:
+    """The dtype the loss is computed in: the inputs' promoted dtype, at least float32."""
+    dtype = torch.float32
+    for tensor in tensors:
+        dtype = torch.promote_types(dtype, tensor.dtype)
+    return dtype
+
+
+def _distillation_mask(
+    completion_mask: torch.Tensor, self_distillation_mask: torch.Tensor | None, dtype: torch.dtype
+) -> torch.Tensor:
+    """``completion_mask * self_distillation_mask[:, None]``: ``[B, T]``, 1 where a token is distilled."""
+    mask = completion_mask.to(dtype)
+    if self_distillation_mask is not None:
+        mask = mask * self_distillation_mask.to(dtype).unsqueeze(1)
+    return mask
+
+
+def per_token_loss(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    completion_ids: torch.Tensor,
+    old_per_token_logps: torch.Tensor | None = None,
+    per_token_weight: torch.Tensor | None = None,
+    *,
+    alpha: float,
+    distillation_topk: int | None,
+    distillation_add_tail: bool,
+    full_logit_distillation: bool,
+    is_clip: float | None,
+) -> torch.Tensor:
+    """``l_t = D_t * rho_t * w_t`` at every position: logits ``[..., V]``, the other tensors ``[...]`` -> ``[...]``.
+
+    ``D_t`` is :func:`per_token_divergence`, ``rho_t`` :func:`importance_weight` (1 when ``is_clip`` or
+    ``old_per_token_logps`` is None) and ``w_t`` the ``per_token_weight`` (1 when None).
+    """
+    loss = per_token_divergence(
+        student_logits,
+        teacher_logits,
+        completion_ids,
+        alpha=alpha,
+        distillation_topk=distillation_topk,
+        distillation_add_tail=distillation_add_tail,
+        full_logit_distillation=full_logit_distillation,
+    )
+    if is_clip is not None and old_per_token_logps is not None:
+        student_logps = sampled_token_logps(student_logits, completion_ids)
+        loss = loss * importance_weight(student_logps, old_per_token_logps, is_clip)
+    if per_token_weight is not None:
+        loss = loss * per_token_weight
+    return loss
 
 
 def self_distillation_loss(
@@ -217,28 +314,250 @@ def self_distillation_loss(
         old_per_token_logps=old_per_token_logps,
         per_token_weight=per_token_weight,
     )
-    dtype = torch.promote_types(torch.promote_types(student_logits.dtype, teacher_logits.dtype), torch.float32)
-    mask = completion_mask.to(dtype)
-    if self_distillation_mask is not None:
-        mask = mask * self_distillation_mask.to(dtype).unsqueeze(1)
+    dtype = _loss_dtype(student_logits, teacher_logits)
+    mask = _distillation_mask(completion_mask, self_distillation_mask, dtype)
     # Padding positions may hold arbitrary, even non-finite, values: aggregate() drops whatever the math makes of them
     # in the forward pass and this where() zeroes the student's gradient there in backward, where 0 * inf is NaN.
     active = mask > 0
     student = torch.where(active.unsqueeze(-1), student_logits.to(dtype), 0.0)
     completion_ids = torch.where(active, completion_ids, 0)  # padding ids need only be valid indices
 
-    per_token_loss = per_token_divergence(
+    per_token = per_token_loss(
         student,
         teacher_logits.to(dtype),
         completion_ids,
+        None if old_per_token_logps is None else old_per_token_logps.to(dtype),
+        None if per_token_weight is None else per_token_weight.to(dtype),
         alpha=alpha,
         distillation_topk=distillation_topk,
         distillation_add_tail=distillation_add_tail,
         full_logit_distillation=full_logit_distillation,
+        is_clip=is_clip,
     )
-    if is_clip is not None and old_per_token_logps is not None:
-        student_logps = sampled_token_logps(student, completion_ids)
-        per_token_loss = per_token_loss * importance_weight(student_logps, old_per_token_logps.to(dtype), is_clip)
-    if per_token_weight is not None:
-        per_token_loss = per_token_loss * per_token_weight.to(dtype)
-    return aggregate(per_token_loss, mask, loss_agg_mode, normalizer)
+    return aggregate(per_token, mask, loss_agg_mode, normalizer)
+
+
+@dataclass(frozen=True)
+class _DistilledTokens:
+    """What the loss needs of the ``N`` distilled tokens besides the student's hidden states: ``[N, ...]`` each."""
+
+    teacher_hidden: tuple[torch.Tensor, ...]  # each [N, H_i]
+    completion_ids: torch.Tensor
+    old_per_token_logps: torch.Tensor | None
+    per_token_weight: torch.Tensor | None
+    loss_weight: torch.Tensor  # c_t: the weight of each token's loss in the aggregated loss
+
+    def rows(self, rows: slice) -> _DistilledTokens:
+        return _DistilledTokens(
+            tuple(h[rows] for h in self.teacher_hidden),
+            self.completion_ids[rows],
+            None if self.old_per_token_logps is None else self.old_per_token_logps[rows],
+            None if self.per_token_weight is None else self.per_token_weight[rows],
+            self.loss_weight[rows],
+        )
+
+
+@dataclass(frozen=True)
+class _ChunkSettings:
+    teacher_weight: tuple[torch.Tensor, ...]  # each [V, H_i]
+    temperature: float
+    chunk_size: int
+    dtype: torch.dtype  # of the logits and the loss
+    return_entropy: bool
+    grad_enabled: bool
+    loss_options: dict  # alpha, distillation_topk, ...: the keyword arguments of per_token_loss()
+
+
+def _project(hidden: Sequence[torch.Tensor], weight: Sequence[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+    """``sum_i hidden_i @ weight_i.T`` in ``dtype``; each product runs in its weight's dtype, as the head would."""
+    logits = None
+    for h, w in zip(hidden, weight, strict=True):
+        term = (h.to(w.dtype) @ w.T).to(dtype)
+        logits = term if logits is None else logits.add_(term)
+    return logits
+
+
+def _aggregation_weights(mask: torch.Tensor, loss_agg_mode: str, normalizer: torch.Tensor | float | None):
+    """``c = d aggregate / d l``: ``[B, T]``, the weight of each token's loss in the loss (aggregate() is linear)."""
+    return torch.func.grad(lambda losses: aggregate(losses, mask, loss_agg_mode, normalizer))(torch.zeros_like(mask))
+
+
+class _ChunkedHeadLoss(torch.autograd.Function):
+    """``sum_t c_t l_t`` over ``N`` tokens whose student logits are ``hidden @ weight.T``, projected chunk by chunk.
+
+    The loss is linear in the per-token losses, so a chunk's gradient w.r.t. the student's hidden states and head
+    weight is final as soon as the chunk is done: it is computed in the forward pass and only scaled in backward. No
+    logits are kept and none is projected twice; the weight's gradient is accumulated in place (float32 or wider).
+    Returns the loss and the ``[N]`` student and teacher entropies (None without ``return_entropy``).
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, tokens: _DistilledTokens, settings: _ChunkSettings):
+        wants_hidden_grad = settings.grad_enabled and ctx.needs_input_grad[0]
+        wants_weight_grad = settings.grad_enabled and ctx.needs_input_grad[1]
+        grad_hidden = torch.zeros_like(hidden) if wants_hidden_grad else None
+        grad_weight = torch.zeros_like(weight, dtype=_loss_dtype(weight)) if wants_weight_grad else None
+        loss = hidden.new_zeros((), dtype=settings.dtype)
+        no_tokens = hidden.new_zeros(0, dtype=torch.float32)
+        entropies = [(no_tokens, no_tokens)]  # (student, teacher) per chunk
+        for start in range(0, hidden.shape[0], settings.chunk_size):
+            rows = slice(start, start + settings.chunk_size)
+            # The leaf is the tempered logits: its gradient over the temperature is the projection's.
+            student_logits = _tempered(_project([hidden[rows]], [weight], settings.dtype), settings.temperature)
+            with torch.enable_grad():
+                student_logits.requires_grad_(wants_hidden_grad or wants_weight_grad)
+                chunk_loss, chunk_entropies = _chunk_loss(student_logits, tokens.rows(rows), settings)
+            loss += chunk_loss.detach()
+            entropies += chunk_entropies
+            if not (wants_hidden_grad or wants_weight_grad):
+                continue
+            (grad_logits,) = torch.autograd.grad(chunk_loss, student_logits)
+            grad_logits = _tempered(grad_logits, settings.temperature)
+            if wants_hidden_grad:
+                grad_hidden[rows] = grad_logits.to(weight.dtype) @ weight
+            if wants_weight_grad:
+                grad_weight.addmm_(grad_logits.T.to(grad_weight.dtype), hidden[rows].to(grad_weight.dtype))
+        ctx.gradients = (grad_hidden, grad_weight)
+        ctx.weight_dtype = weight.dtype
+        if not settings.return_entropy:
+            return loss, None, None
+        student_entropy, teacher_entropy = (torch.cat(side) for side in zip(*entropies, strict=True))
+        ctx.mark_non_differentiable(student_entropy, teacher_entropy)
+        return loss, student_entropy, teacher_entropy
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_loss, *_entropy_grads):
+        grad_hidden, grad_weight = ctx.gradients
+        del ctx.gradients  # scaled in place below: a second backward must fail, not scale them again
+        if grad_hidden is not None:
+            grad_hidden.mul_(grad_loss)
+        if grad_weight is not None:
+            grad_weight = grad_weight.mul_(grad_loss).to(ctx.weight_dtype)
+        return grad_hidden, grad_weight, None, None
+
+
+def _tempered(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """``logits / temperature`` in place (skipped at temperature 1: it is a full pass over ``[chunk, V]``)."""
+    return logits if temperature == 1.0 else logits.div_(temperature)
+
+
+def _chunk_loss(student_logits, chunk: _DistilledTokens, settings: _ChunkSettings):
+    """One chunk's ``sum_t c_t l_t``, and its ``[n]`` (student, teacher) entropies in a list (empty if not wanted).
+
+    The teacher's logits live only in here, so they are freed before the chunk's backward.
+    """
+    teacher_logits = _tempered(
+        _project(chunk.teacher_hidden, settings.teacher_weight, settings.dtype), settings.temperature
+    )
+    per_token = per_token_loss(
+        student_logits,
+        teacher_logits,
+        chunk.completion_ids,
+        chunk.old_per_token_logps,
+        chunk.per_token_weight,
+        **settings.loss_options,
+    )
+    entropies = [(token_entropy(student_logits), token_entropy(teacher_logits))] if settings.return_entropy else []
+    return (chunk.loss_weight * per_token).sum(), entropies
+
+
+def _as_tuple(tensors: torch.Tensor | Sequence[torch.Tensor]) -> tuple[torch.Tensor, ...]:
+    return (tensors,) if isinstance(tensors, torch.Tensor) else tuple(tensors)
+
+
+def _scatter(values: torch.Tensor, where: torch.Tensor) -> torch.Tensor:
+    """``[N]`` values at the ``N`` true positions of ``where: [B, T]``, zeros elsewhere."""
+    return values.new_zeros(where.shape).masked_scatter(where, values)
+
+
+def self_distillation_loss_from_hidden(
+    student_hidden: torch.Tensor,
+    student_lm_head_weight: torch.Tensor,
+    teacher_hidden: torch.Tensor | Sequence[torch.Tensor],
+    teacher_lm_head_weight: torch.Tensor | Sequence[torch.Tensor],
+    completion_ids: torch.Tensor,
+    completion_mask: torch.Tensor,
+    self_distillation_mask: torch.Tensor | None = None,
+    old_per_token_logps: torch.Tensor | None = None,
+    *,
+    temperature: float = 1.0,
+    alpha: float,
+    distillation_topk: int | None,
+    distillation_add_tail: bool,
+    full_logit_distillation: bool,
+    is_clip: float | None,
+    loss_agg_mode: str,
+    per_token_weight: torch.Tensor | None = None,
+    normalizer: torch.Tensor | float | None = None,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    return_entropy: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`self_distillation_loss` of the logits ``hidden @ weight.T / temperature``, without ``[B, T, V]`` logits.
+
+    Only the distilled tokens (``completion_mask * self_distillation_mask``) are projected, ``chunk_size`` at a time,
+    so the peak memory beyond the inputs is the head weight's gradient plus O(``chunk_size * V``). The logits are
+    projected in the head weight's dtype and the loss computed in at least float32.
+
+    Args:
+        student_hidden: ``[B, T, H]`` the student's final hidden states at the completion positions.
+        student_lm_head_weight: ``[V, H]`` the student's output head, a linear layer without bias. Both receive
+            gradients.
+        teacher_hidden, teacher_lm_head_weight: ``[B, T, H]`` and ``[V, H]``, or sequences of such pairs whose
+            products add up to the teacher's logits (the trust-region teacher mixes two models' logits this way).
+            They never receive a gradient.
+        temperature: the sampling temperature the logits are divided by.
+        chunk_size: tokens projected at a time; any value gives the same loss.
+        return_entropy: also return the ``[B, T]`` entropies of the student's and the teacher's next-token
+            distributions (nats, no gradient, 0 where no token is distilled), which cost one more pass per chunk.
+        The other arguments are those of :func:`self_distillation_loss`.
+
+    Returns:
+        The loss, or ``(loss, student_entropy, teacher_entropy)`` with ``return_entropy``.
+    """
+    _check_settings(alpha, distillation_topk, full_logit_distillation, is_clip, loss_agg_mode)
+    if not (isinstance(chunk_size, int) and chunk_size >= 1):
+        raise ValueError(f"chunk_size={chunk_size!r} must be an int >= 1")
+    teacher_hidden, teacher_weight = _as_tuple(teacher_hidden), _as_tuple(teacher_lm_head_weight)
+    _check_hidden_shapes(
+        student_hidden,
+        student_lm_head_weight,
+        teacher_hidden,
+        teacher_weight,
+        completion_ids=completion_ids,
+        completion_mask=completion_mask,
+        self_distillation_mask=self_distillation_mask,
+        old_per_token_logps=old_per_token_logps,
+        per_token_weight=per_token_weight,
+    )
+    dtype = _loss_dtype(student_hidden, student_lm_head_weight, *teacher_hidden, *teacher_weight)
+    mask = _distillation_mask(completion_mask, self_distillation_mask, dtype)
+    active = mask > 0
+    tokens = _DistilledTokens(
+        teacher_hidden=tuple(h.detach()[active] for h in teacher_hidden),
+        completion_ids=completion_ids[active],
+        old_per_token_logps=None if old_per_token_logps is None else old_per_token_logps[active].to(dtype),
+        per_token_weight=None if per_token_weight is None else per_token_weight[active].to(dtype),
+        loss_weight=_aggregation_weights(mask, loss_agg_mode, normalizer)[active],
+    )
+    settings = _ChunkSettings(
+        teacher_weight=tuple(w.detach() for w in teacher_weight),
+        temperature=temperature,
+        chunk_size=chunk_size,
+        dtype=dtype,
+        return_entropy=return_entropy,
+        grad_enabled=torch.is_grad_enabled(),
+        loss_options=dict(
+            alpha=alpha,
+            distillation_topk=distillation_topk,
+            distillation_add_tail=distillation_add_tail,
+            full_logit_distillation=full_logit_distillation,
+            is_clip=is_clip,
+        ),
+    )
+    loss, student_entropy, teacher_entropy = _ChunkedHeadLoss.apply(
+        student_hidden[active], student_lm_head_weight, tokens, settings
+    )
+    if not return_entropy:
+        return loss
+    return loss, _scatter(student_entropy, active), _scatter(teacher_entropy, active)

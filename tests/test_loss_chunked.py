@@ -1,0 +1,258 @@
+"""The chunked loss from hidden states (`self_distillation_loss_from_hidden`) equals the loss from logits."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from sdpo_rl.loss import (
+    LOSS_AGG_MODES,
+    self_distillation_loss,
+    self_distillation_loss_from_hidden,
+    token_entropy,
+)
+
+GOLDEN_DIR = Path(__file__).parent / "data" / "golden" / "sdpo_loss"
+GOLDEN_CASES = json.loads((GOLDEN_DIR / "manifest.json").read_text())["cases"]
+CHUNK_SIZES = (1, 4, 5, 64)  # 4 and 5 divide neither T = 7 nor the number of distilled tokens
+SETTINGS = {
+    "jsd_full_vocab": dict(alpha=0.5, distillation_topk=None, distillation_add_tail=True, full_logit_distillation=True),
+    "jsd_top5_tail": dict(alpha=0.5, distillation_topk=5, distillation_add_tail=True, full_logit_distillation=True),
+    "reverse_top3_renorm": dict(
+        alpha=1.0, distillation_topk=3, distillation_add_tail=False, full_logit_distillation=True
+    ),
+    "forward_kl": dict(alpha=0.0, distillation_topk=None, distillation_add_tail=True, full_logit_distillation=True),
+    "sampled_token": dict(alpha=1.0, distillation_topk=None, distillation_add_tail=True, full_logit_distillation=False),
+}
+
+
+def golden_options(case):
+    keys = ("alpha", "distillation_topk", "distillation_add_tail", "full_logit_distillation", "is_clip")
+    return {key: case[key] for key in keys} | {"loss_agg_mode": case["loss_agg_mode"]}
+
+
+def leaf(tensor):
+    return tensor.detach().clone().requires_grad_(True)
+
+
+def reference(student_hidden, student_weight, teacher_hidden, teacher_weight, *args, temperature=1.0, **options):
+    """The loss from materialised logits, and its gradients w.r.t. the student's hidden states and head weight."""
+    hidden, weight = leaf(student_hidden), leaf(student_weight)
+    student_logits = hidden @ weight.T / temperature
+    teacher_logits = teacher_hidden @ teacher_weight.T / temperature
+    loss = self_distillation_loss(student_logits, teacher_logits, *args, **options)
+    return (loss.detach(), *torch.autograd.grad(loss, (hidden, weight)))
+
+
+def chunked(student_hidden, student_weight, *args, **options):
+    """The chunked loss and its gradients w.r.t. the student's hidden states and head weight."""
+    hidden, weight = leaf(student_hidden), leaf(student_weight)
+    loss = self_distillation_loss_from_hidden(hidden, weight, *args, **options)
+    return (loss.detach(), *torch.autograd.grad(loss, (hidden, weight)))
+
+
+def assert_same(actual, expected):
+    for a, e in zip(actual, expected, strict=True):
+        torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-7)
+
+
+def random_batch(batch=3, steps=7, hidden=6, vocab=11, seed=0):
+    """Hidden states and heads of student and teacher, ids, a right-padded mask, old logps and per-token weights."""
+    gen = torch.Generator().manual_seed(seed)
+
+    def randn(*shape, scale=1.0):
+        return scale * torch.randn(*shape, generator=gen)
+
+    lengths = torch.tensor([steps, steps - 3, 1, steps][:batch])
+    return dict(
+        student_hidden=randn(batch, steps, hidden),
+        student_weight=randn(vocab, hidden),
+        teacher_hidden=randn(batch, steps, hidden),
+        teacher_weight=randn(vocab, hidden),
+        completion_ids=torch.randint(vocab, (batch, steps), generator=gen),
+        completion_mask=(torch.arange(steps) < lengths[:, None]).long(),
+        old_per_token_logps=randn(batch, steps, scale=0.5) - 2.5,
+        per_token_weight=randn(batch, steps, scale=0.1).exp(),
+    )
+
+
+def positional(batch, self_distillation_mask=None):
+    return (
+        batch["student_hidden"],
+        batch["student_weight"],
+        batch["teacher_hidden"],
+        batch["teacher_weight"],
+        batch["completion_ids"],
+        batch["completion_mask"],
+        self_distillation_mask,
+        batch["old_per_token_logps"],
+    )
+
+
+@pytest.mark.parametrize("chunk_size", CHUNK_SIZES)
+@pytest.mark.parametrize("case", GOLDEN_CASES, ids=[c["name"] for c in GOLDEN_CASES])
+def test_golden_cases_through_an_identity_head(case, chunk_size):
+    """hidden = logits and head = identity reproduce the golden logits, so the golden loss and gradient apply."""
+    data = load_file(GOLDEN_DIR / case["file"])
+    vocab = data["student_logits"].shape[-1]
+    identity = torch.eye(vocab)
+    args = (
+        data["student_logits"],
+        identity,
+        data["teacher_logits"],
+        identity,
+        data["completion_ids"],
+        data["completion_mask"],
+        data["self_distillation_mask"],
+        data["old_per_token_logps"],
+    )
+    loss, grad_hidden, grad_weight = chunked(*args, chunk_size=chunk_size, **golden_options(case))
+
+    assert loss.item() == pytest.approx(case["expected_loss"], rel=1e-5, abs=1e-7)
+    torch.testing.assert_close(grad_hidden.double(), data["expected_grad_student_logits"], atol=1e-6, rtol=0)
+    assert_same((loss, grad_hidden, grad_weight), reference(*args, **golden_options(case)))
+
+
+@pytest.mark.parametrize("chunk_size", CHUNK_SIZES)
+@pytest.mark.parametrize("loss_agg_mode", LOSS_AGG_MODES)
+@pytest.mark.parametrize("settings", SETTINGS.values(), ids=SETTINGS.keys())
+def test_equals_the_loss_from_logits(settings, loss_agg_mode, chunk_size):
+    batch = random_batch()
+    args = positional(batch, self_distillation_mask=torch.tensor([1.0, 0.0, 1.0]))
+    options = dict(
+        settings,
+        is_clip=2.0,
+        loss_agg_mode=loss_agg_mode,
+        per_token_weight=batch["per_token_weight"],
+        temperature=0.7,
+    )
+    expected = reference(*args, **options)
+    assert expected[0].abs() > 1e-3 and expected[2].abs().max() > 1e-3, "the case must have a loss and a gradient"
+    assert_same(chunked(*args, chunk_size=chunk_size, **options), expected)
+
+
+@pytest.mark.parametrize("normalizer", [17.0, torch.tensor(5.0)])
+def test_normalizer_replaces_the_count(normalizer):
+    batch = random_batch(seed=1)
+    options = dict(SETTINGS["jsd_top5_tail"], is_clip=None, loss_agg_mode="token-mean", normalizer=normalizer)
+    assert_same(chunked(*positional(batch), chunk_size=3, **options), reference(*positional(batch), **options))
+
+
+def test_entropies_are_those_of_the_logits_where_distilled_and_zero_elsewhere():
+    batch = random_batch(seed=2)
+    sd_mask = torch.tensor([1.0, 1.0, 0.0])
+    options = dict(SETTINGS["jsd_top5_tail"], is_clip=2.0, loss_agg_mode="token-mean", temperature=0.5)
+    loss, student_entropy, teacher_entropy = self_distillation_loss_from_hidden(
+        *positional(batch, sd_mask), chunk_size=4, return_entropy=True, **options
+    )
+    distilled = (batch["completion_mask"] * sd_mask[:, None]).bool()
+    for entropy, hidden, weight in (
+        (student_entropy, batch["student_hidden"], batch["student_weight"]),
+        (teacher_entropy, batch["teacher_hidden"], batch["teacher_weight"]),
+    ):
+        expected = torch.where(distilled, token_entropy(hidden @ weight.T / 0.5), 0.0)
+        torch.testing.assert_close(entropy, expected)
+        assert entropy[distilled].min() > 0 and not entropy.requires_grad
+    torch.testing.assert_close(loss, self_distillation_loss_from_hidden(*positional(batch, sd_mask), **options))
+
+
+def test_teacher_as_a_sum_of_heads_is_a_mixture_of_logits():
+    """The trust-region teacher's logits (1 - r) z_ref + r z_theta, given as two (hidden, weight) terms."""
+    batch, other = random_batch(seed=3), random_batch(seed=4)
+    rate = 0.3
+    options = dict(SETTINGS["jsd_top5_tail"], is_clip=None, loss_agg_mode="token-mean")
+    mixed_logits = torch.lerp(
+        batch["teacher_hidden"] @ batch["teacher_weight"].T, other["teacher_hidden"] @ other["teacher_weight"].T, rate
+    )
+    loss = self_distillation_loss_from_hidden(
+        batch["student_hidden"],
+        batch["student_weight"],
+        ((1 - rate) * batch["teacher_hidden"], rate * other["teacher_hidden"]),
+        (batch["teacher_weight"], other["teacher_weight"]),
+        batch["completion_ids"],
+        batch["completion_mask"],
+        chunk_size=4,
+        **options,
+    )
+    student_logits = batch["student_hidden"] @ batch["student_weight"].T
+    expected = self_distillation_loss(
+        student_logits, mixed_logits, batch["completion_ids"], batch["completion_mask"], **options
+    )
+    torch.testing.assert_close(loss, expected)
+
+
+def test_teacher_gets_no_gradient_and_no_grad_mode_gives_the_same_loss():
+    batch = random_batch(seed=5)
+    teacher_hidden, teacher_weight = leaf(batch["teacher_hidden"]), leaf(batch["teacher_weight"])
+    args = (batch["student_hidden"], batch["student_weight"], teacher_hidden, teacher_weight)
+    rest = (batch["completion_ids"], batch["completion_mask"])
+    options = dict(SETTINGS["jsd_full_vocab"], is_clip=None, loss_agg_mode="token-mean", chunk_size=2)
+    with torch.no_grad():
+        without_grad = self_distillation_loss_from_hidden(*args, *rest, **options)
+    loss, _, _ = chunked(*args, *rest, **options)
+    torch.testing.assert_close(without_grad, loss)
+    assert not without_grad.requires_grad
+    student_hidden = leaf(batch["student_hidden"])
+    self_distillation_loss_from_hidden(student_hidden, *args[1:], *rest, **options).backward()
+    assert teacher_hidden.grad is None and teacher_weight.grad is None
+    assert student_hidden.grad.abs().max() > 0
+
+
+def test_nothing_distilled_gives_zero_loss_and_zero_gradients_even_with_non_finite_padding():
+    batch = random_batch(seed=6)
+    batch["student_hidden"][:, -1] = float("inf")
+    batch["teacher_hidden"][:, -1] = float("nan")
+    options = dict(SETTINGS["jsd_top5_tail"], is_clip=2.0, loss_agg_mode="seq-mean-token-mean")
+    all_masked = chunked(*positional(batch, torch.zeros(3)), chunk_size=2, **options)
+    assert all_masked[0].item() == 0.0
+    assert all(torch.equal(grad, torch.zeros_like(grad)) for grad in all_masked[1:])
+
+    batch["completion_mask"][:, -1] = 0  # the non-finite column is padding: it cannot reach loss or gradients
+    loss, grad_hidden, grad_weight = chunked(*positional(batch), chunk_size=2, **options)
+    assert loss.isfinite() and loss > 0
+    assert grad_hidden.isfinite().all() and grad_weight.isfinite().all() and grad_weight.abs().max() > 0
+
+
+def test_bfloat16_inputs_give_a_float32_loss_close_to_float32():
+    batch = random_batch(seed=7)
+    options = dict(SETTINGS["jsd_top5_tail"], is_clip=None, loss_agg_mode="token-mean")
+    half = {k: v.bfloat16() if v.is_floating_point() else v for k, v in batch.items()}
+    loss, grad_hidden, grad_weight = chunked(*positional(half), chunk_size=4, **options)
+    assert loss.dtype == torch.float32
+    assert grad_hidden.dtype == grad_weight.dtype == torch.bfloat16
+    upcast = {k: v.float() if v.is_floating_point() else v for k, v in half.items()}
+    expected = reference(*positional(upcast), **options)
+    assert loss.item() == pytest.approx(expected[0].item(), rel=2e-2)
+
+
+def test_gradient_scales_with_the_upstream_gradient():
+    batch = random_batch(seed=8)
+    options = dict(SETTINGS["jsd_top5_tail"], is_clip=None, loss_agg_mode="token-mean", chunk_size=3)
+    hidden, weight = leaf(batch["student_hidden"]), leaf(batch["student_weight"])
+    loss = self_distillation_loss_from_hidden(hidden, weight, *positional(batch)[2:6], **options)
+    (2.5 * loss).backward()
+    _, grad_hidden, grad_weight = chunked(*positional(batch)[:6], **options)
+    torch.testing.assert_close(hidden.grad, 2.5 * grad_hidden)
+    torch.testing.assert_close(weight.grad, 2.5 * grad_weight)
+
+
+@pytest.mark.parametrize(
+    ("change", "needle"),
+    [
+        (dict(chunk_size=0), "chunk_size=0"),
+        (dict(student_weight=torch.zeros(11, 5)), "student_lm_head_weight shape"),
+        (dict(teacher_hidden=torch.zeros(3, 6, 6)), "teacher_hidden shape"),
+        (dict(teacher_weight=(torch.zeros(11, 6), torch.zeros(11, 6))), "must pair up"),
+        (dict(completion_ids=torch.zeros(3, 6, dtype=torch.long)), "completion_ids shape"),
+    ],
+)
+def test_bad_arguments_raise(change, needle):
+    batch = random_batch() | {k: v for k, v in change.items() if k != "chunk_size"}
+    chunk_size = change.get("chunk_size", 4)
+    options = dict(SETTINGS["jsd_top5_tail"], is_clip=None, loss_agg_mode="token-mean")
+    with pytest.raises(ValueError, match=needle):
+        self_distillation_loss_from_hidden(*positional(batch)[:6], chunk_size=chunk_size, **options)
