@@ -13,6 +13,12 @@ Modes (spec section 4, docs/teachers.md):
 - `frozen`: the initial weights (a copy, or the base model with the adapter disabled for a PEFT student);
 - `lora_ema`: a second LoRA adapter on the student's own base model, EMA-updated from the student's adapter;
 - `trust_region`: logits `(1 - r) z_ref + r z_theta` of the initial and the current weights, no weights of its own.
+
+Sharded training (docs/distributed.md). The EMA updates each process's local shards in place, as the reference does
+with FSDP: two parameters of the same shape are sharded alike (DeepSpeed ZeRO-3 splits every flattened parameter
+evenly over the processes, FSDP2 splits dim 0), so the elementwise update of the shards is the update of the whole
+tensors, with no communication. That holds for `lora_ema`, whose adapter lives in the sharded student; a full copy of
+the weights (`ema`, or `frozen`/`trust_region` without PEFT) is not sharded and is refused under ZeRO-3 and FSDP.
 """
 
 from __future__ import annotations
@@ -28,6 +34,11 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .config import SDPOConfig
+
+try:
+    from torch.distributed.tensor import DTensor
+except ImportError:  # a PyTorch build without distributed support: nothing can be a DTensor
+    DTensor = ()
 
 TEACHER_ADAPTER_NAME = "sdpo_teacher"
 TEACHER_WEIGHTS_FILE = "teacher.safetensors"
@@ -92,11 +103,73 @@ def detached_copy(model: nn.Module) -> nn.Module:
     return teacher
 
 
+def _fsdp1_flattened(param: torch.Tensor) -> bool:
+    return getattr(param, "_fsdp_flattened", False)
+
+
+def is_sharded(param: torch.Tensor) -> bool:
+    """Whether only a shard of `param` lives on this process (DeepSpeed ZeRO-3, FSDP2 DTensor, FSDP1 flat)."""
+    return hasattr(param, "ds_tensor") or isinstance(param.data, DTensor) or _fsdp1_flattened(param)
+
+
+def local_shard(param: torch.Tensor) -> torch.Tensor:
+    """The part of `param` this process holds, as a plain tensor sharing its storage: all of it unless sharded.
+
+    DeepSpeed ZeRO-3 keeps the shard in `param.ds_tensor` (`param.data` is an empty placeholder outside forward);
+    an FSDP2 parameter is a DTensor whose shard is `to_local()`.
+    """
+    if hasattr(param, "ds_tensor"):
+        return param.ds_tensor
+    return param.data.to_local() if isinstance(param.data, DTensor) else param.data
+
+
+def parameter_sharding() -> str | None:
+    """How this accelerate run shards parameters over processes: "DeepSpeed ZeRO-3", "FSDP1", "FSDP2" or None."""
+    from accelerate.state import AcceleratorState
+    from accelerate.utils import DistributedType
+
+    if not AcceleratorState._shared_state:  # no accelerate run configured (a teacher built outside a trainer)
+        return None
+    state = AcceleratorState()
+    if state.distributed_type == DistributedType.FSDP:
+        return "FSDP2" if state.is_fsdp2 else "FSDP1"
+    if state.distributed_type == DistributedType.DEEPSPEED and state.deepspeed_plugin.zero_stage == 3:
+        return "DeepSpeed ZeRO-3"
+    return None
+
+
+def paired_shards(
+    teacher: dict[str, torch.Tensor], student: dict[str, torch.Tensor]
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The local shards of each (teacher, student) pair of parameters, matched by name.
+
+    Parameters are looked up when called, not kept: FSDP2 replaces a module's parameters when it shards it, so kept
+    ones would be stale. Raises when the names differ or a pair's shards do not line up (one side sharded, or FSDP1's
+    flattening, where the shards of two parameters hold unrelated elements).
+    """
+    if teacher.keys() != student.keys():
+        raise RuntimeError("The teacher does not have the same parameters as the student.")
+    pairs = []
+    for name, teacher_param in teacher.items():
+        teacher_shard, student_shard = local_shard(teacher_param), local_shard(student[name])
+        flattened = _fsdp1_flattened(teacher_param) or _fsdp1_flattened(student[name])
+        if teacher_shard.shape != student_shard.shape or flattened:
+            raise ValueError(
+                f"The teacher's and the student's local shards of {name} do not line up (shapes "
+                f"{tuple(teacher_shard.shape)} and {tuple(student_shard.shape)}, sharded: {is_sharded(teacher_param)} "
+                f"and {is_sharded(student[name])}), so the EMA cannot update them in place. Under DeepSpeed ZeRO-3 or "
+                "FSDP2 use a PEFT student with teacher_mode='lora_ema', 'frozen' or 'trust_region'; FSDP1 is not "
+                "supported (set fsdp_version: 2). See docs/distributed.md."
+            )
+        pairs.append((teacher_shard, student_shard))
+    return pairs
+
+
 @torch.no_grad()
 def ema_update_(pairs: list[tuple[torch.Tensor, torch.Tensor]], rate: float) -> None:
     """theta_T <- (1 - rate) theta_T + rate theta_S for every (teacher, student) pair, in place, in one fused op."""
-    teacher = [t.data for t, _ in pairs]
-    student = [s.data.to(t.dtype) for t, s in pairs]
+    teacher = [t for t, _ in pairs]
+    student = [s.to(t.dtype) for t, s in pairs]
     torch._foreach_lerp_(teacher, student, rate)
 
 
@@ -111,6 +184,9 @@ class Teacher:
     def update(self, student: nn.Module) -> None:
         """Called after every optimizer step whose gradient norm was finite; most teachers do nothing."""
 
+    def to(self, device: torch.device) -> None:
+        """Move the teacher's own weights, if it has any, to the student's training device."""
+
     def state_tensors(self) -> dict[str, torch.Tensor]:
         """Named tensors that rebuild this teacher exactly when loaded back into a fresh one."""
         return {}
@@ -123,20 +199,30 @@ class CopiedWeightsTeacher(Teacher):
     """
 
     def __init__(self, student: nn.Module, rate: float):
+        sharding = parameter_sharding()
+        if sharding is not None:
+            raise ValueError(
+                f"This run shards parameters ({sharding}), but a teacher with a full copy of the weights "
+                "(teacher_mode='ema', or 'frozen'/'trust_region' without PEFT) would be a whole unsharded model on "
+                "every process, which the EMA cannot update from the student's shards. Use a PEFT student with "
+                "teacher_mode='lora_ema', 'frozen' or 'trust_region', or DDP / DeepSpeed ZeRO-1/2 for full "
+                "fine-tuning. See docs/distributed.md."
+            )
         self.model = detached_copy(student)
         self.rate = rate
-        teacher_params = dict(self.model.named_parameters())
-        student_params = dict(student.named_parameters())
-        if teacher_params.keys() != student_params.keys():
-            raise RuntimeError("The teacher copy does not have the same parameters as the student.")
-        self._pairs = [(teacher_params[name], student_params[name]) for name in teacher_params]
+        paired_shards(dict(self.model.named_parameters()), dict(student.named_parameters()))
 
     def completion_logits(self, student, input_ids, attention_mask, logits_to_keep):
         return no_grad_logits(self.model, input_ids, attention_mask, logits_to_keep)
 
     def update(self, student: nn.Module) -> None:
         if self.rate > 0.0:
-            ema_update_(self._pairs, self.rate)
+            ema_update_(paired_shards(dict(self.model.named_parameters()), dict(student.named_parameters())), self.rate)
+
+    def to(self, device: torch.device) -> None:
+        # Under DeepSpeed or FSDP the trainer leaves the student on the CPU until training starts, so the copy made at
+        # construction is there too; `Module.to` moves nothing when it is already in place.
+        self.model.to(device)
 
     def state_tensors(self) -> dict[str, torch.Tensor]:
         return dict(self.model.named_parameters())
@@ -161,21 +247,28 @@ class LoraEMATeacher(Teacher):
 
     def __init__(self, student: nn.Module, rate: float):
         self.rate = rate
+        self.student = student
         self.student_adapter = student.active_adapter
         student.add_adapter(TEACHER_ADAPTER_NAME, copy.deepcopy(student.peft_config[self.student_adapter]))
+        teacher_params, student_params = self._adapter_parameters(student)
+        if not student_params:
+            raise ValueError(f"The PEFT model has no parameters of its active adapter {self.student_adapter!r}.")
+        with torch.no_grad():
+            for teacher_shard, student_shard in paired_shards(teacher_params, student_params):
+                teacher_shard.copy_(student_shard)
+        for param in teacher_params.values():
+            param.requires_grad_(False)
+
+    def _adapter_parameters(self, student: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """The teacher's and the student's adapter parameters, both keyed by the student parameter's name.
+
+        That name is stable across runs, so a checkpoint's tensors map back one to one.
+        """
         student_segment, teacher_segment = f".{self.student_adapter}.", f".{TEACHER_ADAPTER_NAME}."
         params = dict(student.named_parameters())
-        # Keyed by the student parameter's name: stable across runs, so a checkpoint's tensors map back one to one.
-        self._named_pairs: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-        for name, param in params.items():
-            if student_segment in name:
-                teacher_param = params[name.replace(student_segment, teacher_segment)]
-                with torch.no_grad():
-                    teacher_param.copy_(param)
-                teacher_param.requires_grad_(False)
-                self._named_pairs[name] = (teacher_param, param)
-        if not self._named_pairs:
-            raise ValueError(f"The PEFT model has no parameters of its active adapter {self.student_adapter!r}.")
+        student_params = {name: param for name, param in params.items() if student_segment in name}
+        teacher_params = {name: params[name.replace(student_segment, teacher_segment)] for name in student_params}
+        return teacher_params, student_params
 
     @contextmanager
     def _active(self, student: nn.Module) -> Iterator[None]:
@@ -190,10 +283,10 @@ class LoraEMATeacher(Teacher):
             return no_grad_logits(student, input_ids, attention_mask, logits_to_keep)
 
     def update(self, student: nn.Module) -> None:
-        ema_update_(list(self._named_pairs.values()), self.rate)
+        ema_update_(paired_shards(*self._adapter_parameters(student)), self.rate)
 
     def state_tensors(self) -> dict[str, torch.Tensor]:
-        return {name: teacher for name, (teacher, _) in self._named_pairs.items()}
+        return self._adapter_parameters(self.student)[0]
 
 
 class TrustRegionTeacher(Teacher):
@@ -212,6 +305,9 @@ class TrustRegionTeacher(Teacher):
         reference = self.reference.completion_logits(student, input_ids, attention_mask, logits_to_keep)
         current = no_grad_logits(student, input_ids, attention_mask, logits_to_keep)
         return torch.lerp(reference, current.to(reference.dtype), self.rate)
+
+    def to(self, device: torch.device) -> None:
+        self.reference.to(device)
 
     def state_tensors(self) -> dict[str, torch.Tensor]:
         return self.reference.state_tensors()
@@ -248,6 +344,12 @@ def build_teacher(config: SDPOConfig, student: nn.Module) -> Teacher:
     """The teacher for `config.teacher_mode`, built from the unwrapped student before training starts."""
     mode, rate = config.teacher_mode, config.teacher_update_rate
     peft = is_peft_model(student)
+    if parameter_sharding() == "FSDP1":
+        raise ValueError(
+            "SDPOTrainer supports FSDP2 only: every teacher but a full copy runs the unwrapped student, whose "
+            "parameters FSDP1 leaves sharded outside its own forward. Set fsdp_version: 2 in the accelerate config "
+            "(docs/distributed.md)."
+        )
 
     def initial_weights() -> Teacher:
         return AdapterDisabledTeacher() if peft else CopiedWeightsTeacher(student, rate=0.0)
@@ -272,8 +374,16 @@ def build_teacher(config: SDPOConfig, student: nn.Module) -> Teacher:
 
 def save_teacher(teacher: Teacher, directory: str, mode: str) -> None:
     """Write the teacher's state to `directory` (`teacher.safetensors` and `teacher.json`)."""
+    state = teacher.state_tensors()
+    sharded = [name for name, tensor in state.items() if is_sharded(tensor)]
+    if sharded:
+        raise NotImplementedError(
+            f"The teacher's {sharded[0]} is sharded over processes (DeepSpeed ZeRO-3 or FSDP2), and saving a sharded "
+            "teacher with a checkpoint is not supported: train with save_strategy='no' and save the final student "
+            "with trainer.save_model(), or use DDP / ZeRO-1/2 to checkpoint the teacher (docs/distributed.md)."
+        )
     os.makedirs(directory, exist_ok=True)
-    tensors = {name: t.detach().contiguous().cpu() for name, t in teacher.state_tensors().items()}
+    tensors = {name: t.detach().contiguous().cpu() for name, t in state.items()}
     save_file(tensors, os.path.join(directory, TEACHER_WEIGHTS_FILE))
     with open(os.path.join(directory, TEACHER_INFO_FILE), "w") as f:
         json.dump({"teacher_mode": mode, "tensors": len(tensors)}, f)

@@ -158,6 +158,7 @@ class SDPOTrainer(GRPOTrainer):
         mode = "train" if self.model.training else "eval"
         num_generations = self.num_generations if mode == "train" else self.num_generations_eval
         device = self.accelerator.device
+        self.teacher.to(device)  # a full-copy teacher is built where the student was: on the CPU under DeepSpeed
 
         # Success is judged on the total weighted reward; a completion no reward function could score is NaN.
         rewards_per_func = rollout.rewards_per_func
@@ -233,16 +234,15 @@ class SDPOTrainer(GRPOTrainer):
         metrics = teacher_signal_metrics(
             signals, rewards, feedback, num_generations, self.sdpo_config.success_reward_threshold
         )
-        rendered = [p for p in gather_object(teacher_prompts) if p is not None]
+        every_process_prompts = gather_object(teacher_prompts)
+        rendered = [p for p in every_process_prompts if p is not None]
         metrics[PREFIX + "teacher_prompt_length_mean"] = (
             sum(len(p.input_ids) for p in rendered) / len(rendered) if rendered else math.nan
         )
         metrics[PREFIX + "teacher_prompt_truncated_count"] = float(sum(p.truncated for p in rendered))
         for name, value in metrics.items():
             self._metrics[mode][name].append(value)
-        self._logs["extra"]["teacher_prompt"].extend(
-            p.text if p is not None else "" for p in gather_object(teacher_prompts)
-        )
+        self._logs["extra"]["teacher_prompt"].extend(p.text if p is not None else "" for p in every_process_prompts)
 
     # ---- 3. the loss -----------------------------------------------------------------------------------------------
 

@@ -1,0 +1,188 @@
+"""Fixed SDPO runs whose global batch does not depend on the number of processes (for tests/test_distributed.py).
+
+    torchrun --standalone --nproc_per_node 2 tests/distributed_worker.py OUTPUT_DIR NAME [NAME ...]
+
+runs each named scenario on CPU processes (gloo) into OUTPUT_DIR/NAME; `run(NAME, FOLDER)` runs a training scenario
+in the calling process. Sampling is replaced by fixed completions chosen by each sample's *global* index and the
+generation number, and the reward depends only on the completion, so one process and several see the same global
+batch and must choose the same demonstrations and feedback, log the same metrics and reach the same weights.
+
+The global batch holds three groups of four completions. Over two processes of six, the middle group is split, and
+its only success lies on the other process than some of its failures (in both directions over the two generations).
+A training scenario writes, per process, `rank{R}.json` (the global prompts, completions and teacher prompts of each
+generation, and the log history) and `rank{R}.safetensors` (initial and final student, final teacher).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from peft import LoraConfig, get_peft_model
+from safetensors.torch import save_file
+from tiny import grpo_args, make_dataset, make_model, make_tokenizer
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import fully_shard
+from torch.distributed.tensor import DTensor
+
+from sdpo_rl import SDPOConfig, SDPOTrainer
+from sdpo_rl.teacher import TEACHER_ADAPTER_NAME, CopiedWeightsTeacher, LoraEMATeacher, local_shard
+
+GLOBAL_BATCH = 12
+NUM_GENERATIONS = 4
+# Global indices of the successful completions at each generation (the pattern repeats after the last one).
+SUCCESSES = ({1, 2, 7}, {4, 9, 10})
+SCENARIOS = {
+    # A full model, the EMA teacher, two micro-batches per optimizer step (steps_per_generation = 2).
+    "ema": {"gradient_accumulation_steps": 2, "peft": False, "teacher_mode": "ema"},
+    # A LoRA student (wrapped by DDP) with the lora_ema teacher adapter, one micro-batch per step.
+    "lora_ema": {"gradient_accumulation_steps": 1, "peft": True, "teacher_mode": "lora_ema"},
+}
+FSDP2_CHECK = "fsdp2_lora_ema"
+
+
+def fixed_completion(global_index: int, generation: int) -> str:
+    """The completion of sample `global_index` at the `generation`-th generation; successes start with "Paris"."""
+    city = "Paris" if global_index in SUCCESSES[generation % len(SUCCESSES)] else "Lima"
+    return f"{city} {global_index} {generation}"
+
+
+def lora_config() -> LoraConfig:
+    return LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
+
+
+class CityReward:
+    """1 for a completion starting with "Paris", else 0 with feedback naming the attempt."""
+
+    __name__ = "city_reward"
+
+    def __init__(self):
+        self.last_feedback = None
+
+    def __call__(self, completions, **kwargs):
+        texts = [c[0]["content"] for c in completions]
+        rewards = [1.0 if text.startswith("Paris") else 0.0 for text in texts]
+        self.last_feedback = ["" if text.startswith("Paris") else f"Attempt '{text}' is wrong." for text in texts]
+        return rewards
+
+
+class FixedCompletionsTrainer(SDPOTrainer):
+    """SDPOTrainer whose generation returns `fixed_completion`s and which records every global batch."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.generations: list[dict] = []
+
+    def _generate_single_turn(self, prompt_ids, images, multimodal_fields, num_generations, **kwargs):
+        first_global_index = self.accelerator.process_index * len(prompt_ids)
+        texts = [fixed_completion(first_global_index + i, len(self.generations)) for i in range(len(prompt_ids))]
+        return [self._tokenizer.encode(text) + [self._tokenizer.eos_token_id] for text in texts], None
+
+    def _generate_and_score_completions(self, inputs):
+        batch = super()._generate_and_score_completions(inputs)
+        logs = self._logs  # TRL keeps the last generation batch here, gathered over the processes
+        self.generations.append(
+            {
+                "prompts": [str(p) for p in logs["prompt"]],
+                "completions": [str(c) for c in logs["completion"]],
+                "teacher_prompts": list(logs["extra"]["teacher_prompt"]),
+            }
+        )
+        return batch
+
+
+def run(scenario: str, output_dir: str) -> None:
+    """Train the scenario for two steps (two generations) and write this process's report."""
+    settings = SCENARIOS[scenario]
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    accumulation = settings["gradient_accumulation_steps"]
+    tokenizer = make_tokenizer()
+    model = make_model(tokenizer, initializer_range=0.5)  # far from uniform logits: a visible distillation loss
+    torch.manual_seed(0)  # the LoRA initialisation
+    trainer = FixedCompletionsTrainer(
+        model=model,
+        args=grpo_args(
+            output_dir,
+            per_device_train_batch_size=GLOBAL_BATCH // world_size // accumulation,
+            gradient_accumulation_steps=accumulation,
+            num_generations=NUM_GENERATIONS,
+            max_completion_length=8,
+            optim="sgd",  # the update is linear in the gradient: equal gradients give equal weights
+            learning_rate=0.5,
+            ddp_backend="gloo" if world_size > 1 else None,
+        ),
+        sdpo_config=SDPOConfig(teacher_mode=settings["teacher_mode"], teacher_update_rate=0.5),
+        processing_class=tokenizer,
+        reward_funcs=[CityReward()],
+        train_dataset=make_dataset(n=8),
+        peft_config=lora_config() if settings["peft"] else None,
+    )
+    initial = {"initial." + name: p.detach().clone() for name, p in trainer.model.named_parameters()}
+    trainer.train()
+
+    student = trainer.accelerator.unwrap_model(trainer.model)
+    tensors = {"student." + name: p for name, p in student.named_parameters() if TEACHER_ADAPTER_NAME not in name}
+    tensors.update({"teacher." + name: t for name, t in trainer.teacher.state_tensors().items()})
+    tensors.update({name: t for name, t in initial.items() if TEACHER_ADAPTER_NAME not in name})
+    rank = trainer.accelerator.process_index
+    weights = {name: tensor.detach().contiguous() for name, tensor in tensors.items()}
+    save_file(weights, os.path.join(output_dir, f"rank{rank}.safetensors"))
+    report = {"generations": trainer.generations, "log_history": trainer.state.log_history}
+    Path(output_dir, f"rank{rank}.json").write_text(json.dumps(report))
+
+
+def check_fsdp2_lora_ema(output_dir: str) -> None:
+    """The `lora_ema` update on a student sharded by FSDP2 equals the EMA of the whole tensors; a full copy is refused.
+
+    Accelerate enables FSDP on GPUs only, so the student is sharded here with `fully_shard` directly. Writes
+    `rank{R}.json` with the largest error of the sharded update and the error that updating a full copy raised.
+    """
+    if not dist.is_initialized():
+        dist.init_process_group("gloo")
+    mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+    tokenizer = make_tokenizer()
+    torch.manual_seed(0)
+    student = get_peft_model(make_model(tokenizer), lora_config())
+    rate = 0.25
+    teacher = LoraEMATeacher(student, rate=rate)
+    full_model = make_model(tokenizer)
+    full_copy = CopiedWeightsTeacher(full_model, rate=rate)
+    for model in (student, full_model):
+        for layer in model.get_decoder().layers:
+            fully_shard(layer, mesh=mesh)
+        fully_shard(model, mesh=mesh)
+
+    with torch.no_grad():  # stands for an optimizer step: every process moves its shards of the student's adapter
+        for name, param in student.named_parameters():
+            if ".default." in name:
+                shard = local_shard(param)
+                shard.add_(torch.arange(shard.numel()).view_as(shard) / 7)
+    student_params = dict(student.named_parameters())
+    before = {name: t.full_tensor() for name, t in teacher.state_tensors().items()}
+    expected = {name: torch.lerp(t, student_params[name].full_tensor(), rate) for name, t in before.items()}
+    teacher.update(student)
+    after = {name: t.full_tensor() for name, t in teacher.state_tensors().items()}
+    try:
+        full_copy.update(full_model)
+        refusal = None
+    except ValueError as error:
+        refusal = str(error)
+    report = {
+        "teacher_is_sharded": all(isinstance(t.data, DTensor) for t in teacher.state_tensors().values()),
+        "max_error": max(float((after[n] - expected[n]).abs().max()) for n in expected),
+        "max_change": max(float((after[n] - before[n]).abs().max()) for n in expected),
+        "full_copy_refusal": refusal,
+    }
+    Path(output_dir, f"rank{dist.get_rank()}.json").write_text(json.dumps(report))
+
+
+if __name__ == "__main__":
+    output, *names = sys.argv[1:]
+    for name in names:
+        folder = os.path.join(output, name)
+        os.makedirs(folder, exist_ok=True)
+        check_fsdp2_lora_ema(folder) if name == FSDP2_CHECK else run(name, folder)
