@@ -3,7 +3,9 @@
 Every teacher answers three questions behind one small interface:
 
 - `completion_logits(student, input_ids, attention_mask, logits_to_keep)`: the teacher's logits at the positions that
-  predict the last `logits_to_keep` tokens, without gradient and in eval mode (no dropout);
+  predict the last `logits_to_keep` tokens, without gradient and in eval mode (no dropout); or, for models whose
+  output head is a plain linear layer (`linear_head`), `completion_head_inputs(...)`: the final hidden states and
+  head weights those logits are projected from, so that the loss can project them a chunk of tokens at a time;
 - `update(student)`: what happens after each optimizer step;
 - `state_tensors()`: the named tensors that must be saved with a checkpoint to rebuild the teacher exactly.
 
@@ -28,6 +30,7 @@ import json
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -43,6 +46,15 @@ except ImportError:  # a PyTorch build without distributed support: nothing can 
 TEACHER_ADAPTER_NAME = "sdpo_teacher"
 TEACHER_WEIGHTS_FILE = "teacher.safetensors"
 TEACHER_INFO_FILE = "teacher.json"
+# Config fields of models whose logits are a transform of the head's projection (soft-capping, scaling), as read by
+# TRL's fused LM head: the loss from hidden states would miss the transform, so these models use the logits.
+_LOGIT_TRANSFORM_FIELDS = (
+    "final_logit_softcapping",
+    "logit_scale",
+    "output_multiplier",
+    "lm_head_multiplier",
+    "logits_scaling",
+)
 
 
 def completion_logits(
@@ -57,6 +69,58 @@ def completion_logits(
         input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=logits_to_keep + 1, use_cache=False
     )
     return outputs.logits[:, :-1, :]
+
+
+@dataclass(frozen=True)
+class HeadInputs:
+    """Logits given as ``sum_i hidden[i] @ weight[i].T``: hidden states ``[B, T, H_i]``, head weights ``[V, H_i]``.
+
+    One term for a model's own head; two for the trust-region teacher's mixture of two models' logits.
+    """
+
+    hidden: tuple[torch.Tensor, ...]
+    weight: tuple[torch.Tensor, ...]
+
+
+def linear_head(model: nn.Module) -> nn.Linear | None:
+    """The output head if `model`'s logits are exactly a bias-free `nn.Linear` of its final hidden states, else None.
+
+    None as well for a head that is a subclass or wrapper (PEFT LoRA or `modules_to_save`, quantised layers), a
+    sharded head weight (its full value exists only inside the model's forward), and models whose config transforms
+    the projection (`_LOGIT_TRANSFORM_FIELDS`).
+    """
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if type(head) is not nn.Linear or head.bias is not None or is_sharded(head.weight):
+        return None
+    config = getattr(model, "config", None)
+    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    if any(getattr(text_config, field, None) not in (None, 1.0) for field in _LOGIT_TRANSFORM_FIELDS):
+        return None
+    return head
+
+
+def completion_hidden(
+    model: nn.Module, head: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, logits_to_keep: int
+) -> torch.Tensor:
+    """Final hidden states ``[B, logits_to_keep, H]`` whose projection by `head` is `completion_logits`.
+
+    Runs `model`'s own forward, so that its wrappers (DDP, PEFT, gradient checkpointing) still apply, with a pre-hook
+    on `head` that keeps the head's input and hands it an empty slice instead: no position is projected.
+    """
+    inputs = []
+
+    def keep_input(module, args):
+        inputs.append(args[0])
+        return (args[0][:, :0], *args[1:])
+
+    handle = head.register_forward_pre_hook(keep_input)
+    try:
+        model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=logits_to_keep + 1, use_cache=False)
+    finally:
+        handle.remove()
+    if len(inputs) != 1:
+        raise RuntimeError(f"The output head ran {len(inputs)} times in one forward of {type(model).__name__}.")
+    return inputs[0][:, -(logits_to_keep + 1) : -1]
 
 
 @contextmanager
@@ -74,6 +138,16 @@ def no_grad_logits(model: nn.Module, input_ids, attention_mask, logits_to_keep: 
     """`completion_logits` of `model` in eval mode, without gradient."""
     with torch.no_grad(), eval_mode(model):
         return completion_logits(model, input_ids, attention_mask, logits_to_keep)
+
+
+def no_grad_head_inputs(model: nn.Module, input_ids, attention_mask, logits_to_keep: int) -> HeadInputs:
+    """`completion_hidden` of `model` in eval mode, without gradient, with its head's weight."""
+    head = linear_head(model)
+    if head is None:
+        raise ValueError(f"The output head of {type(model).__name__} is not a plain linear layer: use its logits.")
+    with torch.no_grad(), eval_mode(model):
+        hidden = completion_hidden(model, head, input_ids, attention_mask, logits_to_keep)
+    return HeadInputs((hidden,), (head.weight,))
 
 
 def is_peft_model(model: nn.Module) -> bool:
@@ -181,6 +255,12 @@ class Teacher:
     ) -> torch.Tensor:
         raise NotImplementedError
 
+    def completion_head_inputs(
+        self, student: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, logits_to_keep: int
+    ) -> HeadInputs:
+        """What `completion_logits` are projected from, for a student whose head is a `linear_head`."""
+        raise NotImplementedError
+
     def update(self, student: nn.Module) -> None:
         """Called after every optimizer step whose gradient norm was finite; most teachers do nothing."""
 
@@ -215,6 +295,9 @@ class CopiedWeightsTeacher(Teacher):
     def completion_logits(self, student, input_ids, attention_mask, logits_to_keep):
         return no_grad_logits(self.model, input_ids, attention_mask, logits_to_keep)
 
+    def completion_head_inputs(self, student, input_ids, attention_mask, logits_to_keep):
+        return no_grad_head_inputs(self.model, input_ids, attention_mask, logits_to_keep)
+
     def update(self, student: nn.Module) -> None:
         if self.rate > 0.0:
             ema_update_(paired_shards(dict(self.model.named_parameters()), dict(student.named_parameters())), self.rate)
@@ -234,6 +317,10 @@ class AdapterDisabledTeacher(Teacher):
     def completion_logits(self, student, input_ids, attention_mask, logits_to_keep):
         with student.disable_adapter():
             return no_grad_logits(student, input_ids, attention_mask, logits_to_keep)
+
+    def completion_head_inputs(self, student, input_ids, attention_mask, logits_to_keep):
+        with student.disable_adapter():
+            return no_grad_head_inputs(student, input_ids, attention_mask, logits_to_keep)
 
 
 class LoraEMATeacher(Teacher):
@@ -282,6 +369,10 @@ class LoraEMATeacher(Teacher):
         with self._active(student):
             return no_grad_logits(student, input_ids, attention_mask, logits_to_keep)
 
+    def completion_head_inputs(self, student, input_ids, attention_mask, logits_to_keep):
+        with self._active(student):
+            return no_grad_head_inputs(student, input_ids, attention_mask, logits_to_keep)
+
     def update(self, student: nn.Module) -> None:
         ema_update_(paired_shards(*self._adapter_parameters(student)), self.rate)
 
@@ -305,6 +396,16 @@ class TrustRegionTeacher(Teacher):
         reference = self.reference.completion_logits(student, input_ids, attention_mask, logits_to_keep)
         current = no_grad_logits(student, input_ids, attention_mask, logits_to_keep)
         return torch.lerp(reference, current.to(reference.dtype), self.rate)
+
+    def completion_head_inputs(self, student, input_ids, attention_mask, logits_to_keep):
+        """The mixture as two terms: ``(1 - r) h_ref @ W_ref.T + r h_theta @ W_theta.T``."""
+        reference = self.reference.completion_head_inputs(student, input_ids, attention_mask, logits_to_keep)
+        current = no_grad_head_inputs(student, input_ids, attention_mask, logits_to_keep)
+        return HeadInputs(
+            hidden=tuple((1.0 - self.rate) * h for h in reference.hidden)
+            + tuple(self.rate * h for h in current.hidden),
+            weight=reference.weight + current.weight,
+        )
 
     def to(self, device: torch.device) -> None:
         self.reference.to(device)

@@ -38,7 +38,7 @@ from trl.trainer.utils import pad
 from . import _trl_compat
 from .config import SDPOConfig
 from .feedback import FEEDBACK_COLUMN, ReturnRecorder, collect_feedback, record_returns, snapshot_feedback
-from .loss import self_distillation_loss, token_entropy
+from .loss import self_distillation_loss, self_distillation_loss_from_hidden, token_entropy
 from .metrics import PREFIX, teacher_signal_metrics
 from .monitor import ADVICE, collapse_signs
 from .reprompt import (
@@ -47,7 +47,17 @@ from .reprompt import (
     render_teacher_prompt,
     select_teacher_signals,
 )
-from .teacher import Teacher, build_teacher, completion_logits, hidden_teacher_adapter, load_teacher, save_teacher
+from .teacher import (
+    HeadInputs,
+    Teacher,
+    build_teacher,
+    completion_hidden,
+    completion_logits,
+    hidden_teacher_adapter,
+    linear_head,
+    load_teacher,
+    save_teacher,
+)
 
 TEACHER_DIR = "teacher"
 logger = logging.getLogger(__name__)
@@ -275,6 +285,12 @@ class SDPOTrainer(GRPOTrainer):
         self._metrics[mode][PREFIX + name].append((totals[0] / totals[1]).item() if totals[1] > 0 else math.nan)
 
     def _self_distillation_loss(self, model, inputs) -> torch.Tensor:
+        """The distillation loss of the completions with a teacher signal (spec section 3).
+
+        For a model whose output head is a plain linear layer (`linear_head`) the models return final hidden states
+        and the loss projects them a chunk of tokens at a time, so that no `[B, T, V]` logits are materialised;
+        other models go through their logits.
+        """
         config = self.sdpo_config
         mode = "train" if self.model.training else "eval"
         completion_ids, completion_mask = inputs["completion_ids"], inputs["completion_mask"]
@@ -283,34 +299,40 @@ class SDPOTrainer(GRPOTrainer):
         self_distillation_mask = inputs["self_distillation_mask"]
 
         # Only completions with a teacher signal are forwarded (spec D3). Without any, one row still runs through the
-        # student so the loss is a zero connected to the model (every process must take part in backward).
+        # student so the loss is a zero connected to the model (every process must take part in backward), and the
+        # teacher does not run at all.
         rows = self_distillation_mask.nonzero().squeeze(1)
         has_signal = rows.numel() > 0
         if not has_signal:
             rows = rows.new_zeros(1)
         completion_ids, completion_mask = completion_ids[rows], completion_mask[rows]
         logits_to_keep = completion_ids.size(1)
-
         student_ids = torch.cat([inputs["prompt_ids"][rows], completion_ids], dim=1)
         student_mask = torch.cat([inputs["prompt_mask"][rows], completion_mask], dim=1)
-        with self.accelerator.autocast():
-            student_logits = completion_logits(model, student_ids, student_mask, logits_to_keep) / self.temperature
         if has_signal:
             teacher_ids, teacher_prompt_mask = _drop_shared_padding(
                 inputs["teacher_prompt_ids"][rows], inputs["teacher_prompt_mask"][rows]
             )
             teacher_ids = torch.cat([teacher_ids, completion_ids], dim=1)
             teacher_mask = torch.cat([teacher_prompt_mask, completion_mask], dim=1)
-            with self.accelerator.autocast():
-                teacher_logits = self.teacher.completion_logits(
-                    self.accelerator.unwrap_model(model), teacher_ids, teacher_mask, logits_to_keep
+
+        student = self.accelerator.unwrap_model(model)
+        head = linear_head(student)
+        with self.accelerator.autocast():
+            if head is not None:
+                student_hidden = completion_hidden(model, head, student_ids, student_mask, logits_to_keep)
+                teacher = (
+                    self.teacher.completion_head_inputs(student, teacher_ids, teacher_mask, logits_to_keep)
+                    if has_signal
+                    else HeadInputs((student_hidden.detach(),), (head.weight,))
                 )
-            teacher_logits = teacher_logits / self.temperature
-        else:
-            teacher_logits = student_logits.detach()
-        distilled = completion_mask * self_distillation_mask[rows].unsqueeze(1)
-        self._log_masked_mean(mode, "student_entropy", token_entropy(student_logits), distilled)
-        self._log_masked_mean(mode, "teacher_entropy", token_entropy(teacher_logits), distilled)
+            else:
+                student_logits = completion_logits(model, student_ids, student_mask, logits_to_keep)
+                teacher_logits = (
+                    self.teacher.completion_logits(student, teacher_ids, teacher_mask, logits_to_keep)
+                    if has_signal
+                    else student_logits.detach()
+                )
 
         old_per_token_logps = inputs.get("old_per_token_logps")
         importance_sampling_ratio = inputs.get("importance_sampling_ratio")
@@ -325,13 +347,13 @@ class SDPOTrainer(GRPOTrainer):
             )
         else:
             normalizer = None
-        loss = self_distillation_loss(
-            student_logits,
-            teacher_logits,
+        loss_inputs = (
             completion_ids,
             completion_mask,
             self_distillation_mask[rows],
             None if old_per_token_logps is None else old_per_token_logps[rows],
+        )
+        options = dict(
             alpha=config.alpha,
             distillation_topk=config.distillation_topk,
             distillation_add_tail=config.distillation_add_tail,
@@ -344,6 +366,24 @@ class SDPOTrainer(GRPOTrainer):
             else importance_sampling_ratio[rows].expand(completion_ids.shape),
             normalizer=normalizer,
         )
+        if head is not None:
+            loss, student_entropy, teacher_entropy = self_distillation_loss_from_hidden(
+                student_hidden,
+                head.weight,
+                teacher.hidden,
+                teacher.weight,
+                *loss_inputs,
+                temperature=self.temperature,
+                return_entropy=True,
+                **options,
+            )
+        else:
+            student_logits, teacher_logits = student_logits / self.temperature, teacher_logits / self.temperature
+            loss = self_distillation_loss(student_logits, teacher_logits, *loss_inputs, **options)
+            student_entropy, teacher_entropy = token_entropy(student_logits), token_entropy(teacher_logits)
+        distilled = completion_mask * self_distillation_mask[rows].unsqueeze(1)
+        self._log_masked_mean(mode, "student_entropy", student_entropy, distilled)
+        self._log_masked_mean(mode, "teacher_entropy", teacher_entropy, distilled)
         self._log_loss_metric("distillation_loss", loss)
         return loss
 

@@ -9,6 +9,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from sdpo_rl import SDPOConfig, SDPOTrainer
+from sdpo_rl import trainer as trainer_module
 from sdpo_rl.loss import (
     LOSS_AGG_MODES,
     self_distillation_loss,
@@ -256,3 +258,66 @@ def test_bad_arguments_raise(change, needle):
     options = dict(SETTINGS["jsd_top5_tail"], is_clip=None, loss_agg_mode="token-mean")
     with pytest.raises(ValueError, match=needle):
         self_distillation_loss_from_hidden(*positional(batch)[:6], chunk_size=chunk_size, **options)
+
+
+TEACHER_SETUPS = {
+    "ema": (SDPOConfig(teacher_update_rate=0.5), False),
+    "trust_region": (SDPOConfig(teacher_mode="trust_region", teacher_update_rate=0.3), False),
+    "peft_frozen": (SDPOConfig(teacher_mode="frozen"), True),
+    "peft_lora_ema": (SDPOConfig(teacher_mode="lora_ema"), True),
+    "peft_trust_region": (SDPOConfig(teacher_mode="trust_region", teacher_update_rate=0.3), True),
+}
+
+
+def trainer_for(tmp_path, sdpo_config, peft):
+    from peft import LoraConfig, get_peft_model
+    from tiny import ParityReward, grpo_args, make_dataset, make_model, make_tokenizer
+
+    tokenizer = make_tokenizer()
+    model = make_model(tokenizer)
+    if peft:
+        model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    return SDPOTrainer(
+        model=model,
+        args=grpo_args(tmp_path, per_device_train_batch_size=8, temperature=0.8, gradient_checkpointing=False),
+        sdpo_config=sdpo_config,
+        processing_class=tokenizer,
+        reward_funcs=[ParityReward()],
+        train_dataset=make_dataset(),
+    )
+
+
+def loss_grads_and_entropies(trainer, batch):
+    trainer.model.zero_grad()
+    trainer._metrics["train"].clear()
+    loss = trainer._compute_loss(trainer.model, batch)
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in trainer.model.named_parameters() if p.grad is not None}
+    entropies = [trainer._metrics["train"][f"self_distillation/{side}_entropy"][-1] for side in ("student", "teacher")]
+    return loss.detach(), grads, entropies
+
+
+@pytest.mark.parametrize("setup", TEACHER_SETUPS.values(), ids=TEACHER_SETUPS.keys())
+def test_trainer_loss_from_hidden_states_equals_the_loss_from_logits(tmp_path, monkeypatch, setup):
+    trainer = trainer_for(tmp_path, *setup)
+    trainer.model.train()
+    torch.manual_seed(0)
+    batch = trainer._generate_and_score_completions([trainer.train_dataset[i] for i in range(2) for _ in range(4)])
+    assert 0 < batch["self_distillation_mask"].sum() < 8
+    trainer.current_gradient_accumulation_steps = 1
+    with torch.no_grad():  # move the student away from the teacher, so that the loss is not zero
+        for param in trainer.model.parameters():
+            if param.requires_grad:
+                param.add_(0.2 * torch.randn_like(param))
+
+    assert trainer_module.linear_head(trainer.model) is not None, "the tiny model's head must take the chunked path"
+    chunked_loss, chunked_grads, chunked_entropies = loss_grads_and_entropies(trainer, batch)
+    monkeypatch.setattr(trainer_module, "linear_head", lambda model: None)
+    loss, grads, entropies = loss_grads_and_entropies(trainer, batch)
+
+    assert loss.abs() > 1e-4
+    torch.testing.assert_close(chunked_loss, loss, rtol=1e-5, atol=1e-7)
+    assert chunked_grads.keys() == grads.keys() and grads
+    for name in grads:
+        torch.testing.assert_close(chunked_grads[name], grads[name], rtol=1e-4, atol=1e-7)
+    assert chunked_entropies == pytest.approx(entropies, rel=1e-5)

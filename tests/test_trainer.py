@@ -290,3 +290,24 @@ def test_collapse_warning_is_logged_once(tmp_path, caplog):
     warnings = [r for r in caplog.records if "SDPO may be collapsing" in r.getMessage()]
     assert len(warnings) == 1
     assert "reward fell" in warnings[0].getMessage() and "grpo_weight=0.8" in warnings[0].getMessage()
+
+
+def test_teacher_runs_only_on_completions_with_a_teacher_signal(tmp_path):
+    trainer = build(tmp_path, per_device_train_batch_size=8, gradient_checkpointing=False)
+    trainer.model.train()
+    batch = trainer._generate_and_score_completions([trainer.train_dataset[i] for i in range(2) for _ in range(4)])
+    with_signal = int(batch["self_distillation_mask"].sum())
+    assert 0 < with_signal < 8, "the test needs a batch with and without teacher signal"
+    teacher_batch_sizes = []
+    trainer.teacher.model.register_forward_pre_hook(
+        lambda module, args, kwargs: teacher_batch_sizes.append(kwargs["input_ids"].shape[0]), with_kwargs=True
+    )
+    trainer.current_gradient_accumulation_steps = 1
+
+    trainer._compute_loss(trainer.model, batch)
+    assert teacher_batch_sizes == [with_signal]
+
+    teacher_batch_sizes.clear()
+    no_signal = {**batch, "self_distillation_mask": torch.zeros_like(batch["self_distillation_mask"])}
+    loss = trainer._compute_loss(trainer.model, no_signal)
+    assert teacher_batch_sizes == [] and loss.item() == 0.0
