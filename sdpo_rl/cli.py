@@ -21,6 +21,7 @@ from pathlib import Path
 from transformers import TrainerCallback
 
 from .config import SDPOConfig
+from .train_cli import add_train_command
 
 # The demo's SDPO settings, in one place: the library defaults (JSD, top-100 + tail, EMA teacher at rate 0.05) in the
 # hybrid with grpo_weight=0.8, the setting measured to improve this 135M model on both tasks in every seed
@@ -125,6 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="directory of the converted-model cache (default: $SDPO_RL_CACHE, else ~/.cache/sdpo-rl)",
     )
     demo.set_defaults(func=run_demo)
+    add_train_command(commands)
     return parser
 
 
