@@ -555,9 +555,10 @@ def self_distillation_loss_from_hidden(
             is_clip=is_clip,
         ),
     )
-    loss, student_entropy, teacher_entropy = _ChunkedHeadLoss.apply(
-        student_hidden[active], student_lm_head_weight, tokens, settings
-    )
+    with torch.autocast(student_hidden.device.type, enabled=False):  # the dtypes above hold under autocast too
+        loss, student_entropy, teacher_entropy = _ChunkedHeadLoss.apply(
+            student_hidden[active], student_lm_head_weight, tokens, settings
+        )
     if not return_entropy:
         return loss
     return loss, _scatter(student_entropy, active), _scatter(teacher_entropy, active)

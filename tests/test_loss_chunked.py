@@ -231,6 +231,14 @@ def test_bfloat16_inputs_give_a_float32_loss_close_to_float32():
     assert loss.item() == pytest.approx(expected[0].item(), rel=2e-2)
 
 
+def test_ambient_autocast_does_not_lower_the_projection_precision():
+    batch = random_batch(seed=9)
+    options = dict(SETTINGS["jsd_top5_tail"], is_clip=None, loss_agg_mode="token-mean", chunk_size=4)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        under_autocast = chunked(*positional(batch)[:6], **options)
+    assert_same(under_autocast, chunked(*positional(batch)[:6], **options))
+
+
 def test_gradient_scales_with_the_upstream_gradient():
     batch = random_batch(seed=8)
     options = dict(SETTINGS["jsd_top5_tail"], is_clip=None, loss_agg_mode="token-mean", chunk_size=3)
