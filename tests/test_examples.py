@@ -10,7 +10,7 @@ EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("script", ["basic_sdpo.py", "sdpo_lora_ema.py"])
+@pytest.mark.parametrize("script", ["basic_sdpo.py", "sdpo_lora_ema.py", "sdpo_rich_feedback.py"])
 def test_example_runs_one_step(script, tmp_path):
     command = [sys.executable, str(EXAMPLES / script), "--max-steps", "1", "--output-dir", str(tmp_path)]
     completed = subprocess.run(command, capture_output=True, text=True, timeout=900)
