@@ -5,6 +5,7 @@ import os
 import resource
 import shutil
 import socket
+import stat
 import sys
 import tempfile
 import textwrap
@@ -131,6 +132,41 @@ def test_each_run_gets_a_fresh_working_directory_that_is_removed(isolation):
     assert first[0] != second[0]
     assert first[1].strip() == second[1].strip() == "[]"
     assert not os.path.exists(first[0]) and not os.path.exists(second[0])
+
+
+@pytest.mark.parametrize("isolation", ISOLATIONS)
+def test_a_locked_directory_with_a_symlink_out_is_removed_without_touching_the_target(isolation):
+    outside = tempfile.mkdtemp(prefix="sdpo-outside-")
+    try:
+        os.chmod(outside, 0o755)
+        program = f"""
+            import os
+            print(os.getcwd())
+            os.makedirs("locked/inner")
+            os.symlink("{outside}", "locked/escape")
+            os.chmod("locked", 0)
+            os.chmod(".", 0)
+        """
+        result = run(isolation, program)
+        assert result.report == {"status": "ok"}
+        assert not os.path.lexists(result.stdout.decode().strip())
+        assert stat.S_IMODE(os.stat(outside).st_mode) == 0o755
+    finally:
+        shutil.rmtree(outside)
+
+
+@pytest.mark.parametrize("euid", [os.geteuid(), 12345])
+def test_remove_tree_never_follows_symlinks(tmp_path, monkeypatch, euid):
+    monkeypatch.setattr(sandbox_module.os, "geteuid", lambda: euid)  # 12345: the non-root path, which chmods
+    target = tmp_path / "target"
+    target.mkdir(mode=0o755)
+    tree = tmp_path / "tree"
+    (tree / "locked").mkdir(parents=True)
+    (tree / "link").symlink_to(target)
+    (tree / "locked" / "file").write_text("x")
+    os.chmod(tree / "locked", 0)
+    sandbox_module.remove_tree(str(tree))
+    assert not tree.exists() and stat.S_IMODE(target.stat().st_mode) == 0o755
 
 
 @pytest.mark.parametrize("isolation", ISOLATIONS)
@@ -298,6 +334,8 @@ def test_bad_settings_are_rejected_with_the_argument_name():
         Sandbox(use_bwrap="yes")
     with pytest.raises(ValueError, match=r"unprivileged_ids must be a \(uid, gid\) pair"):
         Sandbox(unprivileged_ids=(0, 0))
+    with pytest.raises(ValueError, match="python_executable='/no/such/python' is not an executable file"):
+        Sandbox(python_executable="/no/such/python")
 
 
 def test_required_bwrap_that_is_missing_is_a_clear_error(monkeypatch):

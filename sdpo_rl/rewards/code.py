@@ -75,13 +75,13 @@ class CodeTestsReward(FeedbackReward):
             if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
                 raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}.")
         self.limits = Limits(timeout_s=timeout_s, memory_mb=memory_mb, max_output_bytes=max_output_bytes)
+        self.sandbox = Sandbox(self.limits, python_executable, unprivileged_ids, use_bwrap)
         self.all_or_nothing = all_or_nothing
         self.max_feedback_chars = max_feedback_chars
         self.max_workers = max_workers or len(os.sched_getaffinity(0))
         self.max_failures_shown = max_failures_shown
         self.traceback_lines = traceback_lines
         self.tests_column = tests_column
-        self.sandbox = Sandbox(self.limits, python_executable, unprivileged_ids, use_bwrap)
         self.isolation = self.sandbox.isolation
 
     def score(self, texts: list[str], columns: Mapping[str, Any]) -> list[Scored]:

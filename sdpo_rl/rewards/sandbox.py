@@ -11,6 +11,7 @@ is not contained in each setting. Linux only.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -224,15 +225,19 @@ def read_bounded(process: subprocess.Popen, deadline: float, max_bytes: int) -> 
 
 
 def remove_tree(path: str) -> None:
-    """Delete a scratch directory, including subdirectories the program made unreadable."""
-    for directory, subdirectories, _ in os.walk(path):
-        for name in subdirectories:
-            try:
-                os.chmod(os.path.join(directory, name), 0o700, follow_symlinks=False)
-            except OSError:
-                pass
+    """Delete a scratch directory. The program may have made parts of it unreadable: root ignores that; another
+    user first gives itself access back. Symlinks are never followed (they may point anywhere)."""
+    if os.geteuid() != 0:
+        with contextlib.suppress(OSError):
+            os.chmod(path, 0o700)
+        for directory, subdirectories, _ in os.walk(path):
+            for name in subdirectories:
+                subdirectory = os.path.join(directory, name)
+                if not os.path.islink(subdirectory):
+                    with contextlib.suppress(OSError):
+                        os.chmod(subdirectory, 0o700)
     shutil.rmtree(path, ignore_errors=True)
-    if os.path.exists(path):
+    if os.path.lexists(path):
         logger.warning("Could not remove the sandbox directory %s.", path)
 
 
@@ -262,7 +267,9 @@ class Sandbox:
         if use_bwrap not in (None, True, False):
             raise ValueError(f"use_bwrap must be None (automatic), True or False, got {use_bwrap!r}.")
         if unprivileged_ids is not None and (
-            len(unprivileged_ids) != 2 or not all(isinstance(i, int) and i > 0 for i in unprivileged_ids)
+            not isinstance(unprivileged_ids, (tuple, list))
+            or len(unprivileged_ids) != 2
+            or not all(isinstance(i, int) and i > 0 for i in unprivileged_ids)
         ):
             raise ValueError(
                 f"unprivileged_ids must be a (uid, gid) pair of positive ints such as (65534, 65534), or None; "
@@ -270,6 +277,11 @@ class Sandbox:
             )
         self.limits = limits or Limits()
         self.python_executable = python_executable or sys.executable
+        if not (os.path.isfile(self.python_executable) and os.access(self.python_executable, os.X_OK)):
+            raise ValueError(
+                f"python_executable={self.python_executable!r} is not an executable file; pass the path of a Python "
+                "interpreter (None: the trainer's own)."
+            )
         self.use_bwrap = use_bwrap
         self.drop_to = tuple(unprivileged_ids) if unprivileged_ids is not None and os.geteuid() == 0 else None
         self._isolation: str | None = None
@@ -321,24 +333,35 @@ class Sandbox:
         if self.drop_to is None:
             return f"The sandbox cannot run {self.python_executable}: {problem}"
         uid, gid = self.drop_to
-        blocked = unreachable_ancestor(self.python_executable, uid, gid)
-        where = f" ({blocked} is not searchable by that user)" if blocked else ""
+        blocked = [
+            f"{directory} is not searchable by that user"
+            for directory in (
+                unreachable_ancestor(self.python_executable, uid, gid),
+                unreachable_ancestor(os.path.join(tempfile.gettempdir(), "run"), uid, gid),
+            )
+            if directory is not None
+        ]
+        where = f" ({'; '.join(blocked)})" if blocked else ""
         return (
             f"Programs cannot run as uid {uid} with {self.python_executable}: {problem}{where}. Fixes: install "
             f"bubblewrap (`apt-get install bubblewrap`), which shows the interpreter to that user; or pass "
-            f"python_executable= an interpreter uid {uid} can read (e.g. /usr/bin/python3); or "
-            "unprivileged_ids=None to run programs as root (then nothing is protected from them)."
+            f"python_executable= an interpreter uid {uid} can read (e.g. /usr/bin/python3), with TMPDIR in a "
+            "directory it can reach; or unprivileged_ids=None to run programs as root (then nothing is protected "
+            "from them)."
         )
 
     def _interpreter_paths(self) -> list[str]:
         """The interpreter's prefixes (stdlib, site-packages) and directory, as given and with symlinks resolved."""
-        completed = subprocess.run(
-            [self.python_executable, "-I", "-c", PREFIXES_QUERY],
-            capture_output=True,
-            text=True,
-            timeout=TRIAL_TIMEOUT_S,
-            check=True,
-        )
+        try:
+            completed = subprocess.run(
+                [self.python_executable, "-I", "-c", PREFIXES_QUERY],
+                capture_output=True,
+                text=True,
+                timeout=TRIAL_TIMEOUT_S,
+                check=True,
+            )
+        except (OSError, subprocess.SubprocessError) as error:
+            raise RuntimeError(f"python_executable={self.python_executable!r} does not run: {error}") from error
         paths = [*json.loads(completed.stdout), os.path.dirname(os.path.abspath(self.python_executable))]
         return sorted({variant for path in paths for variant in (path, os.path.realpath(path))})
 
