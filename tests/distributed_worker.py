@@ -38,9 +38,10 @@ NUM_GENERATIONS = 4
 SUCCESSES = ({1, 2, 7}, {4, 9, 10})
 SCENARIOS = {
     # A full model, the EMA teacher, two micro-batches per optimizer step (steps_per_generation = 2).
-    "ema": {"gradient_accumulation_steps": 2, "peft": False, "teacher_mode": "ema"},
-    # A LoRA student (wrapped by DDP) with the lora_ema teacher adapter, one micro-batch per step.
-    "lora_ema": {"gradient_accumulation_steps": 1, "peft": True, "teacher_mode": "lora_ema"},
+    "ema": {"gradient_accumulation_steps": 2, "peft": False, "teacher_mode": "ema", "grpo_weight": 0.0},
+    # A LoRA student (wrapped by DDP) with the lora_ema teacher adapter, one micro-batch per step, and the hybrid
+    # loss: two forwards of the DDP-wrapped student (SDPO's and TRL's GRPO loss) before one backward.
+    "lora_ema": {"gradient_accumulation_steps": 1, "peft": True, "teacher_mode": "lora_ema", "grpo_weight": 0.5},
 }
 FSDP2_CHECK = "fsdp2_lora_ema"
 
@@ -115,7 +116,9 @@ def run(scenario: str, output_dir: str) -> None:
             learning_rate=0.5,
             ddp_backend="gloo" if world_size > 1 else None,
         ),
-        sdpo_config=SDPOConfig(teacher_mode=settings["teacher_mode"], teacher_update_rate=0.5),
+        sdpo_config=SDPOConfig(
+            teacher_mode=settings["teacher_mode"], teacher_update_rate=0.5, grpo_weight=settings["grpo_weight"]
+        ),
         processing_class=tokenizer,
         reward_funcs=[CityReward()],
         train_dataset=make_dataset(n=8),
