@@ -16,13 +16,13 @@ from pathlib import Path
 import pytest
 
 from sdpo_rl.rewards import sandbox as sandbox_module
+from sdpo_rl.rewards.bwrap import bwrap_arguments, mount_roots
 from sdpo_rl.rewards.cases import IOCase
+from sdpo_rl.rewards.child_process import READ_CHUNK_BYTES
 from sdpo_rl.rewards.judge import Verdict, judge
 from sdpo_rl.rewards.sandbox import (
     Limits,
     Sandbox,
-    bwrap_arguments,
-    mount_roots,
     resource_limits,
     scrubbed_environment,
     split_report,
@@ -119,7 +119,7 @@ def test_printing_forever_is_stopped_quickly_without_filling_memory(isolation):
     result = run(isolation, "while True:\n    print('x' * 10000)\n", timeout_s=10.0, max_output_bytes=200_000)
     assert result.output_exceeded and not result.timed_out
     assert time.monotonic() - started < 5.0
-    assert len(result.stdout) + len(result.stderr) <= 200_000 + sandbox_module.READ_CHUNK_BYTES
+    assert len(result.stdout) + len(result.stderr) <= 200_000 + READ_CHUNK_BYTES
     assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - peak_before < 50_000  # KiB
     assert judge(IOCase("", ""), result).verdict is Verdict.OUTPUT_LIMIT
 

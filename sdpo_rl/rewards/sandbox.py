@@ -16,9 +16,7 @@ import json
 import logging
 import os
 import secrets
-import selectors
 import shutil
-import signal
 import stat
 import subprocess
 import sys
@@ -29,15 +27,15 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, NamedTuple
 
+from .bwrap import SYSTEM_PATHS, bwrap_arguments
+from .child_process import kill_group, read_bounded
+
 logger = logging.getLogger(__name__)
 
 HARNESS_SOURCE = (Path(__file__).parent / "_harness.py").read_text()
 INTERPRETER_FLAGS = ("-I", "-B", "-X", "utf8")  # isolated mode (no PYTHON* variables, no user site), no .pyc writes
-SYSTEM_PATHS = ("/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32", "/etc/ld.so.cache")
 CHILD_PATH = "/usr/local/bin:/usr/bin:/bin"
 NOBODY = (65534, 65534)
-POLL_INTERVAL_S = 0.05
-READ_CHUNK_BYTES = 65536
 TRIAL_TIMEOUT_S = 60.0
 PREFIXES_QUERY = (
     "import json, sys; print(json.dumps([sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix]))"
@@ -76,13 +74,6 @@ class RunResult(NamedTuple):
     timed_out: bool
     output_exceeded: bool
     elapsed_s: float
-
-
-class Captured(NamedTuple):
-    stdout: bytes
-    stderr: bytes
-    timed_out: bool
-    output_exceeded: bool
 
 
 def resource_limits(limits: Limits, drops_privileges: bool) -> dict[str, int]:
@@ -127,45 +118,6 @@ def split_report(stderr: bytes, nonce: str) -> tuple[dict[str, Any] | None, byte
     return (report if isinstance(report, dict) else None), stderr[:position]
 
 
-def mount_roots(paths: list[str]) -> list[str]:
-    """The existing paths among `paths`, without those inside another one, sorted."""
-    roots: list[str] = []
-    for path in sorted({os.path.normpath(p) for p in paths if os.path.exists(p)}):
-        if not any(path == root or path.startswith(root.rstrip("/") + "/") for root in roots):
-            roots.append(path)
-    return roots
-
-
-def bwrap_arguments(bwrap: str, read_only: list[str], workdir: str, as_root: bool) -> list[str]:
-    """The bubblewrap command line (without the program) that shows the program only `read_only` and `workdir`.
-
-    System directories that are symlinks (merged /usr) are recreated as symlinks. The directories above each mount
-    point are created with mode 0755, so an unprivileged user can reach the interpreter even where the host's
-    directory (e.g. /root) is private. As root, bubblewrap runs without a user namespace and keeps only
-    CAP_SETUID/CAP_SETGID, which the runner uses to switch to the unprivileged user before the program starts.
-    """
-    symlinks = [path for path in read_only if os.path.islink(path)]
-    binds = mount_roots([path for path in read_only if path not in symlinks])
-    mount_points = [*binds, workdir]
-    parents = sorted(
-        {str(parent) for point in mount_points for parent in Path(point).parents if str(parent) != "/"}
-        - set(mount_points)
-    )
-    if as_root:
-        namespaces = ["--unshare-ipc", "--unshare-pid", "--unshare-net", "--unshare-uts", "--unshare-cgroup-try"]
-        namespaces += ["--cap-add", "CAP_SETUID", "--cap-add", "CAP_SETGID"]
-    else:
-        namespaces = ["--unshare-all"]
-    arguments = [bwrap, "--die-with-parent", *namespaces, "--dev", "/dev", "--proc", "/proc"]
-    for link in symlinks:
-        arguments += ["--symlink", os.readlink(link), link]
-    for parent in parents:
-        arguments += ["--dir", parent]
-    for path in binds:
-        arguments += ["--ro-bind", path, path]
-    return [*arguments, "--bind", workdir, workdir, "--chdir", workdir]
-
-
 def unreachable_ancestor(path: str, uid: int, gid: int) -> str | None:
     """The first directory above `path` (symlinks resolved) that user `uid`/`gid` may not enter, or None."""
     for directory in reversed(Path(os.path.realpath(path)).parents):
@@ -179,49 +131,6 @@ def unreachable_ancestor(path: str, uid: int, gid: int) -> str | None:
         if not info.st_mode & search_bit:
             return f"{directory} (mode {stat.S_IMODE(info.st_mode):o}, owner uid {info.st_uid})"
     return None
-
-
-def has_exited(pid: int) -> bool:
-    """Whether child `pid` has ended, without reaping it (its process group id stays reserved until we kill it)."""
-    return os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None
-
-
-def kill_group(pgid: int) -> None:
-    try:
-        os.killpg(pgid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-
-
-def read_bounded(process: subprocess.Popen, deadline: float, max_bytes: int) -> Captured:
-    """Read stdout and stderr as they come until the program ends, `deadline` passes, or together they exceed
-    `max_bytes`: memory stays bounded whatever the program prints. Once the process itself has exited, what is
-    left in the pipes is read and the rest (children still holding the pipes) is not waited for."""
-    buffers = {process.stdout.fileno(): bytearray(), process.stderr.fileno(): bytearray()}
-    stdout, stderr = buffers.values()
-    total = 0
-    leader_exited = False
-    with selectors.DefaultSelector() as selector:
-        for fd in buffers:
-            selector.register(fd, selectors.EVENT_READ)
-        while selector.get_map():
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                return Captured(bytes(stdout), bytes(stderr), timed_out=True, output_exceeded=False)
-            ready = selector.select(0 if leader_exited else min(remaining, POLL_INTERVAL_S))
-            if leader_exited and not ready:
-                break
-            for key, _ in ready:
-                chunk = os.read(key.fd, READ_CHUNK_BYTES)
-                if not chunk:
-                    selector.unregister(key.fd)
-                    continue
-                buffers[key.fd] += chunk
-                total += len(chunk)
-                if total > max_bytes:
-                    return Captured(bytes(stdout), bytes(stderr), timed_out=False, output_exceeded=True)
-            leader_exited = leader_exited or has_exited(process.pid)
-    return Captured(bytes(stdout), bytes(stderr), timed_out=False, output_exceeded=False)
 
 
 def remove_tree(path: str) -> None:
@@ -285,13 +194,14 @@ class Sandbox:
         self.use_bwrap = use_bwrap
         self.drop_to = tuple(unprivileged_ids) if unprivileged_ids is not None and os.geteuid() == 0 else None
         self._isolation: str | None = None
+        self._bwrap: str | None = None
         self._read_only_paths: list[str] = []
         self._lock = threading.Lock()
 
     @property
     def isolation(self) -> str:
-        """ "bwrap" (namespaces, see the module docstring) or "process" (limits, scratch directory, user only).
-        Chosen on first use by running a trivial program."""
+        """Which sandbox runs the programs: "bwrap" (namespaces, see the module docstring) or "process" (limits,
+        scratch directory and user only). Chosen on first use by running a trivial program."""
         with self._lock:
             if self._isolation is None:
                 self._isolation = self._choose_isolation()
@@ -304,8 +214,8 @@ class Sandbox:
     def _choose_isolation(self) -> str:
         bwrap_problem = None
         if self.use_bwrap is not False:
-            bwrap = shutil.which("bwrap")
-            if bwrap is None:
+            self._bwrap = shutil.which("bwrap")
+            if self._bwrap is None:
                 bwrap_problem = "bubblewrap (`bwrap`) is not installed"
             else:
                 self._read_only_paths = [*SYSTEM_PATHS, *self._interpreter_paths()]
@@ -395,8 +305,7 @@ class Sandbox:
                 os.chown(workdir, *self.drop_to)
             command = runner
             if isolation == "bwrap":
-                bwrap = shutil.which("bwrap")
-                command = bwrap_arguments(bwrap, self._read_only_paths, workdir, os.geteuid() == 0) + runner
+                command = bwrap_arguments(self._bwrap, self._read_only_paths, workdir, os.geteuid() == 0) + runner
             with tempfile.TemporaryFile() as stdin_file:
                 stdin_file.write(encode_request(request, stdin))
                 stdin_file.seek(0)
