@@ -2,9 +2,11 @@
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -13,7 +15,7 @@ from tiny import make_dataset, make_model, make_tokenizer
 from transformers import AutoModelForCausalLM
 
 from sdpo_rl import cli
-from sdpo_rl.train_cli import load_reward_function, load_train_dataset, train
+from sdpo_rl.train_cli import check_required, load_reward_function, load_train_dataset, train
 from sdpo_rl.train_config import ConfigError, parse_arguments
 
 
@@ -232,3 +234,38 @@ def test_train_command_under_accelerate_launch_with_two_processes(tmp_path, mode
     trained = parameters(AutoModelForCausalLM.from_pretrained(tmp_path / "output"))
     initial = parameters(AutoModelForCausalLM.from_pretrained(model_dir))
     assert any(not torch.equal(trained[n], initial[n]) for n in initial)
+
+
+DOCS = Path(__file__).resolve().parents[1] / "docs"
+YAML_BLOCK = re.compile(r"^```yaml\n(.*?)^```$", re.MULTILINE | re.DOTALL)
+YAML_SNIPPETS = {
+    f"{document}:{index}": text
+    for document in ("cli.md", "distributed.md")
+    for index, text in enumerate(YAML_BLOCK.findall((DOCS / document).read_text()))
+}
+
+
+def test_the_docs_have_yaml_snippets_to_check():
+    assert sum(name.startswith("cli.md") for name in YAML_SNIPPETS) >= 2
+    assert sum(name.startswith("distributed.md") for name in YAML_SNIPPETS) >= 3
+
+
+@pytest.mark.parametrize("name", YAML_SNIPPETS)
+def test_yaml_snippets_of_the_docs_are_valid(tmp_path, name):
+    """An accelerate config loads and names only `accelerate launch` settings; an `sdpo-rl train` config parses."""
+    path = tmp_path / "snippet.yaml"
+    path.write_text(YAML_SNIPPETS[name])
+    values = yaml.safe_load(YAML_SNIPPETS[name])
+    if "distributed_type" in values:
+        from accelerate.commands.config.config_args import ClusterConfig
+        from accelerate.commands.launch import launch_command_parser
+
+        ClusterConfig.from_yaml_file(str(path))  # rejects unknown top-level keys
+        launch_settings = vars(launch_command_parser().parse_args(["script.py"]))
+        for key in values.get("deepspeed_config", {}):
+            assert key in launch_settings, key
+        for key in values.get("fsdp_config", {}):
+            assert (key if key.startswith("fsdp_") else "fsdp_" + key) in launch_settings, key
+    else:  # bf16 needs a GPU: overridden on this CPU-only machine, everything else is checked as written
+        arguments = parse_arguments(["--config", str(path), "--bf16", "false", "--use_cpu", "true"])
+        check_required(arguments.script, arguments.model)
