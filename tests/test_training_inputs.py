@@ -101,3 +101,23 @@ def test_a_finite_step_after_a_nonfinite_one_trains_again(tmp_path):
     assert logged(trainer, "self_distillation/nonfinite_step") == [1.0, 0.0]
     assert any(not torch.equal(p, student[name]) for name, p in trainer.model.named_parameters())
     assert all(torch.isfinite(p).all() for p in trainer.model.parameters())
+
+
+def test_vllm_importance_sampling_ratio_weights_the_distillation_loss(tmp_path):
+    """TRL's vLLM correction (per sequence [B, 1] or per token [B, T]) multiplies the per-token SDPO loss."""
+    trainer = build(tmp_path)
+    dataset = make_dataset()
+    torch.manual_seed(0)
+    batch = trainer._generate_and_score_completions([dataset[i // 4] for i in range(8)])
+    assert batch["self_distillation_mask"].sum() > 0
+    trainer.model.eval()  # the per-batch normaliser: nothing depends on the training loop's accumulation state
+
+    def loss_with(ratio):
+        inputs = batch if ratio is None else {**batch, "importance_sampling_ratio": ratio}
+        return trainer._compute_loss(trainer.model, inputs).detach()
+
+    base = loss_with(None)
+    assert base > 0
+    torch.testing.assert_close(loss_with(torch.full((8, 1), 2.0)), 2 * base)
+    torch.testing.assert_close(loss_with(torch.full(batch["completion_mask"].shape, 0.5)), 0.5 * base)
+    assert loss_with(torch.zeros(8, 1)) == 0
