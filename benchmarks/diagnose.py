@@ -11,6 +11,7 @@ untrained SmolLM2-135M-Instruct, then measures, on the completions that get a te
 - how much of the loss comes from completions whose whole group succeeded.
 
     python benchmarks/diagnose.py [--task capitals] [--batches 4] [--json benchmarks/results/diagnosis.json]
+        [--sdpo-config '{"solution_template": "..."}']
 """
 
 from __future__ import annotations
@@ -31,6 +32,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batches", type=int, default=4, help="generation batches of 16 completions")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", type=Path, help="also write the measurements here")
+    parser.add_argument(
+        "--sdpo-config", type=json.loads, default={}, help="SDPOConfig fields as JSON, e.g. '{\"alpha\": 1.0}'"
+    )
     options = parser.parse_args(argv)
 
     from trl import GRPOConfig
@@ -43,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
 
     task = get_task(options.task)
     model, tokenizer = load_default_model()
-    config = SDPOConfig()
+    config = SDPOConfig(**options.sdpo_config)
     trainer = SDPOTrainer(
         model=model,
         args=GRPOConfig(
@@ -142,6 +146,7 @@ def main(argv: list[str] | None = None) -> int:
 
     report = {
         "task": options.task,
+        "sdpo_config": options.sdpo_config,
         "completions_measured": len(student_entropy),
         "teacher_minus_student_logp_of_correct_completion": {
             "count": len(margins),
