@@ -4,11 +4,8 @@ python examples/basic_sdpo.py                     # the embedded SmolLM2-135M-In
 python examples/basic_sdpo.py --model PATH --max-steps 50
 """
 
-import argparse
-
-import torch
+from common import parse_args, print_last_step_metrics, small_grpo_config
 from datasets import Dataset
-from trl import GRPOConfig
 
 from sdpo_rl import SDPOConfig, SDPOTrainer
 from sdpo_rl.models import load_model
@@ -25,11 +22,7 @@ def capital_reward(completions, answer, **kwargs):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", help="model path or hub id (default: the embedded SmolLM2-135M-Instruct)")
-    parser.add_argument("--max-steps", type=int, default=10)
-    parser.add_argument("--output-dir", default="outputs/basic_sdpo")
-    args = parser.parse_args()
+    args = parse_args(__doc__, __file__)
 
     model, tokenizer = load_model(args.model)
     dataset = Dataset.from_list(
@@ -43,25 +36,14 @@ def main():
     )
     trainer = SDPOTrainer(
         model=model,
-        args=GRPOConfig(
-            output_dir=args.output_dir,
-            max_steps=args.max_steps,
-            per_device_train_batch_size=8,
-            num_generations=4,
-            max_completion_length=24,
-            learning_rate=1e-5,
-            logging_steps=1,
-            report_to="none",
-            use_cpu=not torch.cuda.is_available(),
-            bf16=torch.cuda.is_available(),
-        ),
+        args=small_grpo_config(args, learning_rate=1e-5),
         sdpo_config=SDPOConfig(),
         processing_class=tokenizer,
         reward_funcs=[capital_reward],
         train_dataset=dataset,
     )
     trainer.train()
-    print({k: v for k, v in trainer.state.log_history[-2].items() if k.startswith(("reward", "self_distillation/"))})
+    print_last_step_metrics(trainer)
 
 
 if __name__ == "__main__":

@@ -4,11 +4,8 @@ python examples/sdpo_lora_ema.py                  # the embedded SmolLM2-135M-In
 python examples/sdpo_lora_ema.py --model PATH --max-steps 50
 """
 
-import argparse
-
-import torch
+from common import parse_args, print_last_step_metrics, small_grpo_config
 from peft import LoraConfig
-from trl import GRPOConfig
 
 from sdpo_rl import SDPOConfig, SDPOTrainer
 from sdpo_rl.models import load_model
@@ -16,27 +13,15 @@ from sdpo_rl.tasks import get_task
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", help="model path or hub id (default: the embedded SmolLM2-135M-Instruct)")
-    parser.add_argument("--max-steps", type=int, default=10)
-    parser.add_argument("--output-dir", default="outputs/sdpo_lora_ema")
-    args = parser.parse_args()
+    args = parse_args(__doc__, __file__)
 
     model, tokenizer = load_model(args.model)
     task = get_task("short_answer")  # feedback: how many words too many, without the answer
     trainer = SDPOTrainer(
         model=model,
-        args=GRPOConfig(
-            output_dir=args.output_dir,
-            max_steps=args.max_steps,
-            per_device_train_batch_size=8,
-            num_generations=4,
-            max_completion_length=24,
+        args=small_grpo_config(
+            args,
             learning_rate=1e-4,  # LoRA adapters usually take a larger learning rate than full fine-tuning
-            logging_steps=1,
-            report_to="none",
-            use_cpu=not torch.cuda.is_available(),
-            bf16=torch.cuda.is_available(),
         ),
         sdpo_config=SDPOConfig(teacher_mode="lora_ema", teacher_update_rate=0.05),
         processing_class=tokenizer,
@@ -46,7 +31,7 @@ def main():
     )
     trainer.train()
     trainer.save_model(args.output_dir)  # the student adapter only; the teacher adapter stays in trainer.model
-    print({k: v for k, v in trainer.state.log_history[-2].items() if k.startswith(("reward", "self_distillation/"))})
+    print_last_step_metrics(trainer)
 
 
 if __name__ == "__main__":

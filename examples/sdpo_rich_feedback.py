@@ -8,12 +8,10 @@ python examples/sdpo_rich_feedback.py             # the embedded SmolLM2-135M-In
 python examples/sdpo_rich_feedback.py --model PATH --max-steps 50
 """
 
-import argparse
 import json
 
-import torch
+from common import parse_args, print_last_step_metrics, small_grpo_config
 from datasets import Dataset
-from trl import GRPOConfig
 
 from sdpo_rl import SDPOConfig, SDPOTrainer
 from sdpo_rl.models import load_model
@@ -45,11 +43,7 @@ PROBLEMS = [
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", help="model path or hub id (default: the embedded SmolLM2-135M-Instruct)")
-    parser.add_argument("--max-steps", type=int, default=10)
-    parser.add_argument("--output-dir", default="outputs/sdpo_rich_feedback")
-    args = parser.parse_args()
+    args = parse_args(__doc__, __file__)
 
     model, tokenizer = load_model(args.model)
     dataset = Dataset.from_list(
@@ -63,17 +57,10 @@ def main():
     print(f"Programs run in the {reward.isolation!r} sandbox (see docs/rewards.md, Security).")
     trainer = SDPOTrainer(
         model=model,
-        args=GRPOConfig(
-            output_dir=args.output_dir,
-            max_steps=args.max_steps,
-            per_device_train_batch_size=8,
-            num_generations=4,
+        args=small_grpo_config(
+            args,
             max_completion_length=128,
             learning_rate=1e-6,  # the reference's code-task learning rate
-            logging_steps=1,
-            report_to="none",
-            use_cpu=not torch.cuda.is_available(),
-            bf16=torch.cuda.is_available(),
         ),
         sdpo_config=SDPOConfig(),
         processing_class=tokenizer,
@@ -82,7 +69,7 @@ def main():
     )
     trainer.train()
     print("Feedback on the last completion scored:", reward.last_feedback[-1] or "(none: all tests passed)", sep="\n")
-    print({k: v for k, v in trainer.state.log_history[-2].items() if k.startswith(("reward", "self_distillation/"))})
+    print_last_step_metrics(trainer)
 
 
 if __name__ == "__main__":

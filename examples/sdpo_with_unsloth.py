@@ -8,11 +8,11 @@ which then subclasses the patched GRPOTrainer. Without a CUDA GPU, or without Un
 with status 1 before loading anything.
 """
 
-import argparse
 import importlib.util
 import sys
 
 import torch
+from common import parse_args, print_last_step_metrics, small_grpo_config
 
 
 def unavailable_reason() -> str | None:
@@ -25,22 +25,14 @@ def unavailable_reason() -> str | None:
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", help="model path or hub id (default: the embedded SmolLM2-135M-Instruct)")
-    parser.add_argument("--max-steps", type=int, default=10)
-    parser.add_argument("--output-dir", default="outputs/sdpo_with_unsloth")
-    args = parser.parse_args()
+    args = parse_args(__doc__, __file__)
 
     reason = unavailable_reason()
     if reason is not None:
         print(f"sdpo_with_unsloth.py: nothing was run: {reason}. On CPU, run examples/sdpo_lora_ema.py instead.")
         sys.exit(1)
 
-    # isort: off
-    from unsloth import FastLanguageModel  # first: it patches transformers and TRL
-    from trl import GRPOConfig
-
-    # isort: on
+    from unsloth import FastLanguageModel  # first: it patches transformers and TRL; `common` imports TRL lazily
 
     from sdpo_rl import SDPOConfig, SDPOTrainer
     from sdpo_rl.models import prepare_default_model
@@ -55,24 +47,14 @@ def main():
     task = get_task("short_answer")
     trainer = SDPOTrainer(
         model=model,
-        args=GRPOConfig(
-            output_dir=args.output_dir,
-            max_steps=args.max_steps,
-            per_device_train_batch_size=8,
-            num_generations=4,
-            max_completion_length=24,
-            learning_rate=1e-4,
-            logging_steps=1,
-            report_to="none",
-            bf16=True,
-        ),
+        args=small_grpo_config(args, learning_rate=1e-4),
         sdpo_config=SDPOConfig(teacher_mode="lora_ema", teacher_update_rate=0.05),
         processing_class=tokenizer,
         reward_funcs=[task.reward_func()],
         train_dataset=task.train_dataset(),
     )
     trainer.train()
-    print({k: v for k, v in trainer.state.log_history[-2].items() if k.startswith(("reward", "self_distillation/"))})
+    print_last_step_metrics(trainer)
 
 
 if __name__ == "__main__":
