@@ -189,3 +189,6 @@ if __name__ == "__main__":
         folder = os.path.join(output, name)
         os.makedirs(folder, exist_ok=True)
         check_fsdp2_lora_ema(folder) if name == FSDP2_CHECK else run(name, folder)
+    if dist.is_initialized():  # a process that exits with gloo's threads still running aborts ("terminate called")
+        dist.barrier()
+        dist.destroy_process_group()
