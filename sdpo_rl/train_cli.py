@@ -88,6 +88,8 @@ def train(arguments: TrainArguments):
     trainer.save_model(training.output_dir)
     if training.push_to_hub:
         trainer.push_to_hub(dataset_name=script.dataset_name)
+    # Tear down the process group: a process that exits with gloo/NCCL threads alive can abort ("terminate called").
+    trainer.accelerator.end_training()
     return trainer
 
 
