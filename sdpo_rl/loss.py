@@ -24,9 +24,11 @@ LOSS_AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum")
 _MAX_TOPK_LOG_MASS = -1e-7
 # Bounds on the IS log-ratio before exp, as in the reference, so that a stale old logp cannot overflow.
 _MAX_ABS_IS_LOG_RATIO = 20.0
-# Tokens projected at a time by `self_distillation_loss_from_hidden`: with a 151,936-token vocabulary one float32
-# [64, V] tensor is 39 MB, and a chunk's loss and gradient hold a handful of them.
-DEFAULT_CHUNK_SIZE = 64
+# `self_distillation_loss_from_hidden` projects as many tokens at a time as keep one [chunk, V] tensor under this size
+# (62 tokens with a 151,936-token vocabulary in float32); a chunk's loss and gradient hold about five of them. Just
+# above 32 MiB, glibc's largest heap block, each is mapped on allocation and returned when freed, so the resident
+# memory is what is alive; smaller ones are carved from the heap, which fragments (measured: up to twice the peak).
+CHUNK_BYTES = 36 * 2**20
 
 
 def sampled_token_logps(logits: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
@@ -40,8 +42,22 @@ def sampled_token_logps(logits: torch.Tensor, token_ids: torch.Tensor) -> torch.
 @torch.no_grad()
 def token_entropy(logits: torch.Tensor) -> torch.Tensor:
     """Entropy of each next-token distribution, without gradient: logits ``[B, T, V]`` -> ``[B, T]`` (nats)."""
-    log_probs = torch.log_softmax(logits.float(), dim=-1)
-    return -(log_probs.exp() * log_probs).sum(-1)
+    return log_prob_entropy(torch.log_softmax(logits.float(), dim=-1))
+
+
+@torch.no_grad()
+def log_prob_entropy(log_probs: torch.Tensor) -> torch.Tensor:
+    """``-sum_v e^x_v x_v``, without gradient: log-probabilities ``[..., V]`` -> ``[...]`` (nats)."""
+    return -log_probs.exp().mul_(log_probs).sum(-1)
+
+
+def log_softmax_pair(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(s, q)``: the log-softmax of both logits ``[..., V]``, the teacher's detached.
+
+    Full-logit distillation needs both over the whole vocabulary; computed once, they also give the IS ratio's
+    ``log pi_S(y_t)`` and the entropies.
+    """
+    return torch.log_softmax(student_logits, dim=-1), torch.log_softmax(teacher_logits.detach(), dim=-1)
 
 
 def _kl(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
@@ -86,10 +102,12 @@ def per_token_divergence(
     distillation_topk: int | None,
     distillation_add_tail: bool,
     full_logit_distillation: bool,
+    log_probs: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Per-token distillation term ``D_t`` before importance sampling and masking: ``[B, T, V] -> [B, T]``.
 
-    student_logits, teacher_logits: ``[B, T, V]`` (the teacher is detached here); completion_ids: ``[B, T]``.
+    student_logits, teacher_logits: ``[B, T, V]`` (the teacher is detached here); completion_ids: ``[B, T]``;
+    log_probs: their :func:`log_softmax_pair` if the caller has it already (full-logit mode).
 
     Full-logit mode: ``divergence(s, q, alpha)`` over the full vocabulary, or with ``distillation_topk = K`` over
     ``I = topk(student_logits, K)`` (``K`` clamped to ``V``): ``s_K = s[I]``, ``q_K = q[I]``, each extended by a tail
@@ -104,8 +122,7 @@ def per_token_divergence(
         teacher_logps = sampled_token_logps(teacher_logits, completion_ids)
         return (student_logps - teacher_logps).detach() * student_logps
 
-    s = torch.log_softmax(student_logits, dim=-1)
-    q = torch.log_softmax(teacher_logits, dim=-1)
+    s, q = log_softmax_pair(student_logits, teacher_logits) if log_probs is None else log_probs
     if distillation_topk is not None:
         k = min(distillation_topk, student_logits.shape[-1])
         # The teacher is read at the student's indices, still normalised over the teacher's full vocabulary.
@@ -246,12 +263,16 @@ def per_token_loss(
     distillation_add_tail: bool,
     full_logit_distillation: bool,
     is_clip: float | None,
+    log_probs: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """``l_t = D_t * rho_t * w_t`` at every position: logits ``[..., V]``, the other tensors ``[...]`` -> ``[...]``.
 
     ``D_t`` is :func:`per_token_divergence`, ``rho_t`` :func:`importance_weight` (1 when ``is_clip`` or
-    ``old_per_token_logps`` is None) and ``w_t`` the ``per_token_weight`` (1 when None).
+    ``old_per_token_logps`` is None) and ``w_t`` the ``per_token_weight`` (1 when None). In full-logit mode the
+    :func:`log_softmax_pair` (``log_probs``, computed here when None) serves both ``D_t`` and ``rho_t``.
     """
+    if full_logit_distillation and log_probs is None:
+        log_probs = log_softmax_pair(student_logits, teacher_logits)
     loss = per_token_divergence(
         student_logits,
         teacher_logits,
@@ -260,9 +281,14 @@ def per_token_loss(
         distillation_topk=distillation_topk,
         distillation_add_tail=distillation_add_tail,
         full_logit_distillation=full_logit_distillation,
+        log_probs=log_probs,
     )
     if is_clip is not None and old_per_token_logps is not None:
-        student_logps = sampled_token_logps(student_logits, completion_ids)
+        student_logps = (
+            sampled_token_logps(student_logits, completion_ids)
+            if log_probs is None
+            else log_probs[0].gather(-1, completion_ids.unsqueeze(-1)).squeeze(-1)
+        )
         loss = loss * importance_weight(student_logps, old_per_token_logps, is_clip)
     if per_token_weight is not None:
         loss = loss * per_token_weight
@@ -402,21 +428,16 @@ class _ChunkedHeadLoss(torch.autograd.Function):
         entropies = [(no_tokens, no_tokens)]  # (student, teacher) per chunk
         for start in range(0, hidden.shape[0], settings.chunk_size):
             rows = slice(start, start + settings.chunk_size)
-            # The leaf is the tempered logits: its gradient over the temperature is the projection's.
-            student_logits = _tempered(_project([hidden[rows]], [weight], settings.dtype), settings.temperature)
-            with torch.enable_grad():
-                student_logits.requires_grad_(wants_hidden_grad or wants_weight_grad)
-                chunk_loss, chunk_entropies = _chunk_loss(student_logits, tokens.rows(rows), settings)
-            loss += chunk_loss.detach()
+            chunk_loss, chunk_entropies = _chunk_step(
+                hidden[rows],
+                weight,
+                tokens.rows(rows),
+                settings,
+                None if grad_hidden is None else grad_hidden[rows],
+                grad_weight,
+            )
+            loss += chunk_loss
             entropies += chunk_entropies
-            if not (wants_hidden_grad or wants_weight_grad):
-                continue
-            (grad_logits,) = torch.autograd.grad(chunk_loss, student_logits)
-            grad_logits = _tempered(grad_logits, settings.temperature)
-            if wants_hidden_grad:
-                grad_hidden[rows] = grad_logits.to(weight.dtype) @ weight
-            if wants_weight_grad:
-                grad_weight.addmm_(grad_logits.T.to(grad_weight.dtype), hidden[rows].to(grad_weight.dtype))
         ctx.gradients = (grad_hidden, grad_weight)
         ctx.weight_dtype = weight.dtype
         if not settings.return_entropy:
@@ -442,24 +463,57 @@ def _tempered(logits: torch.Tensor, temperature: float) -> torch.Tensor:
     return logits if temperature == 1.0 else logits.div_(temperature)
 
 
-def _chunk_loss(student_logits, chunk: _DistilledTokens, settings: _ChunkSettings):
-    """One chunk's ``sum_t c_t l_t``, and its ``[n]`` (student, teacher) entropies in a list (empty if not wanted).
+def _chunk_step(hidden, weight, chunk: _DistilledTokens, settings: _ChunkSettings, grad_hidden, grad_weight):
+    """One chunk: its ``sum_t c_t l_t`` and ``[n]`` (student, teacher) entropies in a list (empty if not wanted).
 
-    The teacher's logits live only in here, so they are freed before the chunk's backward.
+    Adds the chunk's gradients into ``grad_hidden`` (its rows) and ``grad_weight`` when they are given. Every
+    ``[n, V]`` tensor lives only in here, so none is alive when the next chunk's are allocated.
     """
+    # The leaf is the tempered logits: its gradient over the temperature is the projection's.
+    student_logits = _tempered(_project([hidden], [weight], settings.dtype), settings.temperature)
     teacher_logits = _tempered(
         _project(chunk.teacher_hidden, settings.teacher_weight, settings.dtype), settings.temperature
     )
-    per_token = per_token_loss(
-        student_logits,
-        teacher_logits,
-        chunk.completion_ids,
-        chunk.old_per_token_logps,
-        chunk.per_token_weight,
-        **settings.loss_options,
-    )
-    entropies = [(token_entropy(student_logits), token_entropy(teacher_logits))] if settings.return_entropy else []
-    return (chunk.loss_weight * per_token).sum(), entropies
+    wants_grad = grad_hidden is not None or grad_weight is not None
+    with torch.enable_grad():
+        student_logits.requires_grad_(wants_grad)
+        log_probs = (
+            log_softmax_pair(student_logits, teacher_logits)
+            if settings.loss_options["full_logit_distillation"]
+            else None
+        )
+        entropies = _entropies(student_logits, teacher_logits, log_probs) if settings.return_entropy else []
+        per_token = per_token_loss(
+            student_logits,
+            teacher_logits,
+            chunk.completion_ids,
+            chunk.old_per_token_logps,
+            chunk.per_token_weight,
+            log_probs=log_probs,
+            **settings.loss_options,
+        )
+        del teacher_logits, log_probs  # the backward below needs neither: free them first
+        chunk_loss = (chunk.loss_weight * per_token).sum()
+    if wants_grad:
+        (grad_logits,) = torch.autograd.grad(chunk_loss, student_logits)
+        grad_logits = _tempered(grad_logits, settings.temperature)
+        if grad_hidden is not None:
+            grad_hidden.copy_(grad_logits.to(weight.dtype) @ weight)
+        if grad_weight is not None:
+            grad_weight.addmm_(grad_logits.T.to(grad_weight.dtype), hidden.to(grad_weight.dtype))
+    return chunk_loss.detach(), entropies
+
+
+def _entropies(student_logits, teacher_logits, log_probs) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """``[(student entropy, teacher entropy)]``, from the log-probabilities when the loss computed them."""
+    if log_probs is None:
+        return [(token_entropy(student_logits), token_entropy(teacher_logits))]
+    return [(log_prob_entropy(log_probs[0]).float(), log_prob_entropy(log_probs[1]).float())]
+
+
+def default_chunk_size(vocab_size: int, dtype: torch.dtype) -> int:
+    """Tokens per chunk: as many as keep one ``[chunk, vocab_size]`` tensor of ``dtype`` under ``CHUNK_BYTES``."""
+    return max(1, (CHUNK_BYTES - 1) // (vocab_size * dtype.itemsize))
 
 
 def _as_tuple(tensors: torch.Tensor | Sequence[torch.Tensor]) -> tuple[torch.Tensor, ...]:
@@ -490,7 +544,7 @@ def self_distillation_loss_from_hidden(
     loss_agg_mode: str,
     per_token_weight: torch.Tensor | None = None,
     normalizer: torch.Tensor | float | None = None,
-    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    chunk_size: int | None = None,
     return_entropy: bool = False,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """:func:`self_distillation_loss` of the logits ``hidden @ weight.T / temperature``, without ``[B, T, V]`` logits.
@@ -507,7 +561,7 @@ def self_distillation_loss_from_hidden(
             products add up to the teacher's logits (the trust-region teacher mixes two models' logits this way).
             They never receive a gradient.
         temperature: the sampling temperature the logits are divided by.
-        chunk_size: tokens projected at a time; any value gives the same loss.
+        chunk_size: tokens projected at a time; any value gives the same loss. None: :func:`default_chunk_size`.
         return_entropy: also return the ``[B, T]`` entropies of the student's and the teacher's next-token
             distributions (nats, no gradient, 0 where no token is distilled), which cost one more pass per chunk.
         The other arguments are those of :func:`self_distillation_loss`.
@@ -516,8 +570,8 @@ def self_distillation_loss_from_hidden(
         The loss, or ``(loss, student_entropy, teacher_entropy)`` with ``return_entropy``.
     """
     _check_settings(alpha, distillation_topk, full_logit_distillation, is_clip, loss_agg_mode)
-    if not (isinstance(chunk_size, int) and chunk_size >= 1):
-        raise ValueError(f"chunk_size={chunk_size!r} must be an int >= 1")
+    if chunk_size is not None and not (isinstance(chunk_size, int) and chunk_size >= 1):
+        raise ValueError(f"chunk_size={chunk_size!r} must be None or an int >= 1")
     teacher_hidden, teacher_weight = _as_tuple(teacher_hidden), _as_tuple(teacher_lm_head_weight)
     _check_hidden_shapes(
         student_hidden,
@@ -543,7 +597,7 @@ def self_distillation_loss_from_hidden(
     settings = _ChunkSettings(
         teacher_weight=tuple(w.detach() for w in teacher_weight),
         temperature=temperature,
-        chunk_size=chunk_size,
+        chunk_size=chunk_size or default_chunk_size(student_lm_head_weight.shape[0], dtype),
         dtype=dtype,
         return_entropy=return_entropy,
         grad_enabled=torch.is_grad_enabled(),

@@ -12,7 +12,9 @@ from safetensors.torch import load_file
 from sdpo_rl import SDPOConfig, SDPOTrainer
 from sdpo_rl import trainer as trainer_module
 from sdpo_rl.loss import (
+    CHUNK_BYTES,
     LOSS_AGG_MODES,
+    default_chunk_size,
     self_distillation_loss,
     self_distillation_loss_from_hidden,
     token_entropy,
@@ -329,3 +331,11 @@ def test_trainer_loss_from_hidden_states_equals_the_loss_from_logits(tmp_path, m
     for name in grads:
         torch.testing.assert_close(chunked_grads[name], grads[name], rtol=1e-4, atol=1e-7)
     assert chunked_entropies == pytest.approx(entropies, rel=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("vocab_size", "dtype"), [(151_936, torch.float32), (8_192, torch.float32), (300, torch.float64)]
+)
+def test_default_chunk_keeps_one_chunk_of_logits_just_under_the_budget(vocab_size, dtype):
+    chunk = default_chunk_size(vocab_size, dtype)
+    assert chunk * vocab_size * dtype.itemsize < CHUNK_BYTES <= (chunk + 1) * vocab_size * dtype.itemsize
