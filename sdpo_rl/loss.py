@@ -46,9 +46,12 @@ def token_entropy(logits: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def log_prob_entropy(log_probs: torch.Tensor) -> torch.Tensor:
-    """``-sum_v e^x_v x_v``, without gradient: log-probabilities ``[..., V]`` -> ``[...]`` (nats)."""
-    return -log_probs.exp().mul_(log_probs).sum(-1)
+def log_prob_entropy(log_probs: torch.Tensor, scratch: torch.Tensor | None = None) -> torch.Tensor:
+    """``-sum_v e^x_v x_v``, without gradient: log-probabilities ``[..., V]`` -> ``[...]`` (nats).
+
+    ``scratch``, a tensor of the same shape, is overwritten instead of allocating one.
+    """
+    return -torch.exp(log_probs, out=scratch).mul_(log_probs).sum(-1)
 
 
 def log_softmax_pair(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -394,13 +397,33 @@ class _ChunkSettings:
     loss_options: dict  # alpha, distillation_topk, ...: the keyword arguments of per_token_loss()
 
 
-def _project(hidden: Sequence[torch.Tensor], weight: Sequence[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
-    """``sum_i hidden_i @ weight_i.T`` in ``dtype``; each product runs in its weight's dtype, as the head would."""
-    logits = None
-    for h, w in zip(hidden, weight, strict=True):
-        term = (h.to(w.dtype) @ w.T).to(dtype)
-        logits = term if logits is None else logits.add_(term)
-    return logits
+@dataclass(frozen=True)
+class _ChunkBuffers:
+    """``[chunk, V]`` logits every chunk reuses: a fresh block that large is mapped and page-faulted each time."""
+
+    student_logits: torch.Tensor
+    teacher_logits: torch.Tensor
+
+    @classmethod
+    def allocate(cls, rows: int, vocab_size: int, like: torch.Tensor, dtype: torch.dtype) -> _ChunkBuffers:
+        return cls(*(like.new_empty(rows, vocab_size, dtype=dtype) for _ in range(2)))
+
+    def rows(self, count: int) -> _ChunkBuffers:
+        return _ChunkBuffers(self.student_logits[:count], self.teacher_logits[:count])
+
+
+def _project(hidden: Sequence[torch.Tensor], weight: Sequence[torch.Tensor], out: torch.Tensor) -> torch.Tensor:
+    """``out = sum_i hidden_i @ weight_i.T``, returned; each product runs in its weight's dtype, as the head would."""
+    for i, (h, w) in enumerate(zip(hidden, weight, strict=True)):
+        h = h.to(w.dtype)
+        if w.dtype != out.dtype:
+            product = h @ w.T
+            out.copy_(product) if i == 0 else out.add_(product)
+        elif i == 0:
+            torch.mm(h, w.T, out=out)
+        else:
+            out.addmm_(h, w.T)
+    return out
 
 
 def _aggregation_weights(mask: torch.Tensor, loss_agg_mode: str, normalizer: torch.Tensor | float | None):
@@ -426,6 +449,9 @@ class _ChunkedHeadLoss(torch.autograd.Function):
         loss = hidden.new_zeros((), dtype=settings.dtype)
         no_tokens = hidden.new_zeros(0, dtype=torch.float32)
         entropies = [(no_tokens, no_tokens)]  # (student, teacher) per chunk
+        buffers = _ChunkBuffers.allocate(
+            min(settings.chunk_size, hidden.shape[0]), weight.shape[0], hidden, settings.dtype
+        )
         for start in range(0, hidden.shape[0], settings.chunk_size):
             rows = slice(start, start + settings.chunk_size)
             chunk_loss, chunk_entropies = _chunk_step(
@@ -433,6 +459,7 @@ class _ChunkedHeadLoss(torch.autograd.Function):
                 weight,
                 tokens.rows(rows),
                 settings,
+                buffers.rows(hidden[rows].shape[0]),
                 None if grad_hidden is None else grad_hidden[rows],
                 grad_weight,
             )
@@ -463,17 +490,18 @@ def _tempered(logits: torch.Tensor, temperature: float) -> torch.Tensor:
     return logits if temperature == 1.0 else logits.div_(temperature)
 
 
-def _chunk_step(hidden, weight, chunk: _DistilledTokens, settings: _ChunkSettings, grad_hidden, grad_weight):
+def _chunk_step(
+    hidden, weight, chunk: _DistilledTokens, settings: _ChunkSettings, buffers: _ChunkBuffers, grad_hidden, grad_weight
+):
     """One chunk: its ``sum_t c_t l_t`` and ``[n]`` (student, teacher) entropies in a list (empty if not wanted).
 
-    Adds the chunk's gradients into ``grad_hidden`` (its rows) and ``grad_weight`` when they are given. Every
+    Adds the chunk's gradients into ``grad_hidden`` (its rows) and ``grad_weight`` when they are given. Every other
     ``[n, V]`` tensor lives only in here, so none is alive when the next chunk's are allocated.
     """
     # The leaf is the tempered logits: its gradient over the temperature is the projection's.
-    student_logits = _tempered(_project([hidden], [weight], settings.dtype), settings.temperature)
-    teacher_logits = _tempered(
-        _project(chunk.teacher_hidden, settings.teacher_weight, settings.dtype), settings.temperature
-    )
+    student_logits = _tempered(_project([hidden], [weight], buffers.student_logits), settings.temperature)
+    teacher_logits = _project(chunk.teacher_hidden, settings.teacher_weight, buffers.teacher_logits)
+    teacher_logits = _tempered(teacher_logits, settings.temperature)
     wants_grad = grad_hidden is not None or grad_weight is not None
     with torch.enable_grad():
         student_logits.requires_grad_(wants_grad)
@@ -482,7 +510,6 @@ def _chunk_step(hidden, weight, chunk: _DistilledTokens, settings: _ChunkSetting
             if settings.loss_options["full_logit_distillation"]
             else None
         )
-        entropies = _entropies(student_logits, teacher_logits, log_probs) if settings.return_entropy else []
         per_token = per_token_loss(
             student_logits,
             teacher_logits,
@@ -492,8 +519,9 @@ def _chunk_step(hidden, weight, chunk: _DistilledTokens, settings: _ChunkSetting
             log_probs=log_probs,
             **settings.loss_options,
         )
-        del teacher_logits, log_probs  # the backward below needs neither: free them first
         chunk_loss = (chunk.loss_weight * per_token).sum()
+    entropies = _entropies(student_logits, teacher_logits, log_probs) if settings.return_entropy else []
+    del log_probs  # the backward below needs the student's only: free the teacher's first
     if wants_grad:
         (grad_logits,) = torch.autograd.grad(chunk_loss, student_logits)
         grad_logits = _tempered(grad_logits, settings.temperature)
@@ -505,10 +533,15 @@ def _chunk_step(hidden, weight, chunk: _DistilledTokens, settings: _ChunkSetting
 
 
 def _entropies(student_logits, teacher_logits, log_probs) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """``[(student entropy, teacher entropy)]``, from the log-probabilities when the loss computed them."""
+    """``[(student entropy, teacher entropy)]``, once the chunk's loss is computed.
+
+    From the log-probabilities when the loss computed them; the teacher's logits are then no longer needed, and
+    their buffer is the scratch.
+    """
     if log_probs is None:
         return [(token_entropy(student_logits), token_entropy(teacher_logits))]
-    return [(log_prob_entropy(log_probs[0]).float(), log_prob_entropy(log_probs[1]).float())]
+    student, teacher = (log_prob_entropy(side, scratch=teacher_logits).float() for side in log_probs)
+    return [(student, teacher)]
 
 
 def default_chunk_size(vocab_size: int, dtype: torch.dtype) -> int:
