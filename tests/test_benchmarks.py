@@ -37,3 +37,36 @@ def test_learning_benchmark_quick_mode_writes_every_run(tmp_path):
 
     again = subprocess.run(command, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0 and "runs to do" not in again.stdout, "a rerun must skip finished runs"
+
+
+def run_quick(script, results):
+    command = [sys.executable, str(ROOT / "benchmarks" / script), "--quick", "--results", str(results)]
+    completed = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    return json.loads(results.read_text())
+
+
+@pytest.mark.slow
+def test_loss_memory_benchmark_quick_mode_measures_both_losses_and_finds_them_equal(tmp_path):
+    report = run_quick("loss_memory.py", tmp_path / "loss.json")
+    (row,) = report["table"]
+    for name in ("trl", "sdpo_rl", "sdpo_rl+entropy"):
+        assert row[name]["peak_extra_mib"] > 0 and row[name]["median_seconds"] > 0, name
+    assert row["sdpo_rl"]["memory_ratio"] > 0 and row["sdpo_rl"]["time_ratio"] > 0
+    assert all(report["equivalence"][name]["same"] for name in ("loss", "grad_hidden", "grad_head_weight"))
+    assert report["machine"]["cores"] >= 1 and report["command"].endswith(
+        "--quick --results " + str(tmp_path / "loss.json")
+    )
+
+
+@pytest.mark.slow
+def test_step_time_benchmark_quick_mode_times_every_trainer_with_and_without_teacher_signal(tmp_path):
+    report = run_quick("step_time.py", tmp_path / "steps.json")
+    assert {row["reward"] for row in report["table"]} == {"mixed", "zero"}
+    for row in report["table"]:
+        assert all(row["seconds"][name] > 0 for name in ("grpo", "sdpo", "trl_sdpo"))
+    for run in report["runs"]:
+        assert set(run["mean_completion_length"]) == {32.0}, "every completion must have exactly 32 tokens"
+        if run["trainer"] != "grpo":
+            assert set(run["reprompt_sample_fraction"]) == {1.0 if run["reward"] == "mixed" else 0.0}
+    assert {(t["reward"], t["ratio"]) for t in report["targets"]} == {("mixed", "sdpo / grpo"), ("zero", "sdpo / grpo")}

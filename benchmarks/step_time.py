@@ -1,0 +1,362 @@
+"""Training-step time of SDPO (sdpo_rl) vs GRPO (beta = 0) vs TRL's experimental SDPOTrainer, same model and batch.
+
+A random-weight Qwen2 (hidden 256, 4 layers) with a synthetic word-level tokenizer, trained on 8 prompts x 4
+completions x exactly 32 tokens per step (`min_new_tokens` = `max_completion_length`). Every trainer is timed the
+same way: a `TrainerCallback` takes the wall time from `on_step_begin` to `on_step_end`, which covers generation,
+rewards, teacher prompts, forwards, backward, the optimizer step and the teacher update; each run reports the median
+over its steps after one warm-up step. Each run is a fresh process; the runs of one setting go in turn, rotating
+their order every round, and each trainer's time is the median of its rounds' medians (2 rounds of 5 steps at the
+small vocabulary, 1 round of 3 steps at the large one).
+
+The reward controls the teacher signal: `mixed` gives 1 to every other completion, so that every group has two
+successes and every completion gets a peer's demonstration; `zero` gives 0 to all, so that no completion has a
+teacher signal (no success, no feedback).
+
+- `grpo`: `trl.GRPOTrainer`, beta = 0;
+- `sdpo`: `sdpo_rl.SDPOTrainer` with the default `SDPOConfig` (JSD alpha 0.5, top-100 + tail, EMA teacher);
+- `trl_sdpo`: `trl.experimental.sdpo.SDPOTrainer` with `distillation_mode="topk_logits"` and the same divergence,
+  K, tail, IS clip, EMA teacher and success threshold.
+
+Two vocabularies: 8,192 (the small-model comparison) and 151,936 (Qwen2.5's: where the `[B, T, V]` logits dominate).
+
+    python benchmarks/step_time.py            # both vocabularies (about 7 minutes on 2 cores)
+    python benchmarks/step_time.py --quick    # a smoke run (under a minute): small vocabulary, one timed step
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from loss_memory import machine  # noqa: E402
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+TRAINERS = ("grpo", "sdpo", "trl_sdpo")
+REWARDS = ("mixed", "zero")
+MODEL = dict(hidden_size=256, intermediate_size=1024, num_hidden_layers=4, num_attention_heads=4)
+BATCH = dict(prompts=8, num_generations=4, completion_tokens=32)
+DISTILLATION = dict(alpha=0.5, topk=100, add_tail=True, is_clip=2.0, teacher_update_rate=0.05)
+FULL = dict(vocab_sizes=(8_192, 151_936), timed_steps={8_192: 5, 151_936: 3}, rounds={8_192: 2, 151_936: 1})
+QUICK = dict(vocab_sizes=(8_192,), timed_steps={8_192: 1}, rounds={8_192: 1})
+# The issue's targets: a ratio of median step times in one setting, at most (or, `strict`, below) `limit`.
+TARGETS = (
+    dict(vocab_size=8_192, reward="mixed", ratio="sdpo / grpo", limit=1.15, strict=False),
+    dict(vocab_size=8_192, reward="zero", ratio="sdpo / grpo", limit=1.05, strict=False),
+    dict(vocab_size=151_936, reward="mixed", ratio="sdpo / trl_sdpo", limit=1.0, strict=True),
+)
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "[UNK]"]
+CHATML = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+COUNTRIES = ("France", "Japan", "Peru", "Kenya", "Chile", "Egypt", "Norway", "Vietnam")
+
+
+def make_tokenizer(vocab_size: int):
+    """A word-level tokenizer of exactly `vocab_size` tokens and a ChatML template.
+
+    The tokens: the special ones, the words of the prompts and of the teacher templates, then filler words `w0`,
+    `w1`, ..., which is what a random model's completions decode to.
+    """
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from sdpo_rl import SDPOConfig
+
+    config = SDPOConfig()
+    text = " ".join(
+        [config.solution_template, config.feedback_template, config.reprompt_template, "user assistant system"]
+        + [f"What is the capital of {country}?" for country in COUNTRIES]
+    )
+    words = [w for w, _ in pre_tokenizers.Whitespace().pre_tokenize_str(text)]
+    vocab = list(dict.fromkeys(SPECIAL_TOKENS + words))
+    vocab += [f"w{i}" for i in range(vocab_size - len(vocab))]
+    tokenizer = Tokenizer(models.WordLevel({token: i for i, token in enumerate(vocab)}, unk_token="[UNK]"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    wrapped = PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        unk_token="[UNK]",
+        padding_side="left",
+        additional_special_tokens=["<|im_start|>"],
+    )
+    wrapped.chat_template = CHATML
+    return wrapped
+
+
+def make_model(vocab_size: int, tokenizer, seed: int = 0):
+    import torch
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(seed)
+    config = Qwen2Config(
+        vocab_size=vocab_size,
+        num_key_value_heads=MODEL["num_attention_heads"],
+        max_position_embeddings=4096,
+        tie_word_embeddings=False,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=None,
+        **MODEL,
+    )
+    model = Qwen2ForCausalLM(config)
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    return model
+
+
+def make_dataset(steps: int):
+    from datasets import Dataset
+
+    prompts = [[{"role": "user", "content": f"What is the capital of {country}?"}] for country in COUNTRIES]
+    return Dataset.from_list([{"prompt": prompt} for prompt in prompts[: BATCH["prompts"]]] * steps)
+
+
+def mixed_reward(completions, **kwargs):
+    """1 for every other completion: two successes in each group of four, so every completion has a demonstration."""
+    return [1.0 if i % 2 == 0 else 0.0 for i in range(len(completions))]
+
+
+def zero_reward(completions, **kwargs):
+    """0 for all: no success and no feedback, so no completion has a teacher signal."""
+    return [0.0] * len(completions)
+
+
+def training_arguments(output_dir: str, steps: int) -> dict:
+    """The arguments every trainer's config gets: the same batch, generation, optimizer and schedule."""
+    return dict(
+        output_dir=output_dir,
+        per_device_train_batch_size=BATCH["prompts"] * BATCH["num_generations"],
+        num_generations=BATCH["num_generations"],
+        max_completion_length=BATCH["completion_tokens"],
+        generation_kwargs={"min_new_tokens": BATCH["completion_tokens"]},
+        temperature=1.0,
+        max_steps=steps,
+        learning_rate=1e-5,
+        gradient_checkpointing=False,
+        logging_steps=1,
+        report_to="none",
+        save_strategy="no",
+        use_cpu=True,
+        bf16=False,
+        seed=0,
+        disable_tqdm=True,
+    )
+
+
+def build_trainer(name: str, vocab_size: int, reward: str, steps: int, output_dir: str):
+    tokenizer = make_tokenizer(vocab_size)
+    # Given as a path to every trainer: TRL's experimental SDPOTrainer builds its teacher from the model's path.
+    model_path = str(Path(output_dir) / "model")
+    make_model(vocab_size, tokenizer).save_pretrained(model_path)
+    common = dict(
+        model=model_path,
+        processing_class=tokenizer,
+        reward_funcs=[mixed_reward if reward == "mixed" else zero_reward],
+        train_dataset=make_dataset(steps),
+    )
+    arguments = training_arguments(output_dir, steps)
+    if name == "grpo":
+        from trl import GRPOConfig, GRPOTrainer
+
+        return GRPOTrainer(args=GRPOConfig(beta=0.0, **arguments), **common)
+    if name == "sdpo":
+        from trl import GRPOConfig
+
+        from sdpo_rl import SDPOConfig, SDPOTrainer
+
+        sdpo_config = SDPOConfig(
+            alpha=DISTILLATION["alpha"],
+            distillation_topk=DISTILLATION["topk"],
+            distillation_add_tail=DISTILLATION["add_tail"],
+            is_clip=DISTILLATION["is_clip"],
+            teacher_update_rate=DISTILLATION["teacher_update_rate"],
+        )
+        return SDPOTrainer(args=GRPOConfig(beta=0.0, **arguments), sdpo_config=sdpo_config, **common)
+    from trl.experimental.sdpo import SDPOConfig as TRLSDPOConfig
+    from trl.experimental.sdpo import SDPOTrainer as TRLSDPOTrainer
+
+    config = TRLSDPOConfig(
+        distillation_mode="topk_logits",
+        distillation_alpha=DISTILLATION["alpha"],
+        distillation_topk=DISTILLATION["topk"],
+        distillation_add_tail=DISTILLATION["add_tail"],
+        distillation_is_clip=DISTILLATION["is_clip"],
+        teacher_model_kind="ema",
+        teacher_update_rate=DISTILLATION["teacher_update_rate"],
+        success_reward_threshold=1.0,
+        **arguments,
+    )
+    return TRLSDPOTrainer(args=config, **common)
+
+
+def step_seconds(name: str, vocab_size: int, reward: str, timed_steps: int) -> dict:
+    """Run in a fresh process: train one warm-up and `timed_steps` steps, timing each step with a callback."""
+    import torch
+    from transformers import TrainerCallback
+
+    class StepTimer(TrainerCallback):
+        def __init__(self):
+            self.seconds, self.started = [], None
+
+        def on_step_begin(self, args, state, control, **kwargs):
+            self.started = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kwargs):
+            self.seconds.append(time.perf_counter() - self.started)
+
+    with tempfile.TemporaryDirectory() as output_dir:
+        trainer = build_trainer(name, vocab_size, reward, 1 + timed_steps, output_dir)
+        timer = StepTimer()
+        trainer.add_callback(timer)
+        trainer.train()
+    history = trainer.state.log_history
+    return dict(
+        trainer=name,
+        vocab_size=vocab_size,
+        reward=reward,
+        warmup_seconds=timer.seconds[0],
+        seconds=timer.seconds[1:],
+        median_seconds=statistics.median(timer.seconds[1:]),
+        reprompt_sample_fraction=logged(history, "self_distillation/reprompt_sample_fraction"),
+        mean_completion_length=logged(history, "completions/mean_length"),
+        torch_threads=torch.get_num_threads(),
+    )
+
+
+def logged(history: list[dict], name: str) -> list[float]:
+    return [entry[name] for entry in history if name in entry]
+
+
+def in_fresh_process(task: dict) -> dict:
+    command = [sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(task)]
+    completed = subprocess.run(command, capture_output=True, text=True, check=False)
+    if completed.returncode != 0:
+        raise RuntimeError(f"worker {task} failed:\n{completed.stderr[-3000:]}")
+    return json.loads(completed.stdout.strip().splitlines()[-1])
+
+
+def summarise(runs: list[dict]) -> list[dict]:
+    """One row per (vocabulary, reward): each trainer's median step time and its ratio to GRPO's."""
+    rows = []
+    for vocab_size in dict.fromkeys(r["vocab_size"] for r in runs):
+        for reward in REWARDS:
+            medians = {
+                name: statistics.median(
+                    r["median_seconds"]
+                    for r in runs
+                    if (r["vocab_size"], r["reward"], r["trainer"]) == (vocab_size, reward, name)
+                )
+                for name in TRAINERS
+            }
+            row = dict(vocab_size=vocab_size, reward=reward, seconds={k: round(v, 3) for k, v in medians.items()})
+            row["sdpo / grpo"] = round(medians["sdpo"] / medians["grpo"], 3)
+            row["trl_sdpo / grpo"] = round(medians["trl_sdpo"] / medians["grpo"], 3)
+            row["sdpo / trl_sdpo"] = round(medians["sdpo"] / medians["trl_sdpo"], 3)
+            rows.append(row)
+    return rows
+
+
+def markdown(rows: list[dict]) -> str:
+    lines = [
+        "| vocabulary | reward (teacher signal) | GRPO s/step | SDPO s/step | TRL SDPO s/step | SDPO / GRPO "
+        "| TRL SDPO / GRPO | SDPO / TRL SDPO |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for row in rows:
+        seconds = row["seconds"]
+        signal = "mixed (all)" if row["reward"] == "mixed" else "zero (none)"
+        lines.append(
+            f"| {row['vocab_size']:,} | {signal} | {seconds['grpo']} | {seconds['sdpo']} | {seconds['trl_sdpo']} "
+            f"| {row['sdpo / grpo']}x | {row['trl_sdpo / grpo']}x | {row['sdpo / trl_sdpo']}x |"
+        )
+    return "\n".join(lines)
+
+
+def run(size: dict) -> dict:
+    """Every run in its own process, the trainers of a setting in turn; returns the report for the results JSON."""
+    started = time.time()
+    runs = []
+    for vocab_size in size["vocab_sizes"]:
+        for reward in REWARDS:
+            for round_index in range(size["rounds"][vocab_size]):
+                shift = round_index % len(TRAINERS)
+                for name in TRAINERS[shift:] + TRAINERS[:shift]:
+                    steps = size["timed_steps"][vocab_size]
+                    runs.append(
+                        in_fresh_process(dict(trainer=name, vocab_size=vocab_size, reward=reward, timed_steps=steps))
+                    )
+                    print(
+                        f"V={vocab_size} {reward} {name}: {runs[-1]['median_seconds']:.3f} s/step "
+                        f"(reprompt fraction {runs[-1]['reprompt_sample_fraction']})",
+                        flush=True,
+                    )
+    rows = summarise(runs)
+    return dict(
+        date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        machine=machine(),
+        model=MODEL,
+        batch=BATCH,
+        distillation=DISTILLATION,
+        table=rows,
+        targets=verdicts(rows),
+        runs=runs,
+        wall_seconds=round(time.time() - started),
+    )
+
+
+def verdicts(rows: list[dict]) -> list[dict]:
+    """Each target whose setting was measured, with the measured ratio and whether it is met."""
+    results = []
+    for target in TARGETS:
+        for row in rows:
+            if (row["vocab_size"], row["reward"]) == (target["vocab_size"], target["reward"]):
+                value = row[target["ratio"]]
+                met = value < target["limit"] if target["strict"] else value <= target["limit"]
+                results.append(dict(target, value=value, met=met))
+    return results
+
+
+def print_report(report: dict) -> None:
+    print(markdown(report["table"]))
+    for verdict in report["targets"]:
+        relation = "<" if verdict["strict"] else "<="
+        print(
+            f"target V={verdict['vocab_size']} {verdict['reward']}: {verdict['ratio']} {relation} {verdict['limit']}: "
+            f"{verdict['value']} {'met' if verdict['met'] else 'MISSED'}"
+        )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="a smoke run: small vocabulary, one timed step")
+    parser.add_argument("--results", type=Path, help="output JSON (default: results/step_time[_quick].json)")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        task = json.loads(args.worker)
+        print(json.dumps(step_seconds(task["trainer"], task["vocab_size"], task["reward"], task["timed_steps"])))
+        return
+    size = QUICK if args.quick else FULL
+    report = dict(command=" ".join(["python", "benchmarks/step_time.py", *sys.argv[1:]]), **run(size))
+    results_path = args.results or RESULTS_DIR / ("step_time_quick.json" if args.quick else "step_time.json")
+    results_path.parent.mkdir(parents=True, exist_ok=True)
+    results_path.write_text(json.dumps(report, indent=1))
+    print_report(report)
+    print(f"wrote {results_path} in {report['wall_seconds']} s")
+
+
+if __name__ == "__main__":
+    main()
