@@ -8,7 +8,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from sdpo_rl.loss import divergence, per_token_divergence, self_distillation_loss
+from sdpo_rl.loss import divergence, per_token_divergence, self_distillation_loss, self_distillation_loss_from_hidden
 
 PROPERTY_SETTINGS = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 alphas = st.sampled_from([0.0, 0.25, 0.5, 0.9, 1.0]) | st.floats(0.0, 1.0)
@@ -100,3 +100,35 @@ def test_teacher_equal_to_student_gives_zero_per_token_divergence(data, alpha, t
         full_logit_distillation=True,
     )
     assert divergences.abs().max() < 1e-12
+
+
+@PROPERTY_SETTINGS
+@given(inputs=loss_inputs(), hidden_size=st.integers(1, 6), chunk_size=st.integers(1, 7), temperature=st.floats(0.3, 3))
+def test_chunked_loss_from_hidden_states_equals_the_loss_from_logits(inputs, hidden_size, chunk_size, temperature):
+    generator = torch.Generator().manual_seed(hidden_size * 1000 + chunk_size)
+    batch, length, vocab = inputs["student_logits"].shape
+    student_hidden, teacher_hidden = (
+        torch.randn(batch, length, hidden_size, generator=generator, dtype=torch.float64) for _ in "st"
+    )
+    student_head, teacher_head = (
+        torch.randn(vocab, hidden_size, generator=generator, dtype=torch.float64) for _ in "st"
+    )
+    student_hidden.requires_grad_(True)
+    options = {k: v for k, v in inputs.items() if k not in ("student_logits", "teacher_logits")}
+    chunked = self_distillation_loss_from_hidden(
+        student_hidden,
+        student_head,
+        teacher_hidden,
+        teacher_head,
+        temperature=temperature,
+        chunk_size=chunk_size,
+        **options,
+    )
+    (chunked_grad,) = torch.autograd.grad(chunked, student_hidden) if chunked.requires_grad else (None,)
+    reference = self_distillation_loss(
+        student_hidden @ student_head.T / temperature, teacher_hidden @ teacher_head.T / temperature, **options
+    )
+    torch.testing.assert_close(chunked, reference, rtol=1e-6, atol=1e-9)
+    if chunked_grad is not None and reference.requires_grad:
+        (reference_grad,) = torch.autograd.grad(reference, student_hidden)
+        torch.testing.assert_close(chunked_grad, reference_grad, rtol=1e-6, atol=1e-9)
