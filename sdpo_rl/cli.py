@@ -49,6 +49,15 @@ _PLOTTED = (
 )
 
 
+def _method_name(grpo_weight: float) -> str:
+    """How the demo names what it trains: pure SDPO, the hybrid with its weight, or GRPO."""
+    if grpo_weight == 0.0:
+        return "SDPO"
+    if grpo_weight == 1.0:
+        return "GRPO (grpo_weight=1: no distillation)"
+    return f"the SDPO+GRPO hybrid (grpo_weight={grpo_weight:g})"
+
+
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """Shows defaults, except the uninformative None and False."""
 
@@ -232,8 +241,9 @@ def run_demo(args: argparse.Namespace) -> int:
     trainer.add_callback(_JsonlLogger(metrics_path))
 
     _say(
-        f"Training with SDPO for {args.max_steps} steps ({args.prompts_per_step} prompts x {args.num_generations} "
-        f"completions per step, learning rate {args.lr:g}) on {'GPU' if use_cuda else 'CPU'} ..."
+        f"Training with {_method_name(sdpo_config.grpo_weight)} for {args.max_steps} steps "
+        f"({args.prompts_per_step} prompts x {args.num_generations} completions per step, learning rate {args.lr:g}) "
+        f"on {'GPU' if use_cuda else 'CPU'} ..."
     )
     start = time.monotonic()
     trainer.train()

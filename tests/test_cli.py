@@ -111,3 +111,9 @@ def test_demo_smoke_run_one_step_on_the_real_model(tmp_path, capsys):
     except ImportError:
         return
     assert (tmp_path / "training_metrics.png").is_file()
+
+
+def test_the_demo_names_the_method_it_trains():
+    assert cli._method_name(0.0) == "SDPO"
+    assert cli._method_name(0.8) == "the SDPO+GRPO hybrid (grpo_weight=0.8)"
+    assert cli._method_name(1.0).startswith("GRPO")
