@@ -339,3 +339,20 @@ def test_trainer_loss_from_hidden_states_equals_the_loss_from_logits(tmp_path, m
 def test_default_chunk_keeps_one_chunk_of_logits_just_under_the_budget(vocab_size, dtype):
     chunk = default_chunk_size(vocab_size, dtype)
     assert chunk * vocab_size * dtype.itemsize < CHUNK_BYTES <= (chunk + 1) * vocab_size * dtype.itemsize
+
+
+def test_only_a_plain_bias_free_linear_head_with_untransformed_logits_takes_the_chunked_path():
+    from peft import LoraConfig, get_peft_model
+    from tiny import make_model, make_tokenizer
+
+    from sdpo_rl.teacher import linear_head
+
+    tokenizer = make_tokenizer()
+    model = make_model(tokenizer)
+    assert linear_head(model) is model.lm_head
+    assert linear_head(get_peft_model(make_model(tokenizer), LoraConfig(r=4, target_modules=["q_proj"]))) is not None
+    assert linear_head(get_peft_model(make_model(tokenizer), LoraConfig(r=4, target_modules=["lm_head"]))) is None
+    assert linear_head(make_model(tokenizer, final_logit_softcapping=30.0)) is None
+    with_bias = make_model(tokenizer)
+    with_bias.lm_head = torch.nn.Linear(with_bias.config.hidden_size, len(tokenizer), bias=True)
+    assert linear_head(with_bias) is None
