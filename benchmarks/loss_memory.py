@@ -26,13 +26,15 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import platform
 import resource
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from harness import in_fresh_process, machine, save_report  # noqa: E402
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 QWEN_HEAD = dict(hidden_size=896, vocab_size=151_936)  # Qwen2.5-0.5B
@@ -199,14 +201,6 @@ def check(length: int, head: dict) -> dict:
     return dict(length=length, **differences)
 
 
-def in_fresh_process(task: dict) -> dict:
-    command = [sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(task)]
-    completed = subprocess.run(command, capture_output=True, text=True, check=False)
-    if completed.returncode != 0:
-        raise RuntimeError(f"worker {task} failed:\n{completed.stderr[-3000:]}")
-    return json.loads(completed.stdout.strip().splitlines()[-1])
-
-
 def run_worker(task: dict) -> dict:
     if task["kind"] == "check":
         return check(task["length"], task["head"])
@@ -255,10 +249,10 @@ def run(size: dict, lengths: list[int], chunk_size: int | None) -> dict:
     for length in lengths:
         for implementation in IMPLEMENTATIONS:
             task = dict(kind="memory", implementation=implementation, length=length, head=size["head"])
-            memory.append(in_fresh_process(dict(task, chunk_size=chunk_size)))
+            memory.append(in_fresh_process(__file__, dict(task, chunk_size=chunk_size)))
             print(f"T={length} {implementation}: peak extra {memory[-1]['peak_extra_mib']:.0f} MiB", flush=True)
         task = dict(kind="time", length=length, head=size["head"], repeats=size["repeats"], chunk_size=chunk_size)
-        timing.append(in_fresh_process(task))
+        timing.append(in_fresh_process(__file__, task))
         print(f"T={length} seconds: {timing[-1]['seconds']}", flush=True)
     rows = summarise(memory, timing)
     return dict(
@@ -269,7 +263,7 @@ def run(size: dict, lengths: list[int], chunk_size: int | None) -> dict:
         chunk_size=chunk_size or sdpo_rl_chunk_size(size["head"]),
         table=rows,
         targets=verdicts(rows),
-        equivalence=in_fresh_process(dict(kind="check", length=size["check_length"], head=size["head"])),
+        equivalence=in_fresh_process(__file__, dict(kind="check", length=size["check_length"], head=size["head"])),
         memory=memory,
         timing=timing,
         wall_seconds=round(time.time() - started),
@@ -322,8 +316,7 @@ def main() -> None:
         **run(size, args.lengths or list(size["lengths"]), args.chunk_size),
     )
     results_path = args.results or RESULTS_DIR / ("loss_memory_quick.json" if args.quick else "loss_memory.json")
-    results_path.parent.mkdir(parents=True, exist_ok=True)
-    results_path.write_text(json.dumps(report, indent=1))
+    save_report(report, results_path)
     print_report(report)
     print(f"wrote {results_path} in {report['wall_seconds']} s")
 
@@ -334,22 +327,6 @@ def sdpo_rl_chunk_size(head: dict) -> int:
     from sdpo_rl.loss import default_chunk_size
 
     return default_chunk_size(head["vocab_size"], torch.float32)
-
-
-def machine() -> dict:
-    """The CPU model, the cores this process may use, and torch's default thread count."""
-    import os
-
-    import torch
-
-    with open("/proc/cpuinfo") as cpuinfo:
-        models = [line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name")]
-    return dict(
-        cpu=models[0] if models else platform.machine(),
-        cores=len(os.sched_getaffinity(0)),
-        torch_threads=torch.get_num_threads(),
-        torch=torch.__version__,
-    )
 
 
 if __name__ == "__main__":

@@ -29,7 +29,6 @@ import argparse
 import datetime
 import json
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -37,7 +36,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from loss_memory import machine  # noqa: E402
+from harness import in_fresh_process, machine, save_report  # noqa: E402
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 TRAINERS = ("grpo", "sdpo", "trl_sdpo")
@@ -240,14 +239,6 @@ def logged(history: list[dict], name: str) -> list[float]:
     return [entry[name] for entry in history if name in entry]
 
 
-def in_fresh_process(task: dict) -> dict:
-    command = [sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(task)]
-    completed = subprocess.run(command, capture_output=True, text=True, check=False)
-    if completed.returncode != 0:
-        raise RuntimeError(f"worker {task} failed:\n{completed.stderr[-3000:]}")
-    return json.loads(completed.stdout.strip().splitlines()[-1])
-
-
 def summarise(runs: list[dict]) -> list[dict]:
     """One row per (vocabulary, reward): each trainer's median step time and its ratio to GRPO's."""
     rows = []
@@ -295,9 +286,8 @@ def run(size: dict) -> dict:
                 shift = round_index % len(TRAINERS)
                 for name in TRAINERS[shift:] + TRAINERS[:shift]:
                     steps = size["timed_steps"][vocab_size]
-                    runs.append(
-                        in_fresh_process(dict(trainer=name, vocab_size=vocab_size, reward=reward, timed_steps=steps))
-                    )
+                    task = dict(trainer=name, vocab_size=vocab_size, reward=reward, timed_steps=steps)
+                    runs.append(in_fresh_process(__file__, task))
                     print(
                         f"V={vocab_size} {reward} {name}: {runs[-1]['median_seconds']:.3f} s/step "
                         f"(reprompt fraction {runs[-1]['reprompt_sample_fraction']})",
@@ -352,8 +342,7 @@ def main() -> None:
     size = QUICK if args.quick else FULL
     report = dict(command=" ".join(["python", "benchmarks/step_time.py", *sys.argv[1:]]), **run(size))
     results_path = args.results or RESULTS_DIR / ("step_time_quick.json" if args.quick else "step_time.json")
-    results_path.parent.mkdir(parents=True, exist_ok=True)
-    results_path.write_text(json.dumps(report, indent=1))
+    save_report(report, results_path)
     print_report(report)
     print(f"wrote {results_path} in {report['wall_seconds']} s")
 
