@@ -9,145 +9,34 @@ Every teacher answers three questions behind one small interface:
 - `update(student)`: what happens after each optimizer step;
 - `state_tensors()`: the named tensors that must be saved with a checkpoint to rebuild the teacher exactly.
 
-Modes (spec section 4, docs/teachers.md):
+Modes (docs/teachers.md):
 
 - `ema`: a full copy of the initial weights, moved toward the student after each step;
 - `frozen`: the initial weights (a copy, or the base model with the adapter disabled for a PEFT student);
 - `lora_ema`: a second LoRA adapter on the student's own base model, EMA-updated from the student's adapter;
 - `trust_region`: logits `(1 - r) z_ref + r z_theta` of the initial and the current weights, no weights of its own.
 
-Sharded training (docs/distributed.md). The EMA updates each process's local shards in place, as the reference does
-with FSDP: two parameters of the same shape are sharded alike (DeepSpeed ZeRO-3 splits every flattened parameter
-evenly over the processes, FSDP2 splits dim 0), so the elementwise update of the shards is the update of the whole
-tensors, with no communication. That holds for `lora_ema`, whose adapter lives in the sharded student; a full copy of
-the weights (`ema`, or `frozen`/`trust_region` without PEFT) is not sharded and is refused under ZeRO-3 and FSDP.
+Sharded training (docs/distributed.md): the EMA updates each process's local shards in place (`sdpo_rl.sharding`).
+That holds for `lora_ema`, whose adapter lives in the sharded student; a full copy of the weights (`ema`, or
+`frozen`/`trust_region` without PEFT) is not sharded and is refused under ZeRO-3 and FSDP.
+
+Checkpoints: `sdpo_rl.teacher_checkpoint` saves and restores `state_tensors()`.
 """
 
 from __future__ import annotations
 
 import copy
-import json
-import os
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 
 import torch
-from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .config import SDPOConfig
-
-try:
-    from torch.distributed.tensor import DTensor
-except ImportError:  # a PyTorch build without distributed support: nothing can be a DTensor
-    DTensor = ()
+from .forward import HeadInputs, no_grad_head_inputs, no_grad_logits
+from .sharding import is_sharded, local_shard, paired_shards, parameter_sharding
 
 TEACHER_ADAPTER_NAME = "sdpo_teacher"
-TEACHER_WEIGHTS_FILE = "teacher.safetensors"
-TEACHER_INFO_FILE = "teacher.json"
-# Config fields of models whose logits are a transform of the head's projection (soft-capping, scaling), as read by
-# TRL's fused LM head: the loss from hidden states would miss the transform, so these models use the logits.
-_LOGIT_TRANSFORM_FIELDS = (
-    "final_logit_softcapping",
-    "logit_scale",
-    "output_multiplier",
-    "lm_head_multiplier",
-    "logits_scaling",
-)
-
-
-def completion_logits(
-    model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, logits_to_keep: int
-) -> torch.Tensor:
-    """Logits `[B, logits_to_keep, V]` that predict the last `logits_to_keep` tokens of `input_ids: [B, L]`.
-
-    The model returns the logits of the last `logits_to_keep + 1` positions; the last one predicts the token after
-    the sequence and is dropped, so position t predicts `input_ids[:, L - logits_to_keep + t]`.
-    """
-    outputs = model(
-        input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=logits_to_keep + 1, use_cache=False
-    )
-    return outputs.logits[:, :-1, :]
-
-
-@dataclass(frozen=True)
-class HeadInputs:
-    """Logits given as ``sum_i hidden[i] @ weight[i].T``: hidden states ``[B, T, H_i]``, head weights ``[V, H_i]``.
-
-    One term for a model's own head; two for the trust-region teacher's mixture of two models' logits.
-    """
-
-    hidden: tuple[torch.Tensor, ...]
-    weight: tuple[torch.Tensor, ...]
-
-
-def linear_head(model: nn.Module) -> nn.Linear | None:
-    """The output head if `model`'s logits are exactly a bias-free `nn.Linear` of its final hidden states, else None.
-
-    None as well for a head that is a subclass or wrapper (PEFT LoRA or `modules_to_save`, quantised layers), a
-    sharded head weight (its full value exists only inside the model's forward), and models whose config transforms
-    the projection (`_LOGIT_TRANSFORM_FIELDS`).
-    """
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    if type(head) is not nn.Linear or head.bias is not None or is_sharded(head.weight):
-        return None
-    config = getattr(model, "config", None)
-    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
-    if any(getattr(text_config, field, None) not in (None, 1.0) for field in _LOGIT_TRANSFORM_FIELDS):
-        return None
-    return head
-
-
-def completion_hidden(
-    model: nn.Module, head: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, logits_to_keep: int
-) -> torch.Tensor:
-    """Final hidden states ``[B, logits_to_keep, H]`` whose projection by `head` is `completion_logits`.
-
-    Runs `model`'s own forward, so that its wrappers (DDP, PEFT, gradient checkpointing) still apply, with a pre-hook
-    on `head` that keeps the head's input and hands it an empty slice instead: no position is projected.
-    """
-    inputs = []
-
-    def keep_input(module, args):
-        inputs.append(args[0])
-        return (args[0][:, :0], *args[1:])
-
-    handle = head.register_forward_pre_hook(keep_input)
-    try:
-        model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=logits_to_keep + 1, use_cache=False)
-    finally:
-        handle.remove()
-    if len(inputs) != 1:
-        raise RuntimeError(f"The output head ran {len(inputs)} times in one forward of {type(model).__name__}.")
-    return inputs[0][:, -(logits_to_keep + 1) : -1]
-
-
-@contextmanager
-def eval_mode(module: nn.Module) -> Iterator[None]:
-    """Run `module` in eval mode (no dropout) and restore its previous mode afterwards."""
-    was_training = module.training
-    module.eval()
-    try:
-        yield
-    finally:
-        module.train(was_training)
-
-
-def no_grad_logits(model: nn.Module, input_ids, attention_mask, logits_to_keep: int) -> torch.Tensor:
-    """`completion_logits` of `model` in eval mode, without gradient."""
-    with torch.no_grad(), eval_mode(model):
-        return completion_logits(model, input_ids, attention_mask, logits_to_keep)
-
-
-def no_grad_head_inputs(model: nn.Module, input_ids, attention_mask, logits_to_keep: int) -> HeadInputs:
-    """`completion_hidden` of `model` in eval mode, without gradient, with its head's weight."""
-    head = linear_head(model)
-    if head is None:
-        raise ValueError(f"The output head of {type(model).__name__} is not a plain linear layer: use its logits.")
-    with torch.no_grad(), eval_mode(model):
-        hidden = completion_hidden(model, head, input_ids, attention_mask, logits_to_keep)
-    return HeadInputs((hidden,), (head.weight,))
 
 
 def is_peft_model(model: nn.Module) -> bool:
@@ -177,74 +66,73 @@ def detached_copy(model: nn.Module) -> nn.Module:
     return teacher
 
 
-def _fsdp1_flattened(param: torch.Tensor) -> bool:
-    return getattr(param, "_fsdp_flattened", False)
-
-
-def is_sharded(param: torch.Tensor) -> bool:
-    """Whether only a shard of `param` lives on this process (DeepSpeed ZeRO-3, FSDP2 DTensor, FSDP1 flat)."""
-    return hasattr(param, "ds_tensor") or isinstance(param.data, DTensor) or _fsdp1_flattened(param)
-
-
-def local_shard(param: torch.Tensor) -> torch.Tensor:
-    """The part of `param` this process holds, as a plain tensor sharing its storage: all of it unless sharded.
-
-    DeepSpeed ZeRO-3 keeps the shard in `param.ds_tensor` (`param.data` is an empty placeholder outside forward);
-    an FSDP2 parameter is a DTensor whose shard is `to_local()`.
-    """
-    if hasattr(param, "ds_tensor"):
-        return param.ds_tensor
-    return param.data.to_local() if isinstance(param.data, DTensor) else param.data
-
-
-def parameter_sharding() -> str | None:
-    """How this accelerate run shards parameters over processes: "DeepSpeed ZeRO-3", "FSDP1", "FSDP2" or None."""
-    from accelerate.state import AcceleratorState
-    from accelerate.utils import DistributedType
-
-    if not AcceleratorState._shared_state:  # no accelerate run configured (a teacher built outside a trainer)
-        return None
-    state = AcceleratorState()
-    if state.distributed_type == DistributedType.FSDP:
-        return "FSDP2" if state.is_fsdp2 else "FSDP1"
-    if state.distributed_type == DistributedType.DEEPSPEED and state.deepspeed_plugin.zero_stage == 3:
-        return "DeepSpeed ZeRO-3"
-    return None
-
-
-def paired_shards(
-    teacher: dict[str, torch.Tensor], student: dict[str, torch.Tensor]
-) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """The local shards of each (teacher, student) pair of parameters, matched by name.
-
-    Parameters are looked up when called, not kept: FSDP2 replaces a module's parameters when it shards it, so kept
-    ones would be stale. Raises when the names differ or a pair's shards do not line up (one side sharded, or FSDP1's
-    flattening, where the shards of two parameters hold unrelated elements).
-    """
-    if teacher.keys() != student.keys():
-        raise RuntimeError("The teacher does not have the same parameters as the student.")
-    pairs = []
-    for name, teacher_param in teacher.items():
-        teacher_shard, student_shard = local_shard(teacher_param), local_shard(student[name])
-        flattened = _fsdp1_flattened(teacher_param) or _fsdp1_flattened(student[name])
-        if teacher_shard.shape != student_shard.shape or flattened:
-            raise ValueError(
-                f"The teacher's and the student's local shards of {name} do not line up (shapes "
-                f"{tuple(teacher_shard.shape)} and {tuple(student_shard.shape)}, sharded: {is_sharded(teacher_param)} "
-                f"and {is_sharded(student[name])}), so the EMA cannot update them in place. Under DeepSpeed ZeRO-3 or "
-                "FSDP2 use a PEFT student with teacher_mode='lora_ema', 'frozen' or 'trust_region'; FSDP1 is not "
-                "supported (set fsdp_version: 2). See docs/distributed.md."
-            )
-        pairs.append((teacher_shard, student_shard))
-    return pairs
-
-
 @torch.no_grad()
 def ema_update_(pairs: list[tuple[torch.Tensor, torch.Tensor]], rate: float) -> None:
     """theta_T <- (1 - rate) theta_T + rate theta_S for every (teacher, student) pair, in place, in one fused op."""
     teacher = [t for t, _ in pairs]
     student = [s.to(t.dtype) for t, s in pairs]
     torch._foreach_lerp_(teacher, student, rate)
+
+
+def _below_float32(tensor: torch.Tensor) -> bool:
+    return tensor.is_floating_point() and torch.finfo(tensor.dtype).bits < 32
+
+
+class FloatEMA:
+    """The EMA of the teacher's weights toward the student's, accumulated in float32 whatever the weights' dtype.
+
+    In bfloat16 most EMA steps round away: at rate 0.05, ``r (theta_S - theta_T)`` is below half a bfloat16 ulp of
+    ``theta_T`` unless the student moved by more than about 8% of a weight's magnitude, so a bf16 teacher barely
+    follows the student. A teacher whose weights are below float32 therefore keeps a float32 master copy of each
+    local shard, takes the step there, and runs its forward with the master's rounded value; float32 weights are their
+    own master (no extra memory). Parameters are looked up by name at every call (FSDP2 replaces them).
+    """
+
+    def __init__(self, teacher_params: dict[str, torch.Tensor], rate: float):
+        self.rate = rate
+        self.master = {
+            name: local_shard(param).detach().float().clone()
+            for name, param in teacher_params.items()
+            if _below_float32(param)
+        }
+
+    def _accumulators(self, teacher_params: dict[str, torch.Tensor]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """(accumulator, teacher shard) per parameter: the float32 master where there is one, else the shard."""
+        pairs = []
+        for name, param in teacher_params.items():
+            shard = local_shard(param)
+            if name in self.master and self.master[name].device != shard.device:
+                self.master[name] = self.master[name].to(shard.device)  # the teacher was moved to the training device
+            pairs.append((self.master.get(name, shard), shard))
+        return pairs
+
+    @torch.no_grad()
+    def step(self, teacher_params: dict[str, torch.Tensor], student_params: dict[str, torch.Tensor]) -> None:
+        """One EMA step of every teacher parameter toward the student's parameter of the same name."""
+        students = [student for _, student in paired_shards(teacher_params, student_params)]
+        accumulators = self._accumulators(teacher_params)
+        ema_update_([(acc, student) for (acc, _), student in zip(accumulators, students, strict=True)], self.rate)
+        self._round_into(accumulators)
+
+    @staticmethod
+    def _round_into(accumulators: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        for accumulator, shard in accumulators:
+            if accumulator is not shard:
+                shard.copy_(accumulator)
+
+    def state(self, teacher_params: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """What a checkpoint stores: the float32 master where there is one (a sharded parameter stays as it is)."""
+        return {
+            name: self.master[name] if name in self.master and not is_sharded(param) else param
+            for name, param in teacher_params.items()
+        }
+
+    @torch.no_grad()
+    def restore(self, teacher_params: dict[str, torch.Tensor], saved: dict[str, torch.Tensor]) -> None:
+        """Load a checkpoint's `state` into the masters and the weights."""
+        for name, tensor in self.state(teacher_params).items():
+            tensor.copy_(saved[name])
+        self._round_into(self._accumulators(teacher_params))
 
 
 class Teacher:
@@ -271,11 +159,18 @@ class Teacher:
         """Named tensors that rebuild this teacher exactly when loaded back into a fresh one."""
         return {}
 
+    @torch.no_grad()
+    def load_state_tensors(self, saved: dict[str, torch.Tensor]) -> None:
+        """Restore what `state_tensors()` returned, from tensors with the same names."""
+        for name, tensor in self.state_tensors().items():
+            tensor.copy_(saved[name])
+
 
 class CopiedWeightsTeacher(Teacher):
     """A separate copy of the student's initial weights, EMA-updated at `rate` (rate 0 = frozen).
 
-    Memory: one more full set of weights (no gradients, no optimizer state).
+    Memory: one more full set of weights (no gradients, no optimizer state), plus their float32 master copy when
+    the weights are in a lower precision and the rate is not 0 (`FloatEMA`).
     """
 
     def __init__(self, student: nn.Module, rate: float):
@@ -289,8 +184,8 @@ class CopiedWeightsTeacher(Teacher):
                 "fine-tuning. See docs/distributed.md."
             )
         self.model = detached_copy(student)
-        self.rate = rate
         paired_shards(dict(self.model.named_parameters()), dict(student.named_parameters()))
+        self.ema = FloatEMA(dict(self.model.named_parameters()), rate) if rate > 0.0 else None
 
     def completion_logits(self, student, input_ids, attention_mask, logits_to_keep):
         return no_grad_logits(self.model, input_ids, attention_mask, logits_to_keep)
@@ -299,8 +194,8 @@ class CopiedWeightsTeacher(Teacher):
         return no_grad_head_inputs(self.model, input_ids, attention_mask, logits_to_keep)
 
     def update(self, student: nn.Module) -> None:
-        if self.rate > 0.0:
-            ema_update_(paired_shards(dict(self.model.named_parameters()), dict(student.named_parameters())), self.rate)
+        if self.ema is not None:
+            self.ema.step(dict(self.model.named_parameters()), dict(student.named_parameters()))
 
     def to(self, device: torch.device) -> None:
         # Under DeepSpeed or FSDP the trainer leaves the student on the CPU until training starts, so the copy made at
@@ -308,7 +203,14 @@ class CopiedWeightsTeacher(Teacher):
         self.model.to(device)
 
     def state_tensors(self) -> dict[str, torch.Tensor]:
-        return dict(self.model.named_parameters())
+        params = dict(self.model.named_parameters())
+        return params if self.ema is None else self.ema.state(params)
+
+    def load_state_tensors(self, saved: dict[str, torch.Tensor]) -> None:
+        if self.ema is None:
+            super().load_state_tensors(saved)
+        else:
+            self.ema.restore(dict(self.model.named_parameters()), saved)
 
 
 class AdapterDisabledTeacher(Teacher):
@@ -333,7 +235,6 @@ class LoraEMATeacher(Teacher):
     """
 
     def __init__(self, student: nn.Module, rate: float):
-        self.rate = rate
         self.student = student
         self.student_adapter = student.active_adapter
         student.add_adapter(TEACHER_ADAPTER_NAME, copy.deepcopy(student.peft_config[self.student_adapter]))
@@ -345,6 +246,7 @@ class LoraEMATeacher(Teacher):
                 teacher_shard.copy_(student_shard)
         for param in teacher_params.values():
             param.requires_grad_(False)
+        self.ema = FloatEMA(teacher_params, rate)
 
     def _adapter_parameters(self, student: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
         """The teacher's and the student's adapter parameters, both keyed by the student parameter's name.
@@ -374,14 +276,17 @@ class LoraEMATeacher(Teacher):
             return no_grad_head_inputs(student, input_ids, attention_mask, logits_to_keep)
 
     def update(self, student: nn.Module) -> None:
-        ema_update_(paired_shards(*self._adapter_parameters(student)), self.rate)
+        self.ema.step(*self._adapter_parameters(student))
 
     def state_tensors(self) -> dict[str, torch.Tensor]:
-        return self._adapter_parameters(self.student)[0]
+        return self.ema.state(self._adapter_parameters(self.student)[0])
+
+    def load_state_tensors(self, saved: dict[str, torch.Tensor]) -> None:
+        self.ema.restore(self._adapter_parameters(self.student)[0], saved)
 
 
 class TrustRegionTeacher(Teacher):
-    """Teacher logits `(1 - r) z_ref + r z_theta` on the teacher prompt (spec section 4).
+    """Teacher logits `(1 - r) z_ref + r z_theta` on the teacher prompt (docs/teachers.md).
 
     `z_ref` comes from the initial weights (`reference`), `z_theta` from the current student, both without gradient.
     At temperature 1 this is the geometric mixture pi_ref^(1 - r) pi_theta^r, a teacher that cannot drift further
@@ -412,18 +317,6 @@ class TrustRegionTeacher(Teacher):
 
     def state_tensors(self) -> dict[str, torch.Tensor]:
         return self.reference.state_tensors()
-
-
-@contextmanager
-def hidden_teacher_adapter(model: nn.Module) -> Iterator[None]:
-    """Hide the `lora_ema` teacher adapter from PEFT while saving, so `save_pretrained` writes the student only."""
-    peft_config = getattr(model, "peft_config", None)
-    hidden = peft_config.pop(TEACHER_ADAPTER_NAME, None) if is_peft_model(model) else None
-    try:
-        yield
-    finally:
-        if hidden is not None:
-            peft_config[TEACHER_ADAPTER_NAME] = hidden
 
 
 def _require_lora(student: nn.Module) -> None:
@@ -471,41 +364,3 @@ def build_teacher(config: SDPOConfig, student: nn.Module) -> Teacher:
             )
         return CopiedWeightsTeacher(student, rate=rate)
     raise ValueError(f"SDPOConfig.teacher_mode={mode!r} has no teacher implementation.")
-
-
-def save_teacher(teacher: Teacher, directory: str, mode: str) -> None:
-    """Write the teacher's state to `directory` (`teacher.safetensors` and `teacher.json`)."""
-    state = teacher.state_tensors()
-    sharded = [name for name, tensor in state.items() if is_sharded(tensor)]
-    if sharded:
-        raise NotImplementedError(
-            f"The teacher's {sharded[0]} is sharded over processes (DeepSpeed ZeRO-3 or FSDP2), and saving a sharded "
-            "teacher with a checkpoint is not supported: train with save_strategy='no' and save the final student "
-            "with trainer.save_model(), or use DDP / ZeRO-1/2 to checkpoint the teacher (docs/distributed.md)."
-        )
-    os.makedirs(directory, exist_ok=True)
-    tensors = {name: t.detach().contiguous().cpu() for name, t in state.items()}
-    save_file(tensors, os.path.join(directory, TEACHER_WEIGHTS_FILE))
-    with open(os.path.join(directory, TEACHER_INFO_FILE), "w") as f:
-        json.dump({"teacher_mode": mode, "tensors": len(tensors)}, f)
-
-
-def load_teacher(teacher: Teacher, directory: str, mode: str) -> None:
-    """Restore what `save_teacher` wrote, in place; the saved mode and tensor names must match this teacher."""
-    with open(os.path.join(directory, TEACHER_INFO_FILE)) as f:
-        saved_mode = json.load(f)["teacher_mode"]
-    if saved_mode != mode:
-        raise ValueError(
-            f"The checkpoint's teacher at {directory} was saved with teacher_mode={saved_mode!r}, but this run uses "
-            f"teacher_mode={mode!r}. Resume with the same SDPOConfig.teacher_mode."
-        )
-    saved = load_file(os.path.join(directory, TEACHER_WEIGHTS_FILE))
-    current = teacher.state_tensors()
-    if saved.keys() != current.keys():
-        raise ValueError(
-            f"The checkpoint's teacher at {directory} has {len(saved)} tensors that do not match this teacher's "
-            f"{len(current)}: was it saved for another model?"
-        )
-    with torch.no_grad():
-        for name, tensor in current.items():
-            tensor.copy_(saved[name])

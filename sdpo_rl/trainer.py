@@ -38,6 +38,7 @@ from trl.trainer.utils import pad
 from . import _trl_compat
 from .config import SDPOConfig
 from .feedback import FEEDBACK_COLUMN, ReturnRecorder, collect_feedback, record_returns, snapshot_feedback
+from .forward import HeadInputs, completion_hidden, completion_logits, linear_head
 from .loss import self_distillation_loss, self_distillation_loss_from_hidden, token_entropy
 from .metrics import PREFIX, teacher_signal_metrics
 from .monitor import ADVICE, collapse_signs
@@ -47,17 +48,8 @@ from .reprompt import (
     render_teacher_prompt,
     select_teacher_signals,
 )
-from .teacher import (
-    HeadInputs,
-    Teacher,
-    build_teacher,
-    completion_hidden,
-    completion_logits,
-    hidden_teacher_adapter,
-    linear_head,
-    load_teacher,
-    save_teacher,
-)
+from .teacher import Teacher, build_teacher
+from .teacher_checkpoint import hidden_teacher_adapter, load_teacher, save_teacher
 
 TEACHER_DIR = "teacher"
 logger = logging.getLogger(__name__)

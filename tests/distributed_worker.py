@@ -30,7 +30,8 @@ from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor
 
 from sdpo_rl import SDPOConfig, SDPOTrainer
-from sdpo_rl.teacher import TEACHER_ADAPTER_NAME, CopiedWeightsTeacher, LoraEMATeacher, local_shard
+from sdpo_rl.sharding import local_shard
+from sdpo_rl.teacher import TEACHER_ADAPTER_NAME, CopiedWeightsTeacher, LoraEMATeacher
 
 GLOBAL_BATCH = 12
 NUM_GENERATIONS = 4

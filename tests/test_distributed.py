@@ -20,7 +20,9 @@ from tiny import make_model, make_tokenizer
 
 import sdpo_rl.teacher as teacher_module
 from sdpo_rl import SDPOConfig
-from sdpo_rl.teacher import Teacher, build_teacher, ema_update_, paired_shards, save_teacher
+from sdpo_rl.sharding import paired_shards
+from sdpo_rl.teacher import Teacher, build_teacher, ema_update_
+from sdpo_rl.teacher_checkpoint import save_teacher
 
 PROCESSES = 2
 # Logged once per micro-batch as the mean over that micro-batch's tokens: with several micro-batches per step they

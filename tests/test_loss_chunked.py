@@ -345,7 +345,7 @@ def test_only_a_plain_bias_free_linear_head_with_untransformed_logits_takes_the_
     from peft import LoraConfig, get_peft_model
     from tiny import make_model, make_tokenizer
 
-    from sdpo_rl.teacher import linear_head
+    from sdpo_rl.forward import linear_head
 
     tokenizer = make_tokenizer()
     model = make_model(tokenizer)

@@ -10,7 +10,8 @@ from transformers import TrainerCallback
 from trl import GRPOTrainer
 
 from sdpo_rl import SDPOConfig, SDPOTrainer
-from sdpo_rl.teacher import TEACHER_ADAPTER_NAME, completion_logits
+from sdpo_rl.forward import completion_logits
+from sdpo_rl.teacher import TEACHER_ADAPTER_NAME
 
 LORA = dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.0)
 

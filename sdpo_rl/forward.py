@@ -1,0 +1,121 @@
+"""Model forwards that return what the loss needs at the completion positions: logits, or final hidden states.
+
+The student's forward (with gradient) and every teacher's (without) go through these helpers, so that both score
+exactly the same positions. For a model whose logits are a plain linear projection of its final hidden states
+(`linear_head`), `completion_hidden` returns those hidden states instead, and the loss projects them a chunk of tokens
+at a time (`sdpo_rl.loss_chunked`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .sharding import is_sharded
+
+# Config fields of models whose logits are a transform of the head's projection (soft-capping, scaling), as read by
+# TRL's fused LM head: the loss from hidden states would miss the transform, so these models use the logits.
+_LOGIT_TRANSFORM_FIELDS = (
+    "final_logit_softcapping",
+    "logit_scale",
+    "output_multiplier",
+    "lm_head_multiplier",
+    "logits_scaling",
+)
+
+
+def completion_logits(
+    model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, logits_to_keep: int
+) -> torch.Tensor:
+    """Logits `[B, logits_to_keep, V]` that predict the last `logits_to_keep` tokens of `input_ids: [B, L]`.
+
+    The model returns the logits of the last `logits_to_keep + 1` positions; the last one predicts the token after
+    the sequence and is dropped, so position t predicts `input_ids[:, L - logits_to_keep + t]`.
+    """
+    outputs = model(
+        input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=logits_to_keep + 1, use_cache=False
+    )
+    return outputs.logits[:, :-1, :]
+
+
+@dataclass(frozen=True)
+class HeadInputs:
+    """Logits given as ``sum_i hidden[i] @ weight[i].T``: hidden states ``[B, T, H_i]``, head weights ``[V, H_i]``.
+
+    One term for a model's own head; two for the trust-region teacher's mixture of two models' logits.
+    """
+
+    hidden: tuple[torch.Tensor, ...]
+    weight: tuple[torch.Tensor, ...]
+
+
+def linear_head(model: nn.Module) -> nn.Linear | None:
+    """The output head if `model`'s logits are exactly a bias-free `nn.Linear` of its final hidden states, else None.
+
+    None as well for a head that is a subclass or wrapper (PEFT LoRA or `modules_to_save`, quantised layers), a
+    sharded head weight (its full value exists only inside the model's forward), and models whose config transforms
+    the projection (`_LOGIT_TRANSFORM_FIELDS`).
+    """
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if type(head) is not nn.Linear or head.bias is not None or is_sharded(head.weight):
+        return None
+    config = getattr(model, "config", None)
+    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    if any(getattr(text_config, field, None) not in (None, 1.0) for field in _LOGIT_TRANSFORM_FIELDS):
+        return None
+    return head
+
+
+def completion_hidden(
+    model: nn.Module, head: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, logits_to_keep: int
+) -> torch.Tensor:
+    """Final hidden states ``[B, logits_to_keep, H]`` whose projection by `head` is `completion_logits`.
+
+    Runs `model`'s own forward, so that its wrappers (DDP, PEFT, gradient checkpointing) still apply, with a pre-hook
+    on `head` that keeps the head's input and hands it an empty slice instead: no position is projected.
+    """
+    inputs = []
+
+    def keep_input(module, args):
+        inputs.append(args[0])
+        return (args[0][:, :0], *args[1:])
+
+    handle = head.register_forward_pre_hook(keep_input)
+    try:
+        model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=logits_to_keep + 1, use_cache=False)
+    finally:
+        handle.remove()
+    if len(inputs) != 1:
+        raise RuntimeError(f"The output head ran {len(inputs)} times in one forward of {type(model).__name__}.")
+    return inputs[0][:, -(logits_to_keep + 1) : -1]
+
+
+@contextmanager
+def eval_mode(module: nn.Module) -> Iterator[None]:
+    """Run `module` in eval mode (no dropout) and restore its previous mode afterwards."""
+    was_training = module.training
+    module.eval()
+    try:
+        yield
+    finally:
+        module.train(was_training)
+
+
+def no_grad_logits(model: nn.Module, input_ids, attention_mask, logits_to_keep: int) -> torch.Tensor:
+    """`completion_logits` of `model` in eval mode, without gradient."""
+    with torch.no_grad(), eval_mode(model):
+        return completion_logits(model, input_ids, attention_mask, logits_to_keep)
+
+
+def no_grad_head_inputs(model: nn.Module, input_ids, attention_mask, logits_to_keep: int) -> HeadInputs:
+    """`completion_hidden` of `model` in eval mode, without gradient, with its head's weight."""
+    head = linear_head(model)
+    if head is None:
+        raise ValueError(f"The output head of {type(model).__name__} is not a plain linear layer: use its logits.")
+    with torch.no_grad(), eval_mode(model):
+        hidden = completion_hidden(model, head, input_ids, attention_mask, logits_to_keep)
+    return HeadInputs((hidden,), (head.weight,))
