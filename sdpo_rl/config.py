@@ -1,7 +1,7 @@
 """`SDPOConfig`: every SDPO setting, its default, and its validation.
 
-Defaults follow the project's contract (spec section 7). Every field is validated when the config is built, and a
-bad value raises `ValueError` naming the field, the value and what is allowed.
+Defaults are the reference's, except where docs/deviations.md says otherwise. Every field is validated when the
+config is built, and a bad value raises `ValueError` naming the field, the value and what is allowed.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The SDPO self-distillation loss (docs: SDPO.md section 3). Pure tensor math, no model or trainer code.
+"""The SDPO self-distillation loss (docs/how-it-works.md section 4). Pure tensor math, no model or trainer code.
 
 Notation: ``B`` completions, ``T`` completion tokens, ``V`` vocabulary size, ``H`` hidden size. Logits arrive already
 divided by the sampling temperature. ``s = log_softmax(student_logits)``, ``q = log_softmax(teacher_logits)`` and

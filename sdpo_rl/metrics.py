@@ -1,4 +1,4 @@
-"""The `self_distillation/*` metrics of one generation batch (spec section 6), from plain Python values."""
+"""The `self_distillation/*` metrics of one generation batch, from plain Python values (docs/how-it-works.md §6)."""
 
 from __future__ import annotations
 

@@ -1,6 +1,7 @@
 """The teacher prompt ("reprompt") of SDPO: which signal each completion gets and how it is rendered.
 
-Pure functions, no trainer or model code (spec section 2, deviations D1 and D2).
+Pure functions, no trainer or model code (docs/how-it-works.md sections 2-3; deviations D1 and D2 in
+docs/deviations.md).
 
 Demonstration. Completions come in groups of ``num_generations`` consecutive entries that share a prompt (TRL's
 layout). A completion is successful when its reward is ``>= success_reward_threshold`` (a NaN reward never is). The

@@ -66,7 +66,7 @@ class _Rollout:
 
 
 class _TeacherUpdateCallback(TrainerCallback):
-    """Updates the teacher after every optimizer step (spec section 4)."""
+    """Updates the teacher after every optimizer step (docs/teachers.md)."""
 
     def __init__(self, trainer: SDPOTrainer):
         self.trainer = trainer
@@ -277,7 +277,7 @@ class SDPOTrainer(GRPOTrainer):
         self._metrics[mode][PREFIX + name].append((totals[0] / totals[1]).item() if totals[1] > 0 else math.nan)
 
     def _self_distillation_loss(self, model, inputs) -> torch.Tensor:
-        """The distillation loss of the completions with a teacher signal (spec section 3).
+        """The distillation loss of the completions with a teacher signal (docs/how-it-works.md section 4).
 
         For a model whose output head is a plain linear layer (`linear_head`) the models return final hidden states
         and the loss projects them a chunk of tokens at a time, so that no `[B, T, V]` logits are materialised;
@@ -290,9 +290,9 @@ class SDPOTrainer(GRPOTrainer):
             completion_mask = completion_mask * inputs["tool_mask"]
         self_distillation_mask = inputs["self_distillation_mask"]
 
-        # Only completions with a teacher signal are forwarded (spec D3). Without any, one row still runs through the
-        # student so the loss is a zero connected to the model (every process must take part in backward), and the
-        # teacher does not run at all.
+        # Only completions with a teacher signal are forwarded (deviation D3 in docs/deviations.md). Without any, one
+        # row still runs through the student so the loss is a zero connected to the model (every process must take
+        # part in backward), and the teacher does not run at all.
         rows = self_distillation_mask.nonzero().squeeze(1)
         has_signal = rows.numel() > 0
         if not has_signal:
@@ -419,7 +419,7 @@ class SDPOTrainer(GRPOTrainer):
             self._collapse_warned = True
             logger.warning("SDPO may be collapsing: %s. %s", "; ".join(signs), ADVICE)
 
-    # ---- 6. checkpoints: the teacher is saved with every checkpoint and restored on resume (spec D4) -----------------
+    # ---- 6. checkpoints: the teacher is saved with every checkpoint and restored on resume (deviation D4) ------------
 
     def _save_checkpoint(self, model, trial):
         super()._save_checkpoint(model, trial)
