@@ -86,6 +86,36 @@ class SDPOConfig:
             "0 = pure SDPO, 1 = pure GRPO (no teacher is built, same as enabled=False)."
         },
     )
+    sample_routing: bool = field(
+        default=False,
+        metadata={
+            "help": "SRPO's sample routing: failed completions with a teacher signal get the distillation loss only, "
+            "every other completion TRL's GRPO loss; both share one token denominator. Needs grpo_weight=0 and a "
+            "GRPOConfig.loss_type normalised by the batch's token count ('dapo', 'cispo' or 'vespo')."
+        },
+    )
+    teacher_entropy_weighting: float | None = field(
+        default=None,
+        metadata={
+            "help": "SRPO's entropy weighting: beta > 0 weights each distilled token by exp(-beta * H_teacher), "
+            "normalised to mean 1 over the generation batch (the paper uses 1.0); None = off."
+        },
+    )
+    pass_rate_weighting: bool = field(
+        default=False,
+        metadata={
+            "help": "SC-SDPO's pass-rate weighting: each prompt's distillation loss is weighted by sqrt(p(1 - p)), p "
+            "its group's success rate this step, normalised to mean 1 over the distilled completions."
+        },
+    )
+    hindsight_contrast: float | None = field(
+        default=None,
+        metadata={
+            "help": "Hindsight contrast (this library's hypothesis): gamma > 0 distils toward z_S + gamma * "
+            "(z_teacher - z_frame), z_frame the teacher on the same reprompt with the demonstration and feedback "
+            "emptied, so that the reprompt's frame cancels; None = off (the plain teacher)."
+        },
+    )
     apply_chat_template_kwargs: dict[str, Any] = field(
         default_factory=dict,
         metadata={
@@ -179,6 +209,18 @@ class SDPOConfig:
         _check_choice("reprompt_truncation", self.reprompt_truncation, REPROMPT_TRUNCATIONS)
         for name, placeholders in TEMPLATE_PLACEHOLDERS.items():
             _check_template(name, getattr(self, name), placeholders)
+        for name in ("sample_routing", "pass_rate_weighting"):
+            if not isinstance(getattr(self, name), bool):
+                _reject(name, getattr(self, name), "True or False")
+        for name in ("teacher_entropy_weighting", "hindsight_contrast"):
+            if getattr(self, name) is not None:
+                _check_number(name, getattr(self, name), 0.0, math.inf, low_open=True)
+        if self.sample_routing and self.grpo_weight != 0.0:
+            raise ValueError(
+                f"SDPOConfig.sample_routing=True with grpo_weight={self.grpo_weight!r}: routing already gives every "
+                "completion that is not distilled TRL's GRPO loss, with no mixing weight. Set grpo_weight=0.0, or "
+                "sample_routing=False for the blended hybrid."
+            )
         if not self.full_logit_distillation and self.alpha != 1.0:
             raise ValueError(
                 f"SDPOConfig.full_logit_distillation=False (sampled-token distillation) needs alpha=1.0, got "

@@ -137,6 +137,15 @@ def select_teacher_signals(
     return signals
 
 
+def without_hindsight(signal: TeacherSignal) -> TeacherSignal:
+    """The same signal with its demonstration and feedback emptied: the reprompt's frame, sub-template text kept."""
+    return replace(
+        signal,
+        demonstration=None if signal.demonstration is None else "",
+        feedback=None if signal.feedback is None else "",
+    )
+
+
 def build_reprompt_text(
     prompt_text: str, signal: TeacherSignal, *, solution_template: str, feedback_template: str, reprompt_template: str
 ) -> str:
@@ -301,12 +310,7 @@ def render_teacher_prompt(
 
     # The fixed part keeps the sub-templates' own text (e.g. "Correct solution:") around an empty demonstration and
     # feedback, since truncation can empty those texts but never drops a section.
-    emptied = replace(
-        signal,
-        demonstration=None if signal.demonstration is None else "",
-        feedback=None if signal.feedback is None else "",
-    )
-    fixed_length = len(render(emptied)[1])
+    fixed_length = len(render(without_hindsight(signal))[1])
     lengths = (
         f"the teacher prompt of sample {sample_index} has {len(ids)} tokens, its fixed part (prompt, template text and "
         f"chat scaffolding, without demonstration and feedback) {fixed_length}, max_reprompt_length is "

@@ -23,6 +23,7 @@ import logging
 import math
 import os
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import torch
@@ -38,8 +39,8 @@ from trl.trainer.utils import pad
 from . import _trl_compat
 from .config import SDPOConfig
 from .feedback import FEEDBACK_COLUMN, ReturnRecorder, collect_feedback, record_returns, snapshot_feedback
-from .forward import HeadInputs, completion_hidden, completion_logits, linear_head
-from .loss import self_distillation_loss, self_distillation_loss_from_hidden, token_entropy
+from .forward import HeadInputs, captured_final_hidden, completion_hidden, completion_logits, linear_head
+from .loss import default_chunk_size, self_distillation_loss, self_distillation_loss_from_hidden, token_entropy
 from .metrics import PREFIX, teacher_signal_metrics
 from .monitor import ADVICE, collapse_signs
 from .reprompt import (
@@ -47,11 +48,23 @@ from .reprompt import (
     check_prompts_end_with_user_turn,
     render_teacher_prompt,
     select_teacher_signals,
+    without_hindsight,
+)
+from .stabilisers import (
+    entropy_weights,
+    head_entropy,
+    normalise_to_mean_one,
+    pass_rate_weights,
+    routed_to_distillation,
 )
 from .teacher import Teacher, build_teacher
 from .teacher_checkpoint import hidden_teacher_adapter, load_teacher, save_teacher
 
 TEACHER_DIR = "teacher"
+# Dataset columns through which TRL feeds images to vision-language models; SDPO's forwards carry no images.
+IMAGE_COLUMNS = {"image", "images"}
+# GRPO losses normalised by the generation batch's token count (`num_items_in_batch`), the denominator routing shares.
+ROUTING_LOSS_TYPES = ("dapo", "cispo", "vespo")
 logger = logging.getLogger(__name__)
 
 
@@ -92,13 +105,7 @@ class SDPOTrainer(GRPOTrainer):
         arguments = inspect.signature(GRPOTrainer.__init__).bind(self, *args, **kwargs)
         if isinstance(arguments.arguments.get("reward_funcs"), list):  # GRPOTrainer edits the list it is given
             arguments.arguments["reward_funcs"] = list(arguments.arguments["reward_funcs"])
-        grpo_config = arguments.arguments.get("args")
-        if sdpo_config.distills and sdpo_config.grpo_weight == 0.0 and grpo_config is not None and grpo_config.beta:
-            raise ValueError(
-                f"GRPOConfig.beta={grpo_config.beta} weights a KL penalty of the GRPO loss, which pure SDPO replaces, "
-                "so it would be silently ignored. Set beta=0.0, or SDPOConfig(grpo_weight=...) > 0 to keep a GRPO "
-                "term (the hybrid), or SDPOConfig(enabled=False) to train with GRPO."
-            )
+        _check_grpo_config(sdpo_config, arguments.arguments.get("args"))
         self.sdpo_config = dataclasses.replace(sdpo_config)  # a private copy: later edits of the caller's do nothing
         self._sdpo_rollout: _Rollout | None = None
         self._last_grad_norm_finite = True
@@ -106,6 +113,7 @@ class SDPOTrainer(GRPOTrainer):
         super().__init__(*arguments.args[1:], **arguments.kwargs)
         _trl_compat.check_trainer_attributes(self)
         self._check_chat_template()
+        self._check_supported_inputs()
         # Keep each reward function's returned values, to read the feedback of `Scored` rewards.
         self.reward_funcs = [f if isinstance(f, nn.Module) else record_returns(f) for f in self.reward_funcs]
         self.teacher: Teacher | None = None
@@ -124,6 +132,29 @@ class SDPOTrainer(GRPOTrainer):
                 f"({type(self._tokenizer).__name__}) has no chat template and GRPOConfig.chat_template is not set. "
                 "Use a chat (instruct) model's tokenizer, set tokenizer.chat_template, or give plain-text prompts."
             )
+
+    def _check_supported_inputs(self) -> None:
+        """Refuse, at construction, what the distillation loss would silently drop: images and MoE balancing."""
+        if not self.sdpo_config.distills:
+            return
+        for name, dataset in (("train_dataset", self.train_dataset), ("eval_dataset", self.eval_dataset)):
+            datasets = dataset.values() if isinstance(dataset, dict) else [dataset]
+            columns = {c for d in datasets if d is not None for c in (getattr(d, "column_names", None) or [])}
+            if columns & IMAGE_COLUMNS:
+                raise ValueError(
+                    f"The {name} has an image column ({', '.join(sorted(columns & IMAGE_COLUMNS))}), but SDPOTrainer "
+                    "supports text prompts only: the teacher prompt and both distillation forwards carry no image "
+                    "inputs. Train vision-language data with GRPOTrainer, or drop the image column."
+                )
+        if _uses_grpo_term(self.sdpo_config) or not self.aux_loss_enabled:
+            return
+        raise ValueError(
+            f"{type(self.accelerator.unwrap_model(self.model)).__name__} is a Mixture-of-Experts model whose "
+            f"load-balancing loss (router_aux_loss_coef={self.router_aux_loss_coef}) GRPOTrainer adds to its GRPO "
+            "loss, which pure SDPO replaces, so it would be silently dropped. Set "
+            "GRPOConfig(router_aux_loss_coef=0.0) to train without it, or keep TRL's loss term with "
+            "SDPOConfig(sample_routing=True) or grpo_weight > 0."
+        )
 
     # ---- 1. rewards: keep what the teacher needs -------------------------------------------------------------------
 
@@ -152,10 +183,16 @@ class SDPOTrainer(GRPOTrainer):
         if rollout is None:
             raise RuntimeError("SDPOTrainer: the reward step did not run before the batch was built.")
         check_prompts_end_with_user_turn(rollout.prompts)
-        batch.update(self._build_teacher_batch(rollout, batch["completion_mask"]))
+        if "pixel_values" in batch:
+            raise ValueError(
+                "This batch carries images (pixel_values), but SDPOTrainer supports text prompts only: the teacher "
+                "prompt and both distillation forwards carry no image inputs. Train vision-language data with "
+                "GRPOTrainer."
+            )
+        batch.update(self._build_teacher_batch(rollout, batch))
         return batch
 
-    def _build_teacher_batch(self, rollout: _Rollout, completion_mask: torch.Tensor) -> dict[str, Any]:
+    def _build_teacher_batch(self, rollout: _Rollout, batch: dict[str, Any]) -> dict[str, Any]:
         config = self.sdpo_config
         mode = "train" if self.model.training else "eval"
         num_generations = self.num_generations if mode == "train" else self.num_generations_eval
@@ -166,6 +203,7 @@ class SDPOTrainer(GRPOTrainer):
         rewards_per_func = rollout.rewards_per_func
         rewards = (rewards_per_func * self.reward_weights.to(rewards_per_func.device)).nansum(dim=1)
         rewards[torch.isnan(rewards_per_func).all(dim=1)] = math.nan
+        rewards = rewards.tolist()
 
         # Demonstrations are searched over the whole group, which may span processes: gather texts and feedback.
         local_count = len(rollout.prompts)
@@ -173,7 +211,7 @@ class SDPOTrainer(GRPOTrainer):
         feedback = gather_object(rollout.feedback)
         signals = select_teacher_signals(
             texts,
-            rewards.tolist(),
+            rewards,
             feedback,
             num_generations,
             success_reward_threshold=config.success_reward_threshold,
@@ -182,16 +220,43 @@ class SDPOTrainer(GRPOTrainer):
             include_environment_feedback=config.include_environment_feedback,
             environment_feedback_only_without_solution=config.environment_feedback_only_without_solution,
         )
+        distilled = [s.has_signal for s in signals]
+        if config.sample_routing:
+            distilled = routed_to_distillation(rewards, distilled, config.success_reward_threshold)
         start = self.accelerator.process_index * local_count
-        local_signals = signals[start : start + local_count]
+        local = slice(start, start + local_count)
 
+        teacher_prompts = self._render_teacher_prompts(rollout.prompts, signals[local], distilled[local], start)
+        outputs = self._pad_prompts(teacher_prompts, "teacher_prompt")
+        if config.hindsight_contrast is not None:
+            frames = [without_hindsight(s) for s in signals[local]]
+            frame_prompts = self._render_teacher_prompts(rollout.prompts, frames, distilled[local], start)
+            outputs.update(self._pad_prompts(frame_prompts, "frame_prompt"))
+        outputs["self_distillation_mask"] = torch.tensor([float(d) for d in distilled[local]], device=device)
+
+        # Normaliser of the loss over the whole generation batch, so that accumulated micro-batches sum to the loss
+        # of one big batch (see `_compute_loss`). With routing both losses share it: every valid token counts.
+        valid = batch["completion_mask"] * batch.get("tool_mask", 1)
+        counted = valid if config.sample_routing else valid * outputs["self_distillation_mask"].unsqueeze(1)
+        local_items = counted.sum() if config.loss_agg_mode == "token-mean" else (counted.sum(1) > 0).sum().float()
+        outputs["num_self_distillation_items"] = self.accelerator.gather(local_items.reshape(1)).sum()
+
+        weight = self._distillation_weights(rewards, distilled, num_generations, local, {**batch, **outputs})
+        if weight is not None:
+            outputs["self_distillation_weight"] = weight
+        self._log_teacher_metrics(mode, signals, rewards, feedback, num_generations, teacher_prompts, distilled)
+        return outputs
+
+    def _render_teacher_prompts(self, prompts, signals, distilled, start: int) -> list[TeacherPrompt | None]:
+        """The teacher prompt of each local completion that is distilled (None for the others)."""
+        config = self.sdpo_config
         template_kwargs = {
             "chat_template": self.chat_template,
             "tools": self.tools or None,
             **self.chat_template_kwargs,
             **config.apply_chat_template_kwargs,
         }
-        teacher_prompts: list[TeacherPrompt | None] = [
+        return [
             render_teacher_prompt(
                 prompt,
                 signal,
@@ -204,38 +269,69 @@ class SDPOTrainer(GRPOTrainer):
                 reprompt_truncation=config.reprompt_truncation,
                 sample_index=start + i,
             )
-            if signal.has_signal
+            if is_distilled
             else None
-            for i, (prompt, signal) in enumerate(zip(rollout.prompts, local_signals, strict=True))
+            for i, (prompt, signal, is_distilled) in enumerate(zip(prompts, signals, distilled, strict=True))
         ]
 
-        ids = [torch.tensor(p.input_ids if p else [], dtype=torch.long) for p in teacher_prompts]
+    def _pad_prompts(self, prompts: list[TeacherPrompt | None], name: str) -> dict[str, torch.Tensor]:
+        """``{name}_ids`` and ``{name}_mask``: the prompts left-padded to ``[B, P]`` (an empty row for None)."""
+        ids = [torch.tensor(p.input_ids if p else [], dtype=torch.long) for p in prompts]
         masks = [torch.ones_like(row) for row in ids]
-        if max(len(row) for row in ids) == 0:  # no teacher signal here: keep one padding column
+        if max(len(row) for row in ids) == 0:  # no teacher prompt here: keep one padding column
             ids[0] = torch.tensor([self._tokenizer.pad_token_id])
             masks[0] = torch.zeros(1, dtype=torch.long)
-        teacher_prompt_ids = pad(ids, padding_value=self._tokenizer.pad_token_id, padding_side="left").to(device)
-        teacher_prompt_mask = pad(masks, padding_value=0, padding_side="left").to(device)
-        self_distillation_mask = torch.tensor([float(s.has_signal) for s in local_signals], device=device)
-
-        # Normaliser of the loss over the whole generation batch, so that accumulated micro-batches sum to the loss
-        # of one big batch (see `_compute_loss`).
-        active = completion_mask * self_distillation_mask.unsqueeze(1)
-        local_items = active.sum() if config.loss_agg_mode == "token-mean" else (active.sum(1) > 0).sum().float()
-        num_items = self.accelerator.gather(local_items.reshape(1)).sum()
-
-        self._log_teacher_metrics(mode, signals, rewards.tolist(), feedback, num_generations, teacher_prompts)
+        device = self.accelerator.device
         return {
-            "teacher_prompt_ids": teacher_prompt_ids,
-            "teacher_prompt_mask": teacher_prompt_mask,
-            "self_distillation_mask": self_distillation_mask,
-            "num_self_distillation_items": num_items,
+            f"{name}_ids": pad(ids, padding_value=self._tokenizer.pad_token_id, padding_side="left").to(device),
+            f"{name}_mask": pad(masks, padding_value=0, padding_side="left").to(device),
         }
 
-    def _log_teacher_metrics(self, mode, signals, rewards, feedback, num_generations, teacher_prompts) -> None:
+    def _distillation_weights(self, rewards, distilled, num_generations, local: slice, batch) -> torch.Tensor | None:
+        """``[B, T]`` weights of the distilled tokens (mean 1 over the generation batch), or None when unweighted."""
+        config = self.sdpo_config
+        mask = batch["self_distillation_mask"].unsqueeze(1) * batch["completion_mask"] * batch.get("tool_mask", 1)
+        weight = None
+        if config.pass_rate_weighting:
+            rates = pass_rate_weights(rewards, distilled, num_generations, config.success_reward_threshold)
+            weight = torch.tensor(rates[local], device=mask.device).unsqueeze(1) * mask
+        if config.teacher_entropy_weighting is not None:
+            raw = entropy_weights(self._teacher_entropy(batch), config.teacher_entropy_weighting)
+            totals = self.accelerator.reduce(torch.stack([(raw * mask).sum(), mask.sum()]).float(), reduction="sum")
+            entropy_weight = normalise_to_mean_one(raw, mask, totals[0], totals[1])
+            weight = entropy_weight if weight is None else weight * entropy_weight
+        return weight
+
+    def _teacher_entropy(self, batch) -> torch.Tensor:
+        """``[B, T]`` entropy of the teacher's next-token distributions (0 where nothing is distilled), no gradient.
+
+        Computed when the batch is built, with one more teacher forward per distilled completion, because its
+        normalisation spans the whole generation batch, which the loss sees one micro-batch at a time.
+        """
+        entropy = torch.zeros(batch["completion_ids"].shape, device=self.accelerator.device)
+        rows = batch["self_distillation_mask"].nonzero().squeeze(1)
+        step = self.args.per_device_train_batch_size
+        student = self.accelerator.unwrap_model(self.model)
+        for part in rows.split(step):
+            completion_ids, completion_mask, teacher = self._teacher_outputs(student, batch, part)
+            active = completion_mask > 0
+            if isinstance(teacher, HeadInputs):
+                chunk = default_chunk_size(teacher.weight[0].shape[0], torch.float32)
+                values = head_entropy([h[active] for h in teacher.hidden], teacher.weight, self.temperature, chunk)
+            else:
+                values = token_entropy(teacher / self.temperature)[active]
+            entropy[part] = torch.zeros_like(completion_mask, dtype=entropy.dtype).masked_scatter(active, values)
+        return entropy
+
+    def _log_teacher_metrics(
+        self, mode, signals, rewards, feedback, num_generations, teacher_prompts, distilled
+    ) -> None:
         metrics = teacher_signal_metrics(
             signals, rewards, feedback, num_generations, self.sdpo_config.success_reward_threshold
         )
+        if self.sdpo_config.sample_routing:
+            metrics[PREFIX + "routed_sdpo_fraction"] = sum(distilled) / len(distilled)
+            metrics[PREFIX + "routed_grpo_fraction"] = 1.0 - sum(distilled) / len(distilled)
         every_process_prompts = gather_object(teacher_prompts)
         rendered = [p for p in every_process_prompts if p is not None]
         metrics[PREFIX + "teacher_prompt_length_mean"] = (
@@ -249,17 +345,36 @@ class SDPOTrainer(GRPOTrainer):
     # ---- 3. the loss -----------------------------------------------------------------------------------------------
 
     def _compute_loss(self, model, inputs):
-        """The SDPO loss; with `grpo_weight` = w in (0, 1), the blend w * GRPO loss + (1 - w) * SDPO loss."""
+        """The SDPO loss; or, with TRL's GRPO loss as a second term, the routed sum or the `grpo_weight` blend.
+
+        With both terms, one student forward serves both when the model's head is a plain linear layer: TRL's loss
+        runs the forward, and the distillation loss reads the final hidden states it produced.
+        """
         if self.teacher is None:
             return super()._compute_loss(model, inputs)
-        loss = self._self_distillation_loss(model, inputs)
-        weight = self.sdpo_config.grpo_weight
-        if weight == 0.0:
-            return loss
-        # TRL's own GRPO loss, with its own student forward, normalisation and accumulation scaling.
-        grpo_loss = super()._compute_loss(model, inputs)
+        config = self.sdpo_config
+        if not _uses_grpo_term(config):
+            return self._self_distillation_loss(model, inputs)
+        grpo_inputs = inputs
+        if config.sample_routing:  # GRPO's loss masks the distilled rows; they keep attending, as tool outputs do
+            routed_to_grpo = (1.0 - inputs["self_distillation_mask"]).unsqueeze(1)
+            grpo_inputs = {**inputs, "tool_mask": inputs.get("tool_mask", 1) * routed_to_grpo}
+        student = self.accelerator.unwrap_model(model)
+        if linear_head(student) is None:
+            grpo_loss = super()._compute_loss(model, grpo_inputs)
+            distillation_loss = self._self_distillation_loss(model, inputs)
+        else:
+            with captured_final_hidden(student) as captured:
+                grpo_loss = super()._compute_loss(model, grpo_inputs)
+            if len(captured) != 1:
+                raise RuntimeError(f"TRL's GRPO loss ran the student's backbone {len(captured)} times, expected once.")
+            logits_to_keep = inputs["completion_ids"].size(1)
+            student_hidden = captured[0][:, -(logits_to_keep + 1) : -1]
+            distillation_loss = self._self_distillation_loss(model, inputs, student_hidden)
         self._log_loss_metric("grpo_loss", grpo_loss)
-        return weight * grpo_loss + (1.0 - weight) * loss
+        if config.sample_routing:  # both terms are already sums over one shared token count
+            return grpo_loss + distillation_loss
+        return config.grpo_weight * grpo_loss + (1.0 - config.grpo_weight) * distillation_loss
 
     def _log_loss_metric(self, name: str, loss: torch.Tensor) -> None:
         """Log a loss term as its value for the whole optimizer step (not this micro-batch's share of it)."""
@@ -276,74 +391,50 @@ class SDPOTrainer(GRPOTrainer):
         totals = self.accelerator.reduce(torch.stack([(values * mask).sum(), mask.sum()]).float(), reduction="sum")
         self._metrics[mode][PREFIX + name].append((totals[0] / totals[1]).item() if totals[1] > 0 else math.nan)
 
-    def _self_distillation_loss(self, model, inputs) -> torch.Tensor:
-        """The distillation loss of the completions with a teacher signal (docs/how-it-works.md section 4).
+    def _self_distillation_loss(self, model, inputs, student_hidden: torch.Tensor | None = None) -> torch.Tensor:
+        """The distillation loss of the distilled completions (docs/how-it-works.md section 4).
 
-        For a model whose output head is a plain linear layer (`linear_head`) the models return final hidden states
-        and the loss projects them a chunk of tokens at a time, so that no `[B, T, V]` logits are materialised;
-        other models go through their logits.
+        For a model whose output head is a plain linear layer (`linear_head`) the loss projects final hidden states a
+        chunk of tokens at a time, so that no `[B, T, V]` logits are materialised; other models go through their
+        logits. `student_hidden` (``[B, T, H]``, at the completion positions of every row) comes from a forward that
+        already ran; without it the student runs its own forward on the distilled rows.
         """
         config = self.sdpo_config
         mode = "train" if self.model.training else "eval"
-        completion_ids, completion_mask = inputs["completion_ids"], inputs["completion_mask"]
-        if "tool_mask" in inputs:
-            completion_mask = completion_mask * inputs["tool_mask"]
-        self_distillation_mask = inputs["self_distillation_mask"]
-
-        # Only completions with a teacher signal are forwarded (deviation D3 in docs/deviations.md). Without any, one
-        # row still runs through the student so the loss is a zero connected to the model (every process must take
-        # part in backward), and the teacher does not run at all.
-        rows = self_distillation_mask.nonzero().squeeze(1)
+        # Only distilled completions are forwarded (deviation D3 in docs/deviations.md). Without any, one row still
+        # runs through the student so the loss is a zero connected to the model (every process must take part in
+        # backward), and the teacher does not run at all.
+        rows = inputs["self_distillation_mask"].nonzero().squeeze(1)
         has_signal = rows.numel() > 0
         if not has_signal:
             rows = rows.new_zeros(1)
-        completion_ids, completion_mask = completion_ids[rows], completion_mask[rows]
-        logits_to_keep = completion_ids.size(1)
-        student_ids = torch.cat([inputs["prompt_ids"][rows], completion_ids], dim=1)
-        student_mask = torch.cat([inputs["prompt_mask"][rows], completion_mask], dim=1)
-        if has_signal:
-            teacher_ids, teacher_prompt_mask = _drop_shared_padding(
-                inputs["teacher_prompt_ids"][rows], inputs["teacher_prompt_mask"][rows]
-            )
-            teacher_ids = torch.cat([teacher_ids, completion_ids], dim=1)
-            teacher_mask = torch.cat([teacher_prompt_mask, completion_mask], dim=1)
-
         student = self.accelerator.unwrap_model(model)
         head = linear_head(student)
-        with self.accelerator.autocast():
-            if head is not None:
-                student_hidden = completion_hidden(model, head, student_ids, student_mask, logits_to_keep)
-                teacher = (
-                    self.teacher.completion_head_inputs(student, teacher_ids, teacher_mask, logits_to_keep)
-                    if has_signal
-                    else HeadInputs((student_hidden.detach(),), (head.weight,))
-                )
-            else:
-                student_logits = completion_logits(model, student_ids, student_mask, logits_to_keep)
-                teacher_logits = (
-                    self.teacher.completion_logits(student, teacher_ids, teacher_mask, logits_to_keep)
-                    if has_signal
-                    else student_logits.detach()
-                )
-
-        old_per_token_logps = inputs.get("old_per_token_logps")
-        importance_sampling_ratio = inputs.get("importance_sampling_ratio")
-        if mode == "train":
-            # TRL scales the loss for gradient accumulation inside `_compute_loss`: divide the sum by this process's
-            # share of the generation batch's items, rescaled to one accumulation window (as TRL's "dapo" loss does).
-            normalizer = (
-                inputs["num_self_distillation_items"].clamp(min=1.0)
-                / self.accelerator.num_processes
-                * self.current_gradient_accumulation_steps
-                / self.args.steps_per_generation
-            )
+        completion_ids, completion_mask = inputs["completion_ids"][rows], inputs["completion_mask"][rows]
+        if student_hidden is not None:
+            student_out = student_hidden[rows]
         else:
-            normalizer = None
+            student_ids = torch.cat([inputs["prompt_ids"][rows], completion_ids], dim=1)
+            student_mask = torch.cat([inputs["prompt_mask"][rows], completion_mask], dim=1)
+            forward = completion_logits if head is None else partial(completion_hidden, head=head)
+            with self.accelerator.autocast():
+                student_out = forward(
+                    model, input_ids=student_ids, attention_mask=student_mask, logits_to_keep=completion_ids.size(1)
+                )
+        if has_signal:
+            teacher = self._teacher_outputs(student, inputs, rows)[2]
+            if config.hindsight_contrast is not None:
+                teacher = self._contrast_target(student, inputs, rows, student_out, head, teacher)
+        else:
+            teacher = HeadInputs((student_out.detach(),), (head.weight,)) if head else student_out.detach()
+
+        # The loss sums the valid tokens (tool outputs excluded) of the distilled rows.
+        loss_mask = completion_mask * inputs["tool_mask"][rows] if "tool_mask" in inputs else completion_mask
         loss_inputs = (
             completion_ids,
-            completion_mask,
-            self_distillation_mask[rows],
-            None if old_per_token_logps is None else old_per_token_logps[rows],
+            loss_mask,
+            inputs["self_distillation_mask"][rows],
+            None if inputs.get("old_per_token_logps") is None else inputs["old_per_token_logps"][rows],
         )
         options = dict(
             alpha=config.alpha,
@@ -352,15 +443,12 @@ class SDPOTrainer(GRPOTrainer):
             full_logit_distillation=config.full_logit_distillation,
             is_clip=config.is_clip,
             loss_agg_mode=config.loss_agg_mode,
-            # vLLM's correction is per token, or per sequence ([B, 1]) in its sequence-level modes.
-            per_token_weight=None
-            if importance_sampling_ratio is None
-            else importance_sampling_ratio[rows].expand(completion_ids.shape),
-            normalizer=normalizer,
+            per_token_weight=self._per_token_weight(inputs, rows, completion_ids.shape),
+            normalizer=self._loss_normalizer(inputs) if mode == "train" else None,
         )
         if head is not None:
             loss, student_entropy, teacher_entropy = self_distillation_loss_from_hidden(
-                student_hidden,
+                student_out,
                 head.weight,
                 teacher.hidden,
                 teacher.weight,
@@ -370,14 +458,68 @@ class SDPOTrainer(GRPOTrainer):
                 **options,
             )
         else:
-            student_logits, teacher_logits = student_logits / self.temperature, teacher_logits / self.temperature
+            student_logits, teacher_logits = student_out / self.temperature, teacher / self.temperature
             loss = self_distillation_loss(student_logits, teacher_logits, *loss_inputs, **options)
             student_entropy, teacher_entropy = token_entropy(student_logits), token_entropy(teacher_logits)
-        distilled = completion_mask * self_distillation_mask[rows].unsqueeze(1)
+        distilled = loss_mask * inputs["self_distillation_mask"][rows].unsqueeze(1)
         self._log_masked_mean(mode, "student_entropy", student_entropy, distilled)
         self._log_masked_mean(mode, "teacher_entropy", teacher_entropy, distilled)
         self._log_loss_metric("distillation_loss", loss)
         return loss
+
+    def _teacher_outputs(self, student, inputs, rows: torch.Tensor, prompt: str = "teacher_prompt"):
+        """``(completion_ids, completion_mask, teacher)`` of `rows`: the teacher's `HeadInputs` or logits.
+
+        The teacher reads `prompt` (``teacher_prompt`` or ``frame_prompt``) followed by the student's completion;
+        it attends to the whole completion, tool outputs included.
+        """
+        completion_ids, completion_mask = inputs["completion_ids"][rows], inputs["completion_mask"][rows]
+        prompt_ids, prompt_mask = _drop_shared_padding(inputs[f"{prompt}_ids"][rows], inputs[f"{prompt}_mask"][rows])
+        ids = torch.cat([prompt_ids, completion_ids], dim=1)
+        mask = torch.cat([prompt_mask, completion_mask], dim=1)
+        forward = (
+            self.teacher.completion_logits if linear_head(student) is None else self.teacher.completion_head_inputs
+        )
+        with self.accelerator.autocast():
+            return completion_ids, completion_mask, forward(student, ids, mask, completion_ids.size(1))
+
+    def _contrast_target(self, student, inputs, rows, student_out, head, teacher):
+        """Hindsight contrast: the target ``z_S + gamma (z_T - z_frame)``, as `HeadInputs` terms or logits."""
+        gamma = self.sdpo_config.hindsight_contrast
+        frame = self._teacher_outputs(student, inputs, rows, prompt="frame_prompt")[2]
+        if head is None:
+            return student_out.detach() + gamma * (teacher - frame)
+        return HeadInputs(
+            hidden=(student_out.detach(),)
+            + tuple(gamma * h for h in teacher.hidden)
+            + tuple(-gamma * h for h in frame.hidden),
+            weight=(head.weight,) + teacher.weight + frame.weight,
+        )
+
+    @staticmethod
+    def _per_token_weight(inputs, rows: torch.Tensor, shape: torch.Size) -> torch.Tensor | None:
+        """The product of vLLM's importance-sampling correction and the stabilisers' token weights, if any."""
+        weight = None
+        ratio = inputs.get("importance_sampling_ratio")
+        if ratio is not None:  # per token, or per sequence ([B, 1]) in vLLM's sequence-level modes
+            weight = ratio[rows].expand(shape)
+        if "self_distillation_weight" in inputs:
+            stabiliser = inputs["self_distillation_weight"][rows]
+            weight = stabiliser if weight is None else weight * stabiliser
+        return weight
+
+    def _loss_normalizer(self, inputs) -> torch.Tensor:
+        """This process's share of the generation batch's item count, rescaled to one accumulation window.
+
+        TRL scales the loss for gradient accumulation inside `_compute_loss`: the loss sums this micro-batch's items
+        and divides by this, as TRL's "dapo" loss does, so that accumulated micro-batches add up to one big batch.
+        """
+        return (
+            inputs["num_self_distillation_items"].clamp(min=1.0)
+            / self.accelerator.num_processes
+            * self.current_gradient_accumulation_steps
+            / self.args.steps_per_generation
+        )
 
     # ---- 4. the teacher update -------------------------------------------------------------------------------------
 
@@ -445,6 +587,40 @@ class SDPOTrainer(GRPOTrainer):
         """Save the student only: a `lora_ema` teacher adapter is kept out of the saved PEFT model."""
         with hidden_teacher_adapter(self.accelerator.unwrap_model(self.model)):
             super()._save(output_dir, state_dict)
+
+
+def _uses_grpo_term(config: SDPOConfig) -> bool:
+    """Whether the loss keeps TRL's GRPO loss as a term (routing or the hybrid), besides the distillation loss."""
+    return config.sample_routing or config.grpo_weight > 0.0
+
+
+def _check_grpo_config(sdpo_config: SDPOConfig, grpo_config) -> None:
+    """Refuse GRPOConfig settings that the SDPO loss would silently ignore, or that routing cannot normalise."""
+    if not sdpo_config.distills or grpo_config is None:
+        return
+    if sdpo_config.sample_routing and grpo_config.loss_type not in ROUTING_LOSS_TYPES:
+        raise ValueError(
+            "SDPOConfig.sample_routing=True needs a GRPO loss normalised by the generation batch's token count, which "
+            f"both routed losses share; GRPOConfig.loss_type={grpo_config.loss_type!r} is not. Use loss_type one of "
+            f"{', '.join(repr(t) for t in ROUTING_LOSS_TYPES)} (TRL's default is 'dapo'), or "
+            "SDPOConfig(grpo_weight=...) for the blended hybrid."
+        )
+    if _uses_grpo_term(sdpo_config):
+        return
+    ignored = {
+        "beta": grpo_config.beta != 0.0,
+        "entropy_coef": grpo_config.entropy_coef != 0.0,
+        "use_adaptive_entropy": grpo_config.use_adaptive_entropy,
+        "top_entropy_quantile": grpo_config.top_entropy_quantile < 1.0,
+    }
+    for name, is_set in ignored.items():
+        if is_set:
+            raise ValueError(
+                f"GRPOConfig.{name}={getattr(grpo_config, name)!r} shapes TRL's GRPO loss (a KL penalty, the entropy "
+                "bonus or the high-entropy token mask), which pure SDPO replaces, so it would be silently ignored. "
+                "Reset it to its default, keep TRL's loss term with SDPOConfig(sample_routing=True) or grpo_weight > "
+                "0, or train with GRPO (SDPOConfig(enabled=False))."
+            )
 
 
 def _drop_shared_padding(ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
