@@ -142,13 +142,23 @@ def grads_of(trainer, batches, accumulation):
     return {n: p.grad.clone() for n, p in trainer.model.named_parameters() if p.grad is not None}
 
 
-@pytest.mark.parametrize("loss_agg_mode", ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum"])
-def test_gradient_accumulation_equals_one_big_batch(tmp_path, loss_agg_mode):
+@pytest.mark.parametrize(
+    "sdpo_config",
+    [
+        SDPOConfig(loss_agg_mode="token-mean"),
+        SDPOConfig(loss_agg_mode="seq-mean-token-mean"),
+        SDPOConfig(loss_agg_mode="seq-mean-token-sum"),
+        SDPOConfig(sample_routing=True),
+        SDPOConfig(grpo_weight=0.5),
+    ],
+    ids=["token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "routing", "hybrid"],
+)
+def test_gradient_accumulation_equals_one_big_batch(tmp_path, sdpo_config):
     trainer = build(
         tmp_path,
         per_device_train_batch_size=8,
         max_completion_length=8,
-        sdpo_config=SDPOConfig(loss_agg_mode=loss_agg_mode),
+        sdpo_config=sdpo_config,
         gradient_checkpointing=False,
     )
     trainer.model.train()

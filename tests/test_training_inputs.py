@@ -121,3 +121,37 @@ def test_vllm_importance_sampling_ratio_weights_the_distillation_loss(tmp_path):
     torch.testing.assert_close(loss_with(torch.full((8, 1), 2.0)), 2 * base)
     torch.testing.assert_close(loss_with(torch.full(batch["completion_mask"].shape, 0.5)), 0.5 * base)
     assert loss_with(torch.zeros(8, 1)) == 0
+
+
+def test_tool_outputs_are_attended_to_but_not_distilled(tmp_path, monkeypatch):
+    """With tools, TRL's `tool_mask` marks tool-output tokens: both forwards attend to them, the loss skips them."""
+    from trl import GRPOTrainer
+
+    trl_batch = GRPOTrainer._generate_and_score_completions
+
+    def with_tool_output(self, inputs):
+        batch = trl_batch(self, inputs)
+        tool_mask = torch.ones_like(batch["completion_mask"])
+        tool_mask[:, 1:3] = 0  # tokens 1-2 of every completion came from a tool
+        return {**batch, "tool_mask": tool_mask}
+
+    monkeypatch.setattr(GRPOTrainer, "_generate_and_score_completions", with_tool_output)
+    trainer = build(tmp_path, per_device_train_batch_size=8, gradient_checkpointing=False)
+    trainer.current_gradient_accumulation_steps = 1
+    torch.manual_seed(0)
+    batch = trainer._generate_and_score_completions([make_dataset()[i // 4] for i in range(8)])
+    distilled = batch["self_distillation_mask"].unsqueeze(1)
+    assert distilled.sum() > 0
+    assert batch["num_self_distillation_items"] == (batch["completion_mask"] * batch["tool_mask"] * distilled).sum()
+
+    attention = []
+    for model in (trainer.model, trainer.teacher.model):
+        model.register_forward_pre_hook(
+            lambda module, args, kwargs: attention.append(kwargs["attention_mask"]), with_kwargs=True
+        )
+    trainer._compute_loss(trainer.model, batch)
+    rows = distilled.squeeze(1).nonzero().squeeze(1)
+    width = batch["completion_mask"].size(1)
+    assert len(attention) == 2  # student and teacher
+    for mask in attention:
+        torch.testing.assert_close(mask[:, -width:], batch["completion_mask"][rows])

@@ -1,0 +1,281 @@
+"""The stabilised variants: sample routing, teacher-entropy and pass-rate weights, hindsight contrast, one forward."""
+
+import math
+
+import pytest
+import torch
+from tiny import ParityReward, grpo_args, make_dataset, make_model, make_tokenizer
+from trl import GRPOTrainer
+
+import sdpo_rl.trainer as trainer_module
+from sdpo_rl import SDPOConfig, SDPOTrainer
+from sdpo_rl.reprompt import select_teacher_signals
+from sdpo_rl.stabilisers import (
+    group_pass_rates,
+    head_entropy,
+    normalise_to_mean_one,
+    pass_rate_weights,
+    routed_to_distillation,
+)
+
+# ---- pure pieces ------------------------------------------------------------------------------------------------
+
+
+def routes(rewards, feedback, num_generations=4):
+    signals = select_teacher_signals(
+        [f"completion {i}" for i in range(len(rewards))],
+        rewards,
+        feedback,
+        num_generations,
+        success_reward_threshold=1.0,
+        dont_reprompt_on_self_success=True,
+        remove_thinking_from_demonstration=True,
+        include_environment_feedback=True,
+        environment_feedback_only_without_solution=True,
+    )
+    return routed_to_distillation(rewards, [s.has_signal for s in signals], 1.0)
+
+
+def test_routing_on_hand_made_groups():
+    no_feedback = [""] * 4
+    assert routes([1.0] * 4, no_feedback) == [False] * 4  # all correct: GRPO only (a peer's copy is not distilled)
+    assert routes([0.0] * 4, no_feedback) == [False] * 4  # all failed, nothing to say: GRPO (zero advantage)
+    assert routes([0.0] * 4, ["too long"] * 4) == [True] * 4  # all failed with feedback: distilled from feedback
+    # A lone success gets GRPO; the failures with its demonstration are distilled; NaN is a failure.
+    assert routes([0.0, 1.0, math.nan, 0.0], no_feedback) == [True, False, True, True]
+    # Feedback on one failure only: that row is distilled, the silent failures are not.
+    assert routes([0.0, 0.0, 0.0, 0.0], ["", "wrong", "", ""]) == [False, True, False, False]
+
+
+def test_pass_rate_weights_have_mean_one_over_distilled_rows():
+    rewards = [1.0, 0.0, 0.0, 0.0] + [1.0, 1.0, 0.0, 0.0] + [1.0] * 4
+    assert group_pass_rates(rewards, 4, 1.0) == [0.25] * 4 + [0.5] * 4 + [1.0] * 4
+    distilled = [False, True, True, True, False, False, True, True] + [False] * 4
+    weights = pass_rate_weights(rewards, distilled, 4, 1.0)
+    assert sum(w for w, d in zip(weights, distilled, strict=True) if d) == pytest.approx(sum(distilled))
+    assert all(w == 0.0 for w, d in zip(weights, distilled, strict=True) if not d)
+    # sqrt(p(1 - p)): 0.433 at p = 1/4, 0.5 at p = 1/2, in that ratio.
+    assert weights[1] / weights[6] == pytest.approx(math.sqrt(0.25 * 0.75) / 0.5)
+
+
+def test_equal_pass_rates_give_unit_weights_and_all_failed_groups_none():
+    rewards = [1.0, 0.0, 0.0, 0.0] * 2
+    distilled = [False, True, True, True] * 2
+    assert pass_rate_weights(rewards, distilled, 4, 1.0) == pytest.approx([0.0, 1.0, 1.0, 1.0] * 2)
+    assert pass_rate_weights([0.0] * 4, [True] * 4, 4, 1.0) == [0.0] * 4
+
+
+def test_entropy_weights_normalise_to_mean_one_and_equal_entropies_give_ones():
+    values = torch.tensor([[0.5, 2.0, 9.0], [1.5, 4.0, 9.0]])
+    mask = torch.tensor([[1.0, 1.0, 0.0], [1.0, 1.0, 0.0]])
+    weights = normalise_to_mean_one(values, mask, (values * mask).sum(), mask.sum())
+    assert weights[mask > 0].mean() == pytest.approx(1.0)
+    assert (weights[mask == 0] == 0).all()
+    flat = torch.full_like(values, 0.3)
+    assert torch.equal(normalise_to_mean_one(flat, mask, (flat * mask).sum(), mask.sum()), mask)
+
+
+def test_head_entropy_matches_the_softmax_entropy_of_the_summed_logits():
+    torch.manual_seed(0)
+    hidden = (torch.randn(5, 3), torch.randn(5, 2))
+    weight = (torch.randn(7, 3), torch.randn(7, 2))
+    logits = (hidden[0] @ weight[0].T + hidden[1] @ weight[1].T) / 0.7
+    expected = -(logits.softmax(-1) * logits.log_softmax(-1)).sum(-1)
+    torch.testing.assert_close(head_entropy(hidden, weight, 0.7, chunk_size=2), expected)
+
+
+# ---- in the trainer ---------------------------------------------------------------------------------------------
+
+
+def build(tmp_path, sdpo_config, **args):
+    tokenizer = make_tokenizer()
+    settings = dict(per_device_train_batch_size=8, max_completion_length=6, gradient_checkpointing=False)
+    settings.update(args)
+    return SDPOTrainer(
+        model=make_model(tokenizer),
+        args=grpo_args(tmp_path, **settings),
+        sdpo_config=sdpo_config,
+        processing_class=tokenizer,
+        reward_funcs=[ParityReward()],
+        train_dataset=make_dataset(),
+    )
+
+
+def batch_of(trainer):
+    trainer.current_gradient_accumulation_steps = 1  # set by the training loop, which these tests do not run
+    torch.manual_seed(0)
+    return trainer._generate_and_score_completions([trainer.train_dataset[i] for i in range(2) for _ in range(4)])
+
+
+def grads(trainer, loss):
+    trainer.model.zero_grad()
+    loss.backward()
+    return {n: p.grad.clone() for n, p in trainer.model.named_parameters() if p.grad is not None}
+
+
+def test_routing_distills_only_failures_with_a_signal_and_logs_the_fractions(tmp_path):
+    trainer = build(tmp_path, SDPOConfig(sample_routing=True))
+    batch = batch_of(trainer)
+    rewards = [1.0 if row[0] % 2 == 0 else 0.0 for row in batch["completion_ids"].tolist()]
+    routed = batch["self_distillation_mask"].tolist()
+    assert all(not (r == 1.0 and z) for r, z in zip(rewards, routed, strict=True))  # no success is distilled
+    # Both routed losses share one denominator: every valid token of the generation batch.
+    assert batch["num_self_distillation_items"] == batch["completion_mask"].sum()
+    metrics = trainer._metrics["train"]
+    assert metrics["self_distillation/routed_sdpo_fraction"][-1] == pytest.approx(sum(routed) / len(routed))
+    assert metrics["self_distillation/routed_grpo_fraction"][-1] == pytest.approx(1 - sum(routed) / len(routed))
+
+
+def test_routing_loss_is_grpo_on_the_other_rows_plus_distillation_on_the_routed_ones(tmp_path):
+    trainer = build(tmp_path, SDPOConfig(sample_routing=True))
+    trainer.model.train()
+    batch = batch_of(trainer)
+    assert 0 < batch["self_distillation_mask"].sum() < 8
+    routed = batch["self_distillation_mask"].unsqueeze(1)
+    grpo_only = GRPOTrainer._compute_loss(trainer, trainer.model, {**batch, "tool_mask": 1 - routed})
+    expected = grpo_only + trainer._self_distillation_loss(trainer.model, batch)
+    torch.testing.assert_close(trainer._compute_loss(trainer.model, batch), expected)
+
+
+@pytest.mark.parametrize("sdpo_config", [SDPOConfig(grpo_weight=0.5), SDPOConfig(sample_routing=True)])
+def test_one_forward_gives_the_gradients_of_two_forwards(tmp_path, sdpo_config):
+    trainer = build(tmp_path, sdpo_config)
+    trainer.model.train()
+    batch = batch_of(trainer)
+    calls = []
+    handle = trainer.model.model.register_forward_hook(lambda *args: calls.append(1))
+    one_forward = grads(trainer, trainer._compute_loss(trainer.model, batch))
+    handle.remove()
+    assert len(calls) == 1  # the backbone ran once for both terms
+
+    grpo_inputs = batch
+    if sdpo_config.sample_routing:
+        grpo_inputs = {**batch, "tool_mask": 1 - batch["self_distillation_mask"].unsqueeze(1)}
+    weight = 1.0 if sdpo_config.sample_routing else sdpo_config.grpo_weight
+    grpo_loss = GRPOTrainer._compute_loss(trainer, trainer.model, grpo_inputs)
+    distillation_loss = trainer._self_distillation_loss(trainer.model, batch)
+    two_forwards = grads(trainer, weight * grpo_loss + (1.0 - weight if weight < 1 else 1.0) * distillation_loss)
+    assert one_forward.keys() == two_forwards.keys() and one_forward
+    for name in one_forward:
+        torch.testing.assert_close(one_forward[name], two_forwards[name], rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize(
+    "sdpo_config", [SDPOConfig(teacher_entropy_weighting=1.0), SDPOConfig(pass_rate_weighting=True)]
+)
+def test_weights_have_mean_one_over_the_distilled_tokens(tmp_path, sdpo_config):
+    trainer = build(tmp_path, sdpo_config)
+    batch = batch_of(trainer)
+    distilled = batch["self_distillation_mask"].unsqueeze(1) * batch["completion_mask"]
+    weight = batch["self_distillation_weight"]
+    if sdpo_config.teacher_entropy_weighting is not None or weight.sum() > 0:
+        assert weight[distilled > 0].mean().item() == pytest.approx(1.0, rel=1e-5)
+    assert (weight[distilled == 0] == 0).all()
+
+
+def test_equal_teacher_entropies_leave_the_loss_unchanged(tmp_path, monkeypatch):
+    plain = build(tmp_path / "plain", SDPOConfig())
+    weighted = build(tmp_path / "weighted", SDPOConfig(teacher_entropy_weighting=1.0))
+    monkeypatch.setattr(
+        SDPOTrainer, "_teacher_entropy", lambda self, batch: torch.full(batch["completion_ids"].shape, 2.0)
+    )
+    batches = [batch_of(trainer) for trainer in (plain, weighted)]
+    for trainer in (plain, weighted):
+        trainer.model.eval()
+    losses = [t._compute_loss(t.model, b) for t, b in zip((plain, weighted), batches, strict=True)]
+    assert losses[0] > 0
+    torch.testing.assert_close(losses[1], losses[0])
+
+
+def test_entropy_weights_favour_confident_teacher_tokens(tmp_path):
+    trainer = build(tmp_path, SDPOConfig(teacher_entropy_weighting=1.0))
+    batch = batch_of(trainer)
+    distilled = (batch["self_distillation_mask"].unsqueeze(1) * batch["completion_mask"]) > 0
+    entropy = trainer._teacher_entropy(batch)[distilled]
+    weight = batch["self_distillation_weight"][distilled]
+    order = entropy.argsort()
+    assert (weight[order].diff() <= 1e-6).all()  # higher teacher entropy, lower weight
+    torch.testing.assert_close(weight / weight[0], torch.exp(-(entropy - entropy[0])))
+
+
+def test_hindsight_contrast_is_zero_when_the_hindsight_has_no_effect(tmp_path, monkeypatch):
+    trainer = build(tmp_path, SDPOConfig(hindsight_contrast=1.0))
+    trainer.model.eval()
+    batch = batch_of(trainer)
+    assert batch["self_distillation_mask"].sum() > 0
+    with_hindsight = trainer._compute_loss(trainer.model, batch).item()
+
+    monkeypatch.setattr(trainer_module, "without_hindsight", lambda signal: signal)  # the frame keeps the hindsight
+    same = batch_of(trainer)
+    assert torch.equal(same["frame_prompt_ids"], same["teacher_prompt_ids"])
+    without_effect = trainer._compute_loss(trainer.model, same).item()
+    # The tiny random model reads its context weakly: the contrast is small but far above float32 noise.
+    assert with_hindsight > 1e-7
+    assert abs(without_effect) < 1e-8
+
+
+@pytest.mark.parametrize(
+    "args, match",
+    [
+        (dict(entropy_coef=0.01), "GRPOConfig.entropy_coef=0.01"),
+        (dict(top_entropy_quantile=0.5), "GRPOConfig.top_entropy_quantile=0.5"),
+        (dict(use_adaptive_entropy=True), "GRPOConfig.use_adaptive_entropy=True"),
+    ],
+)
+def test_pure_sdpo_refuses_grpo_loss_settings_it_would_ignore(tmp_path, args, match):
+    with pytest.raises(ValueError, match=match):
+        build(tmp_path, SDPOConfig(), **args)
+    build(tmp_path, SDPOConfig(grpo_weight=0.5), **args)  # the hybrid keeps TRL's loss, which applies them
+
+
+def test_routing_needs_a_token_normalised_grpo_loss(tmp_path):
+    with pytest.raises(ValueError, match=r"loss_type='grpo'.*'dapo'"):
+        build(tmp_path, SDPOConfig(sample_routing=True), loss_type="grpo")
+
+
+def test_image_datasets_are_refused_at_construction(tmp_path):
+    tokenizer = make_tokenizer()
+    dataset = make_dataset().map(lambda row: {"image": None})
+    with pytest.raises(ValueError, match=r"train_dataset has an image column \(image\)"):
+        SDPOTrainer(
+            model=make_model(tokenizer),
+            args=grpo_args(tmp_path),
+            processing_class=tokenizer,
+            reward_funcs=[ParityReward()],
+            train_dataset=dataset,
+        )
+
+
+def test_moe_balancing_loss_is_refused_in_pure_sdpo(tmp_path):
+    from transformers import Qwen2MoeConfig, Qwen2MoeForCausalLM
+
+    tokenizer = make_tokenizer()
+    config = Qwen2MoeConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=16,
+        intermediate_size=32,
+        moe_intermediate_size=16,
+        shared_expert_intermediate_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        num_experts=2,
+        num_experts_per_tok=1,
+        router_aux_loss_coef=0.01,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    model = Qwen2MoeForCausalLM(config)
+
+    def trainer(sdpo_config, **args):
+        return SDPOTrainer(
+            model=model,
+            args=grpo_args(tmp_path, **args),
+            sdpo_config=sdpo_config,
+            processing_class=tokenizer,
+            reward_funcs=[ParityReward()],
+            train_dataset=make_dataset(),
+        )
+
+    with pytest.raises(ValueError, match=r"Mixture-of-Experts.*router_aux_loss_coef=0.01"):
+        trainer(SDPOConfig())
+    trainer(SDPOConfig(), router_aux_loss_coef=0.0)
