@@ -13,7 +13,7 @@ import transformers
 import trl
 from packaging.version import Version
 from transformers import Trainer
-from trl import GRPOTrainer
+from trl import GRPOConfig, GRPOTrainer
 from trl.trainer import utils as trl_utils
 
 SUPPORTED_TRL = (Version("1.16.0"), Version("1.17.0"))  # [low, high)
@@ -46,13 +46,28 @@ GRPO_ATTRIBUTES = (
     "chat_template",
     "chat_template_kwargs",
     "tools",
-    "beta",
+    "aux_loss_enabled",
+    "router_aux_loss_coef",
     "_tokenizer",
     "_metrics",
     "_logs",
 )
 # Keys of the batch dict produced by `_generate_and_score_completions` that SDPO reads.
-BATCH_KEYS = ("prompt_ids", "prompt_mask", "completion_ids", "completion_mask", "advantages")
+BATCH_KEYS = ("prompt_ids", "prompt_mask", "completion_ids", "completion_mask")
+# Keys TRL adds to that batch only in some settings, read with `.get`: a rename would silently switch a correction
+# off, so the source of TRL's methods is checked for them (`output[...]` where the batch is built, `inputs[...]` or
+# `inputs.get(...)` where the loss reads it; routing masks TRL's loss through its `tool_mask`).
+OPTIONAL_BATCH_KEYS = ("tool_mask", "old_per_token_logps", "importance_sampling_ratio")
+# GRPOConfig fields SDPOTrainer reads.
+GRPO_CONFIG_FIELDS = (
+    "beta",
+    "entropy_coef",
+    "use_adaptive_entropy",
+    "top_entropy_quantile",
+    "loss_type",
+    "steps_per_generation",
+    "per_device_train_batch_size",
+)
 
 
 class IncompatibleTRLError(ImportError):
@@ -77,6 +92,16 @@ def _check_methods(cls: type, methods: dict[str, tuple[str, ...]]) -> None:
             _fail(f"{cls.__name__}.{name} takes {parameters}, expected {expected}")
 
 
+def _check_optional_batch_keys() -> None:
+    built = inspect.getsource(GRPOTrainer._generate_and_score_completions)
+    read = inspect.getsource(GRPOTrainer._compute_loss)
+    for key in OPTIONAL_BATCH_KEYS:
+        if f'output["{key}"]' not in built:
+            _fail(f"GRPOTrainer._generate_and_score_completions no longer sets the batch key {key!r}")
+        if f'inputs["{key}"]' not in read and f'inputs.get("{key}")' not in read:
+            _fail(f"GRPOTrainer._compute_loss no longer reads the batch key {key!r}")
+
+
 def check_trl() -> None:
     """Fail with `IncompatibleTRLError` unless the installed TRL has the internals listed above."""
     low, high = SUPPORTED_TRL
@@ -87,6 +112,10 @@ def check_trl() -> None:
     if missing_utils:
         _fail(f"trl.trainer.utils no longer has {', '.join(missing_utils)}")
     _check_methods(Trainer, TRAINER_METHODS)
+    _check_optional_batch_keys()
+    missing_fields = [name for name in GRPO_CONFIG_FIELDS if name not in GRPOConfig.__dataclass_fields__]
+    if missing_fields:
+        _fail(f"GRPOConfig no longer has {', '.join(missing_fields)}")
     if getattr(GRPOTrainer, "loss_is_scaled_for_ga", None) is not True:
         _fail("GRPOTrainer no longer scales its loss for gradient accumulation itself (loss_is_scaled_for_ga)")
 

@@ -1,15 +1,19 @@
 """`SDPOTrainer`: TRL's GRPOTrainer with the GRPO policy-gradient loss replaced by self-distillation.
 
-The trainer is glue over four of GRPOTrainer's extension points (listed in `_trl_compat`):
+The trainer is glue over GRPOTrainer's and Trainer's extension points (every one is listed in `_trl_compat`), in the
+order a training step meets them:
 
 1. `_calculate_rewards`: after the reward functions ran, keep what the teacher needs (prompts, completion tokens,
    total rewards, feedback).
 2. `_generate_and_score_completions`: after TRL built the batch, choose each completion's demonstration and feedback
-   over its whole group, render the teacher prompts, and add `teacher_prompt_ids`, `teacher_prompt_mask` and
-   `self_distillation_mask` to the batch (TRL then shuffles and splits it like every other batch tensor).
+   over its whole group, decide which completions are distilled (all with a signal, or the routed ones), render the
+   teacher prompts and add them, the distillation mask and weights to the batch (TRL then shuffles and splits it
+   like every other batch tensor).
 3. `_compute_loss`: student forward on prompt + completion, teacher forward on teacher prompt + the same completion,
-   the distillation loss of `sdpo_rl.loss`.
-4. After each optimizer step the teacher is updated (a callback), unless the gradient norm was not finite.
+   the distillation loss of `sdpo_rl.loss_chunked` (or `sdpo_rl.loss` from logits); with routing or the hybrid,
+   TRL's own GRPO loss from the same student forward.
+4. `_get_grad_norm` and a callback after each optimizer step: a non-finite step changes nothing; otherwise the
+   teacher is updated.
 5. `log`: after TRL logged a step, look for the signs of a collapse (`sdpo_rl.monitor`) and warn once.
 6. `_save_checkpoint` / `_load_from_checkpoint` / `_save`: the teacher goes into every checkpoint and comes back on
    resume; a saved model holds the student only.
@@ -521,7 +525,7 @@ class SDPOTrainer(GRPOTrainer):
             / self.args.steps_per_generation
         )
 
-    # ---- 4. the teacher update -------------------------------------------------------------------------------------
+    # ---- 4. the optimizer step: skip a non-finite one, then update the teacher ---------------------------------------
 
     def _get_grad_norm(self, model, grad_norm=None):
         """Note whether the step's gradient norm is finite; if not, drop the gradients so the step changes nothing.

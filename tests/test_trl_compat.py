@@ -37,3 +37,22 @@ def test_loss_scaling_contract_is_checked(monkeypatch):
 def test_batch_keys_are_checked():
     with pytest.raises(IncompatibleTRLError, match="no longer returns completion_mask"):
         check_batch({key: None for key in _trl_compat.BATCH_KEYS if key != "completion_mask"})
+
+
+def test_a_renamed_optional_batch_key_is_named(monkeypatch):
+    def loss_without_tool_mask(self, model, inputs):
+        mask = inputs["completion_mask"] * inputs.get("old_per_token_logps") * inputs["importance_sampling_ratio"]
+        return mask.sum()
+
+    monkeypatch.setattr(GRPOTrainer, "_compute_loss", loss_without_tool_mask)
+    with pytest.raises(IncompatibleTRLError, match="_compute_loss no longer reads the batch key 'tool_mask'"):
+        check_trl()
+
+
+def test_a_missing_grpo_config_field_is_named(monkeypatch):
+    from trl import GRPOConfig
+
+    fields = {k: v for k, v in GRPOConfig.__dataclass_fields__.items() if k != "top_entropy_quantile"}
+    monkeypatch.setattr(GRPOConfig, "__dataclass_fields__", fields)
+    with pytest.raises(IncompatibleTRLError, match="GRPOConfig no longer has top_entropy_quantile"):
+        check_trl()
