@@ -221,6 +221,11 @@ class SDPOConfig:
                 "completion that is not distilled TRL's GRPO loss, with no mixing weight. Set grpo_weight=0.0, or "
                 "sample_routing=False for the blended hybrid."
             )
+        if self.sample_routing and self.loss_agg_mode != "token-mean":
+            raise ValueError(
+                f"SDPOConfig.sample_routing=True with loss_agg_mode={self.loss_agg_mode!r}: routing sums both losses "
+                "over one shared token count. Set loss_agg_mode='token-mean'."
+            )
         if not self.full_logit_distillation and self.alpha != 1.0:
             raise ValueError(
                 f"SDPOConfig.full_logit_distillation=False (sampled-token distillation) needs alpha=1.0, got "

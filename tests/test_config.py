@@ -70,6 +70,12 @@ def test_mutable_default_is_not_shared():
         ("enabled", 1),
         ("include_environment_feedback", "yes"),
         ("apply_chat_template_kwargs", None),
+        ("sample_routing", 1),
+        ("pass_rate_weighting", "yes"),
+        ("teacher_entropy_weighting", 0.0),
+        ("teacher_entropy_weighting", math.inf),
+        ("hindsight_contrast", -1.0),
+        ("hindsight_contrast", math.nan),
     ],
 )
 def test_invalid_values_name_field_and_value(field, value):
@@ -96,6 +102,15 @@ def test_sampled_token_mode_requires_reverse_kl():
     with pytest.raises(ValueError, match="alpha=1.0"):
         SDPOConfig(full_logit_distillation=False, alpha=0.5)
     assert SDPOConfig(full_logit_distillation=False, alpha=1.0).alpha == 1.0
+
+
+def test_sample_routing_needs_pure_sdpo_and_token_mean():
+    with pytest.raises(ValueError, match=r"sample_routing=True with grpo_weight=0.5.*grpo_weight=0.0"):
+        SDPOConfig(sample_routing=True, grpo_weight=0.5)
+    with pytest.raises(ValueError, match=r"sample_routing=True with loss_agg_mode='seq-mean-token-sum'"):
+        SDPOConfig(sample_routing=True, loss_agg_mode="seq-mean-token-sum")
+    config = SDPOConfig(sample_routing=True, teacher_entropy_weighting=1.0, pass_rate_weighting=True)
+    assert config.sample_routing and config.distills
 
 
 def test_full_vocabulary_and_no_is_clip_are_allowed():
