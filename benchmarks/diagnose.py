@@ -17,6 +17,7 @@ untrained SmolLM2-135M-Instruct, then measures, on the completions that get a te
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import statistics
 import sys
@@ -92,15 +93,8 @@ def main(argv: list[str] | None = None) -> int:
                 torch.cat([batch["teacher_prompt_mask"], cmask], 1),
                 ids.size(1),
             )
-            divergence = per_token_divergence(
-                student,
-                teacher,
-                ids,
-                alpha=config.alpha,
-                distillation_topk=config.distillation_topk,
-                distillation_add_tail=config.distillation_add_tail,
-                full_logit_distillation=True,
-            )
+            settings = dataclasses.replace(config.loss_settings(), full_logit_distillation=True)
+            divergence = per_token_divergence(student, teacher, ids, settings=settings)
             s_entropy, t_entropy = token_entropy(student), token_entropy(teacher)
             s_probs, t_probs = student[:, 0].softmax(-1), teacher[:, 0].softmax(-1)
         # GRPO's order: groups of 4 consecutive completions share a prompt (the batch is not shuffled here).

@@ -6,7 +6,7 @@ hidden states and head weight (the teacher has its own head, as an EMA teacher d
 - `trl`: TRL's experimental SDPOTrainer path (`distillation_mode="topk_logits"`): `[B, T, V]` logits of student and
   teacher, `compute_topk_self_distillation_loss`, `apply_importance_sampling_clipping`, mean over sequences of the
   token mean (`_compute_self_distillation_loss`);
-- `sdpo_rl`: `sdpo_rl.loss.self_distillation_loss_from_hidden` with the same settings
+- `sdpo_rl`: `sdpo_rl.loss_chunked.self_distillation_loss_from_hidden` with the same settings
   (`loss_agg_mode="seq-mean-token-mean"`);
 - `sdpo_rl+entropy`: the same with `return_entropy=True`, as the trainer calls it to log both models' entropies.
 
@@ -96,7 +96,17 @@ def trl_loss(inputs: dict):
 
 
 def sdpo_rl_loss(inputs: dict, return_entropy: bool = False, chunk_size: int | None = None):
-    from sdpo_rl.loss import self_distillation_loss_from_hidden
+    from sdpo_rl.loss import LossSettings
+    from sdpo_rl.loss_chunked import self_distillation_loss_from_hidden
+
+    settings = LossSettings(
+        alpha=SETTINGS["alpha"],
+        distillation_topk=SETTINGS["topk"],
+        distillation_add_tail=SETTINGS["add_tail"],
+        full_logit_distillation=True,
+        is_clip=SETTINGS["is_clip"],
+        loss_agg_mode="seq-mean-token-mean",
+    )
 
     result = self_distillation_loss_from_hidden(
         inputs["student_hidden"],
@@ -107,12 +117,7 @@ def sdpo_rl_loss(inputs: dict, return_entropy: bool = False, chunk_size: int | N
         inputs["completion_mask"],
         None,
         inputs["old_per_token_logps"],
-        alpha=SETTINGS["alpha"],
-        distillation_topk=SETTINGS["topk"],
-        distillation_add_tail=SETTINGS["add_tail"],
-        full_logit_distillation=True,
-        is_clip=SETTINGS["is_clip"],
-        loss_agg_mode="seq-mean-token-mean",
+        settings=settings,
         chunk_size=chunk_size,
         return_entropy=return_entropy,
     )
@@ -324,7 +329,7 @@ def main() -> None:
 def sdpo_rl_chunk_size(head: dict) -> int:
     import torch
 
-    from sdpo_rl.loss import default_chunk_size
+    from sdpo_rl.loss_chunked import default_chunk_size
 
     return default_chunk_size(head["vocab_size"], torch.float32)
 

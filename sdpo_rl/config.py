@@ -8,14 +8,20 @@ from __future__ import annotations
 
 import math
 import string
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
-from .reprompt import DEFAULT_FEEDBACK_TEMPLATE, DEFAULT_REPROMPT_TEMPLATE, DEFAULT_SOLUTION_TEMPLATE
+from .loss import LOSS_AGG_MODES, LossSettings
+from .reprompt import (
+    DEFAULT_FEEDBACK_TEMPLATE,
+    DEFAULT_REPROMPT_TEMPLATE,
+    DEFAULT_SOLUTION_TEMPLATE,
+    REPROMPT_TRUNCATIONS,
+    SignalSettings,
+    TemplateSettings,
+)
 
-LOSS_AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum")
 TEACHER_MODES = ("ema", "frozen", "lora_ema", "trust_region")
-REPROMPT_TRUNCATIONS = ("right", "left", "error")
 
 # Placeholders each template must contain, and the only ones it may contain.
 TEMPLATE_PLACEHOLDERS = {
@@ -171,6 +177,22 @@ class SDPOConfig:
     def distills(self) -> bool:
         """Whether a teacher is built and the distillation loss used (False = exactly GRPO)."""
         return self.enabled and self.grpo_weight < 1.0
+
+    def loss_settings(self) -> LossSettings:
+        """The settings of the distillation loss (`sdpo_rl.loss`)."""
+        return self._settings(LossSettings)
+
+    def signal_settings(self) -> SignalSettings:
+        """How each completion's demonstration and feedback are chosen (`sdpo_rl.reprompt.select_teacher_signals`)."""
+        return self._settings(SignalSettings)
+
+    def template_settings(self) -> TemplateSettings:
+        """How the teacher prompt is written and fitted (`sdpo_rl.reprompt.render_teacher_prompt`)."""
+        return self._settings(TemplateSettings)
+
+    def _settings(self, settings_class):
+        """`settings_class` (a dataclass whose fields are a subset of this config's) with this config's values."""
+        return settings_class(**{f.name: getattr(self, f.name) for f in fields(settings_class)})
 
     def __post_init__(self) -> None:
         for name in (

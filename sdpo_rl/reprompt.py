@@ -34,13 +34,62 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
-DEFAULT_SOLUTION_TEMPLATE = "\nCorrect solution:\n\n{successful_previous_attempt}\n\n"
-DEFAULT_FEEDBACK_TEMPLATE = "\nThe following is feedback from your unsuccessful earlier attempt:\n\n{feedback_raw}\n\n"
-DEFAULT_REPROMPT_TEMPLATE = "{prompt}{solution}{feedback}\n\nCorrectly solve the original question.\n"
+# The templates the reference's experiments load from its actor.yaml (docs/deviations.md).
+DEFAULT_SOLUTION_TEMPLATE = "\nCorrect solution:\n\n{successful_previous_attempt}"
+DEFAULT_FEEDBACK_TEMPLATE = "\nThe following is feedback from your unsuccessful earlier attempt:\n\n{feedback_raw}"
+DEFAULT_REPROMPT_TEMPLATE = "{prompt}{solution}{feedback}\n\nCorrectly solve the original question."
 
-_TRUNCATION_MODES = ("right", "left", "error")
+REPROMPT_TRUNCATIONS = ("right", "left", "error")
 # Non-greedy so that text between two blocks survives; DOTALL because thinking spans lines. Same as the reference.
 _THINK_BLOCK = re.compile(r"<think>.*?</think>\s*", flags=re.DOTALL)
+
+
+@dataclass(frozen=True)
+class SignalSettings:
+    """How :func:`select_teacher_signals` chooses demonstrations and feedback (``SDPOConfig.signal_settings()``).
+
+    Attributes:
+        success_reward_threshold: a completion whose reward is ``>=`` this is a success.
+        dont_reprompt_on_self_success: never use a completion's own success as its demonstration.
+        remove_thinking_from_demonstration: strip ``<think>...</think>`` blocks from the demonstration.
+        include_environment_feedback: use non-empty feedback strings.
+        environment_feedback_only_without_solution: use feedback only for completions without a demonstration.
+    """
+
+    success_reward_threshold: float
+    dont_reprompt_on_self_success: bool
+    remove_thinking_from_demonstration: bool
+    include_environment_feedback: bool
+    environment_feedback_only_without_solution: bool
+
+
+@dataclass(frozen=True)
+class TemplateSettings:
+    """How :func:`render_teacher_prompt` writes and fits the teacher prompt (``SDPOConfig.template_settings()``).
+
+    Attributes:
+        solution_template: the demonstration block, placeholder ``{successful_previous_attempt}``.
+        feedback_template: the feedback block, placeholder ``{feedback_raw}``.
+        reprompt_template: the teacher's task text, placeholders ``{prompt}``, ``{solution}``, ``{feedback}``.
+        max_reprompt_length: the most tokens a rendered teacher prompt may have (>= 1).
+        reprompt_truncation: one of :data:`REPROMPT_TRUNCATIONS` (module docstring, D2).
+    """
+
+    solution_template: str
+    feedback_template: str
+    reprompt_template: str
+    max_reprompt_length: int
+    reprompt_truncation: str
+
+    def __post_init__(self) -> None:
+        if self.reprompt_truncation not in REPROMPT_TRUNCATIONS:
+            raise ValueError(
+                f"TemplateSettings.reprompt_truncation={self.reprompt_truncation!r} is invalid: expected one of "
+                f"{REPROMPT_TRUNCATIONS}."
+            )
+        length = self.max_reprompt_length
+        if isinstance(length, bool) or not isinstance(length, int) or length < 1:
+            raise ValueError(f"TemplateSettings.max_reprompt_length={length!r} is invalid: expected an int >= 1.")
 
 
 @dataclass(frozen=True)
@@ -83,14 +132,9 @@ def select_teacher_signals(
     rewards: Sequence[float],
     feedback: Sequence[str | None],
     num_generations: int,
-    *,
-    success_reward_threshold: float,
-    dont_reprompt_on_self_success: bool,
-    remove_thinking_from_demonstration: bool,
-    include_environment_feedback: bool,
-    environment_feedback_only_without_solution: bool,
+    settings: SignalSettings,
 ) -> list[TeacherSignal]:
-    """Choose each completion's demonstration and feedback (rules in the module docstring).
+    """Choose each completion's demonstration and feedback (rules in the module docstring, options in ``settings``).
 
     ``completions``, ``rewards`` and ``feedback`` hold one entry per completion, in groups of ``num_generations``
     consecutive entries sharing a prompt. Raises ``ValueError`` when the lengths differ or are not a multiple of
@@ -107,7 +151,7 @@ def select_teacher_signals(
             f"({num_generations})"
         )
     # NaN compares False with everything, so a NaN reward is never a success.
-    successful = [float(reward) >= success_reward_threshold for reward in rewards]
+    successful = [float(reward) >= settings.success_reward_threshold for reward in rewards]
 
     signals = []
     for i in range(len(completions)):
@@ -116,22 +160,22 @@ def select_teacher_signals(
             (
                 j
                 for j in range(group_start, group_start + num_generations)
-                if successful[j] and not (dont_reprompt_on_self_success and j == i)
+                if successful[j] and not (settings.dont_reprompt_on_self_success and j == i)
             ),
             None,
         )
         demonstration = None
         if demonstration_index is not None:
             demonstration = completions[demonstration_index]
-            if remove_thinking_from_demonstration:
+            if settings.remove_thinking_from_demonstration:
                 demonstration = remove_thinking(demonstration)
 
         text = feedback[i]
         use_feedback = (
-            include_environment_feedback
+            settings.include_environment_feedback
             and text is not None
             and text.strip() != ""
-            and not (environment_feedback_only_without_solution and demonstration is not None)
+            and not (settings.environment_feedback_only_without_solution and demonstration is not None)
         )
         signals.append(TeacherSignal(demonstration, text if use_feedback else None, demonstration_index))
     return signals
@@ -146,21 +190,20 @@ def without_hindsight(signal: TeacherSignal) -> TeacherSignal:
     )
 
 
-def build_reprompt_text(
-    prompt_text: str, signal: TeacherSignal, *, solution_template: str, feedback_template: str, reprompt_template: str
-) -> str:
-    """Fill the templates for one completion; ``{solution}``/``{feedback}`` are "" when the signal lacks them.
+def build_reprompt_text(prompt_text: str, signal: TeacherSignal, settings: TemplateSettings) -> str:
+    """Fill the templates of ``settings`` for one completion; ``{solution}``/``{feedback}`` are "" when the signal
+    lacks them.
 
     Each template is formatted exactly once and ``str.format`` never re-parses substituted values, so braces,
     backslashes and any unicode in the prompt, demonstration or feedback come through literally.
     """
     solution = ""
     if signal.demonstration is not None:
-        solution = solution_template.format(successful_previous_attempt=signal.demonstration)
+        solution = settings.solution_template.format(successful_previous_attempt=signal.demonstration)
     feedback = ""
     if signal.feedback is not None:
-        feedback = feedback_template.format(feedback_raw=signal.feedback)
-    return reprompt_template.format(prompt=prompt_text, solution=solution, feedback=feedback)
+        feedback = settings.feedback_template.format(feedback_raw=signal.feedback)
+    return settings.reprompt_template.format(prompt=prompt_text, solution=solution, feedback=feedback)
 
 
 def check_prompts_end_with_user_turn(prompts: list) -> None:
@@ -262,13 +305,9 @@ def render_teacher_prompt(
     prompt: str | list[dict],
     signal: TeacherSignal,
     tokenizer,
+    settings: TemplateSettings,
     *,
-    solution_template: str,
-    feedback_template: str,
-    reprompt_template: str,
     chat_template_kwargs: dict,
-    max_reprompt_length: int,
-    reprompt_truncation: str,
     sample_index: int = 0,
 ) -> TeacherPrompt:
     """Render and tokenize the teacher prompt for one completion, truncating per D2 (see the module docstring).
@@ -279,21 +318,14 @@ def render_teacher_prompt(
     trainer's ``tools`` / ``chat_template`` in ``chat_template_kwargs`` when the student's prompt used them.
     Truncation needs a fast tokenizer (it uses offset mappings). The tokenizer is never modified.
 
-    Raises ``ValueError`` for an unknown ``reprompt_truncation``, and, naming ``sample_index`` and the lengths, when the
-    prompt is too long with ``"error"`` or does not fit even with the demonstration and feedback emptied.
+    Raises ``ValueError``, naming ``sample_index`` and the lengths, when the prompt is too long with
+    ``reprompt_truncation="error"`` or does not fit even with the demonstration and feedback emptied.
     """
-    if reprompt_truncation not in _TRUNCATION_MODES:
-        raise ValueError(f"reprompt_truncation must be one of {_TRUNCATION_MODES}, got {reprompt_truncation!r}")
+    max_reprompt_length, reprompt_truncation = settings.max_reprompt_length, settings.reprompt_truncation
     prompt_text = last_user_text(prompt)
 
     def render(sig: TeacherSignal) -> tuple[str, list[int]]:
-        reprompt = build_reprompt_text(
-            prompt_text,
-            sig,
-            solution_template=solution_template,
-            feedback_template=feedback_template,
-            reprompt_template=reprompt_template,
-        )
+        reprompt = build_reprompt_text(prompt_text, sig, settings)
         if isinstance(prompt, str):
             return reprompt, tokenizer(reprompt)["input_ids"]
         text = tokenizer.apply_chat_template(

@@ -44,7 +44,8 @@ from . import _trl_compat
 from .config import SDPOConfig
 from .feedback import FEEDBACK_COLUMN, ReturnRecorder, collect_feedback, record_returns, snapshot_feedback
 from .forward import HeadInputs, captured_final_hidden, completion_hidden, completion_logits, linear_head
-from .loss import default_chunk_size, self_distillation_loss, self_distillation_loss_from_hidden, token_entropy
+from .loss import self_distillation_loss, token_entropy
+from .loss_chunked import default_chunk_size, self_distillation_loss_from_hidden
 from .metrics import PREFIX, teacher_signal_metrics
 from .monitor import ADVICE, collapse_signs
 from .reprompt import (
@@ -213,17 +214,7 @@ class SDPOTrainer(GRPOTrainer):
         local_count = len(rollout.prompts)
         texts = gather_object(self._tokenizer.batch_decode(rollout.completion_ids, skip_special_tokens=True))
         feedback = gather_object(rollout.feedback)
-        signals = select_teacher_signals(
-            texts,
-            rewards,
-            feedback,
-            num_generations,
-            success_reward_threshold=config.success_reward_threshold,
-            dont_reprompt_on_self_success=config.dont_reprompt_on_self_success,
-            remove_thinking_from_demonstration=config.remove_thinking_from_demonstration,
-            include_environment_feedback=config.include_environment_feedback,
-            environment_feedback_only_without_solution=config.environment_feedback_only_without_solution,
-        )
+        signals = select_teacher_signals(texts, rewards, feedback, num_generations, config.signal_settings())
         distilled = [s.has_signal for s in signals]
         if config.sample_routing:
             distilled = routed_to_distillation(rewards, distilled, config.success_reward_threshold)
@@ -265,12 +256,8 @@ class SDPOTrainer(GRPOTrainer):
                 prompt,
                 signal,
                 self._tokenizer,
-                solution_template=config.solution_template,
-                feedback_template=config.feedback_template,
-                reprompt_template=config.reprompt_template,
+                config.template_settings(),
                 chat_template_kwargs=template_kwargs,
-                max_reprompt_length=config.max_reprompt_length,
-                reprompt_truncation=config.reprompt_truncation,
                 sample_index=start + i,
             )
             if is_distilled
@@ -441,12 +428,7 @@ class SDPOTrainer(GRPOTrainer):
             None if inputs.get("old_per_token_logps") is None else inputs["old_per_token_logps"][rows],
         )
         options = dict(
-            alpha=config.alpha,
-            distillation_topk=config.distillation_topk,
-            distillation_add_tail=config.distillation_add_tail,
-            full_logit_distillation=config.full_logit_distillation,
-            is_clip=config.is_clip,
-            loss_agg_mode=config.loss_agg_mode,
+            settings=config.loss_settings(),
             per_token_weight=self._per_token_weight(inputs, rows, completion_ids.shape),
             normalizer=self._loss_normalizer(inputs) if mode == "train" else None,
         )

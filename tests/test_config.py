@@ -4,7 +4,12 @@ import math
 import pytest
 
 from sdpo_rl import SDPOConfig
+from sdpo_rl import config as config_module
+from sdpo_rl import loss as loss_module
+from sdpo_rl import reprompt as reprompt_module
 from sdpo_rl.config import TEMPLATE_PLACEHOLDERS
+from sdpo_rl.loss import LossSettings
+from sdpo_rl.reprompt import SignalSettings, TemplateSettings
 
 ISSUE_DEFAULTS = {
     "enabled": True,
@@ -25,9 +30,10 @@ ISSUE_DEFAULTS = {
     "environment_feedback_only_without_solution": True,
     "max_reprompt_length": 10240,
     "reprompt_truncation": "right",
-    "solution_template": "\nCorrect solution:\n\n{successful_previous_attempt}\n\n",
-    "feedback_template": "\nThe following is feedback from your unsuccessful earlier attempt:\n\n{feedback_raw}\n\n",
-    "reprompt_template": "{prompt}{solution}{feedback}\n\nCorrectly solve the original question.\n",
+    # The reference's actor.yaml, which its experiments load (not its dataclass defaults; docs/deviations.md).
+    "solution_template": "\nCorrect solution:\n\n{successful_previous_attempt}",
+    "feedback_template": "\nThe following is feedback from your unsuccessful earlier attempt:\n\n{feedback_raw}",
+    "reprompt_template": "{prompt}{solution}{feedback}\n\nCorrectly solve the original question.",
 }
 
 
@@ -133,3 +139,40 @@ def test_templates_need_their_placeholders(name):
 def test_every_field_has_help():
     for f in dataclasses.fields(SDPOConfig):
         assert f.metadata.get("help"), f.name
+
+
+@pytest.mark.parametrize(
+    ("method", "settings_class"),
+    [("loss_settings", LossSettings), ("signal_settings", SignalSettings), ("template_settings", TemplateSettings)],
+)
+def test_settings_objects_carry_the_config_values(method, settings_class):
+    config = SDPOConfig(
+        alpha=1.0,
+        full_logit_distillation=False,
+        distillation_topk=7,
+        distillation_add_tail=False,
+        is_clip=None,
+        loss_agg_mode="seq-mean-token-sum",
+        success_reward_threshold=0.25,
+        dont_reprompt_on_self_success=False,
+        remove_thinking_from_demonstration=False,
+        include_environment_feedback=False,
+        environment_feedback_only_without_solution=False,
+        max_reprompt_length=99,
+        reprompt_truncation="left",
+        solution_template="S{successful_previous_attempt}",
+        feedback_template="F{feedback_raw}",
+        reprompt_template="{prompt}|{solution}|{feedback}",
+    )
+    settings = getattr(config, method)()
+    assert isinstance(settings, settings_class)
+    names = [f.name for f in dataclasses.fields(settings_class)]
+    assert names and all(getattr(settings, name) == getattr(config, name) for name in names)
+    assert all(getattr(settings, name) != ISSUE_DEFAULTS[name] for name in names)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        setattr(settings, names[0], None)
+
+
+def test_allowed_values_come_from_the_modules_that_use_them():
+    assert config_module.LOSS_AGG_MODES is loss_module.LOSS_AGG_MODES
+    assert config_module.REPROMPT_TRUNCATIONS is reprompt_module.REPROMPT_TRUNCATIONS

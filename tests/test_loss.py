@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 
 from sdpo_rl.loss import (
+    LossSettings,
     aggregate,
     importance_weight,
     per_token_divergence,
@@ -30,9 +31,7 @@ DEFAULTS = dict(
     is_clip=None,
     loss_agg_mode="token-mean",
 )
-DIVERGENCE_DEFAULTS = {
-    k: DEFAULTS[k] for k in ("alpha", "distillation_topk", "distillation_add_tail", "full_logit_distillation")
-}
+DEFAULT_SETTINGS = LossSettings(**DEFAULTS)
 
 
 def make_batch(batch=3, steps=5, vocab=11, seed=0, scale=2.0):
@@ -46,8 +45,11 @@ def make_batch(batch=3, steps=5, vocab=11, seed=0, scale=2.0):
     return student, teacher, ids, mask
 
 
-def loss_of(student, teacher, ids, mask, sd_mask=None, old=None, **overrides):
-    return self_distillation_loss(student, teacher, ids, mask, sd_mask, old, **{**DEFAULTS, **overrides})
+def loss_of(student, teacher, ids, mask, sd_mask=None, old=None, per_token_weight=None, **overrides):
+    settings = LossSettings(**{**DEFAULTS, **overrides})
+    return self_distillation_loss(
+        student, teacher, ids, mask, sd_mask, old, settings=settings, per_token_weight=per_token_weight
+    )
 
 
 def loss_and_grad(student, *args, **kwargs):
@@ -68,12 +70,7 @@ def test_matches_reference_golden(case):
         data["completion_mask"],
         data["self_distillation_mask"],
         data["old_per_token_logps"],
-        alpha=case["alpha"],
-        distillation_topk=case["distillation_topk"],
-        distillation_add_tail=case["distillation_add_tail"],
-        full_logit_distillation=case["full_logit_distillation"],
-        is_clip=case["is_clip"],
-        loss_agg_mode=case["loss_agg_mode"],
+        settings=LossSettings(**{name: case[name] for name in DEFAULTS}),
     )
     loss.backward()
     assert loss.dtype == torch.float32 and loss.shape == ()
@@ -115,15 +112,12 @@ def test_jsd_is_symmetric_and_bounded_by_log2():
         peaked_student,
         peaked_teacher,
         torch.zeros(2, vocab, dtype=torch.long),
-        alpha=0.5,
-        distillation_topk=None,
-        distillation_add_tail=True,
-        full_logit_distillation=True,
+        settings=LossSettings(**{**DEFAULTS, "alpha": 0.5, "distillation_topk": None}),
     )
     assert per_token.shape == (2, vocab)
     assert (per_token <= math.log(2) + 1e-6).all()
     assert (per_token >= math.log(2) - 1e-4).all()
-    random_tokens = per_token_divergence(student, teacher, ids, **DIVERGENCE_DEFAULTS)
+    random_tokens = per_token_divergence(student, teacher, ids, settings=DEFAULT_SETTINGS)
     assert (random_tokens <= math.log(2) + 1e-6).all() and (random_tokens > 0).all()
 
 
@@ -269,7 +263,7 @@ def test_per_token_weight_multiplies():
         3.0 * base.item(), rel=1e-5
     )
     weight = torch.rand(ids.shape, generator=torch.Generator().manual_seed(0))
-    per_token = per_token_divergence(student, teacher, ids, **DIVERGENCE_DEFAULTS)
+    per_token = per_token_divergence(student, teacher, ids, settings=DEFAULT_SETTINGS)
     expected = (per_token * weight * mask).sum() / mask.sum()
     assert loss_of(student, teacher, ids, mask, per_token_weight=weight).item() == pytest.approx(expected.item(), 1e-5)
 
@@ -281,7 +275,7 @@ def test_teacher_gets_no_gradient():
     loss_of(student, teacher, ids, mask, None, old, distillation_topk=4, is_clip=2.0).backward()
     assert teacher.grad is None
     assert student.grad.abs().max().item() > 1e-4
-    per_token = per_token_divergence(student, teacher, ids, **DIVERGENCE_DEFAULTS)
+    per_token = per_token_divergence(student, teacher, ids, settings=DEFAULT_SETTINGS)
     per_token.sum().backward()
     assert teacher.grad is None
 
@@ -322,7 +316,7 @@ def test_aggregate_by_hand(loss_agg_mode, expected):
 def test_loss_aggregates_the_masked_per_token_divergence(loss_agg_mode):
     student, teacher, ids, mask = make_batch(seed=10)
     sd_mask = torch.tensor([1.0, 0.0, 1.0])
-    per_token = per_token_divergence(student, teacher, ids, **DIVERGENCE_DEFAULTS)
+    per_token = per_token_divergence(student, teacher, ids, settings=DEFAULT_SETTINGS)
     rows = [0, 2]
     sums = [(per_token[i] * mask[i]).sum().item() for i in rows]
     counts = [mask[i].sum().item() for i in rows]
@@ -345,6 +339,8 @@ def test_loss_aggregates_the_masked_per_token_divergence(loss_agg_mode):
         (dict(distillation_topk=0), ["distillation_topk", "0", ">= 1"]),
         (dict(is_clip=0.0), ["is_clip", "0.0", "> 0"]),
         (dict(is_clip=-2.0), ["is_clip", "-2.0"]),
+        (dict(distillation_topk=True), ["distillation_topk", "True", ">= 1"]),
+        (dict(distillation_add_tail=1), ["distillation_add_tail", "1", "True or False"]),
     ],
 )
 def test_bad_settings_raise(overrides, needles):

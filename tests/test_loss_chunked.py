@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -11,14 +12,8 @@ from safetensors.torch import load_file
 
 from sdpo_rl import SDPOConfig, SDPOTrainer
 from sdpo_rl import trainer as trainer_module
-from sdpo_rl.loss import (
-    CHUNK_BYTES,
-    LOSS_AGG_MODES,
-    default_chunk_size,
-    self_distillation_loss,
-    self_distillation_loss_from_hidden,
-    token_entropy,
-)
+from sdpo_rl.loss import LOSS_AGG_MODES, LossSettings, self_distillation_loss, token_entropy
+from sdpo_rl.loss_chunked import CHUNK_BYTES, default_chunk_size, self_distillation_loss_from_hidden
 
 GOLDEN_DIR = Path(__file__).parent / "data" / "golden" / "sdpo_loss"
 GOLDEN_CASES = json.loads((GOLDEN_DIR / "manifest.json").read_text())["cases"]
@@ -35,8 +30,12 @@ SETTINGS = {
 
 
 def golden_options(case):
-    keys = ("alpha", "distillation_topk", "distillation_add_tail", "full_logit_distillation", "is_clip")
-    return {key: case[key] for key in keys} | {"loss_agg_mode": case["loss_agg_mode"]}
+    return {"settings": LossSettings(**{field.name: case[field.name] for field in dataclasses.fields(LossSettings)})}
+
+
+def settings(name, is_clip=None, loss_agg_mode="token-mean"):
+    """The `SETTINGS[name]` divergence with the given IS clip and aggregation."""
+    return LossSettings(**SETTINGS[name], is_clip=is_clip, loss_agg_mode=loss_agg_mode)
 
 
 def leaf(tensor):
@@ -123,14 +122,12 @@ def test_golden_cases_through_an_identity_head(case, chunk_size):
 
 @pytest.mark.parametrize("chunk_size", CHUNK_SIZES)
 @pytest.mark.parametrize("loss_agg_mode", LOSS_AGG_MODES)
-@pytest.mark.parametrize("settings", SETTINGS.values(), ids=SETTINGS.keys())
-def test_equals_the_loss_from_logits(settings, loss_agg_mode, chunk_size):
+@pytest.mark.parametrize("name", SETTINGS)
+def test_equals_the_loss_from_logits(name, loss_agg_mode, chunk_size):
     batch = random_batch()
     args = positional(batch, self_distillation_mask=torch.tensor([1.0, 0.0, 1.0]))
     options = dict(
-        settings,
-        is_clip=2.0,
-        loss_agg_mode=loss_agg_mode,
+        settings=settings(name, is_clip=2.0, loss_agg_mode=loss_agg_mode),
         per_token_weight=batch["per_token_weight"],
         temperature=0.7,
     )
@@ -142,14 +139,14 @@ def test_equals_the_loss_from_logits(settings, loss_agg_mode, chunk_size):
 @pytest.mark.parametrize("normalizer", [17.0, torch.tensor(5.0)])
 def test_normalizer_replaces_the_count(normalizer):
     batch = random_batch(seed=1)
-    options = dict(SETTINGS["jsd_top5_tail"], is_clip=None, loss_agg_mode="token-mean", normalizer=normalizer)
+    options = dict(settings=settings("jsd_top5_tail"), normalizer=normalizer)
     assert_same(chunked(*positional(batch), chunk_size=3, **options), reference(*positional(batch), **options))
 
 
 def test_entropies_are_those_of_the_logits_where_distilled_and_zero_elsewhere():
     batch = random_batch(seed=2)
     sd_mask = torch.tensor([1.0, 1.0, 0.0])
-    options = dict(SETTINGS["jsd_top5_tail"], is_clip=2.0, loss_agg_mode="token-mean", temperature=0.5)
+    options = dict(settings=settings("jsd_top5_tail", is_clip=2.0), temperature=0.5)
     loss, student_entropy, teacher_entropy = self_distillation_loss_from_hidden(
         *positional(batch, sd_mask), chunk_size=4, return_entropy=True, **options
     )
@@ -168,7 +165,7 @@ def test_teacher_as_a_sum_of_heads_is_a_mixture_of_logits():
     """The trust-region teacher's logits (1 - r) z_ref + r z_theta, given as two (hidden, weight) terms."""
     batch, other = random_batch(seed=3), random_batch(seed=4)
     rate = 0.3
-    options = dict(SETTINGS["jsd_top5_tail"], is_clip=None, loss_agg_mode="token-mean")
+    options = dict(settings=settings("jsd_top5_tail"))
     mixed_logits = torch.lerp(
         batch["teacher_hidden"] @ batch["teacher_weight"].T, other["teacher_hidden"] @ other["teacher_weight"].T, rate
     )
@@ -194,7 +191,7 @@ def test_teacher_gets_no_gradient_and_no_grad_mode_gives_the_same_loss():
     teacher_hidden, teacher_weight = leaf(batch["teacher_hidden"]), leaf(batch["teacher_weight"])
     args = (batch["student_hidden"], batch["student_weight"], teacher_hidden, teacher_weight)
     rest = (batch["completion_ids"], batch["completion_mask"])
-    options = dict(SETTINGS["jsd_full_vocab"], is_clip=None, loss_agg_mode="token-mean", chunk_size=2)
+    options = dict(settings=settings("jsd_full_vocab"), chunk_size=2)
     with torch.no_grad():
         without_grad = self_distillation_loss_from_hidden(*args, *rest, **options)
     loss, _, _ = chunked(*args, *rest, **options)
@@ -210,7 +207,7 @@ def test_nothing_distilled_gives_zero_loss_and_zero_gradients_even_with_non_fini
     batch = random_batch(seed=6)
     batch["student_hidden"][:, -1] = float("inf")
     batch["teacher_hidden"][:, -1] = float("nan")
-    options = dict(SETTINGS["jsd_top5_tail"], is_clip=2.0, loss_agg_mode="seq-mean-token-mean")
+    options = dict(settings=settings("jsd_top5_tail", is_clip=2.0, loss_agg_mode="seq-mean-token-mean"))
     all_masked = chunked(*positional(batch, torch.zeros(3)), chunk_size=2, **options)
     assert all_masked[0].item() == 0.0
     assert all(torch.equal(grad, torch.zeros_like(grad)) for grad in all_masked[1:])
@@ -223,7 +220,7 @@ def test_nothing_distilled_gives_zero_loss_and_zero_gradients_even_with_non_fini
 
 def test_bfloat16_inputs_give_a_float32_loss_close_to_float32():
     batch = random_batch(seed=7)
-    options = dict(SETTINGS["jsd_top5_tail"], is_clip=None, loss_agg_mode="token-mean")
+    options = dict(settings=settings("jsd_top5_tail"))
     half = {k: v.bfloat16() if v.is_floating_point() else v for k, v in batch.items()}
     loss, grad_hidden, grad_weight = chunked(*positional(half), chunk_size=4, **options)
     assert loss.dtype == torch.float32
@@ -235,7 +232,7 @@ def test_bfloat16_inputs_give_a_float32_loss_close_to_float32():
 
 def test_ambient_autocast_does_not_lower_the_projection_precision():
     batch = random_batch(seed=9)
-    options = dict(SETTINGS["jsd_top5_tail"], is_clip=None, loss_agg_mode="token-mean", chunk_size=4)
+    options = dict(settings=settings("jsd_top5_tail"), chunk_size=4)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         under_autocast = chunked(*positional(batch)[:6], **options)
     assert_same(under_autocast, chunked(*positional(batch)[:6], **options))
@@ -243,7 +240,7 @@ def test_ambient_autocast_does_not_lower_the_projection_precision():
 
 def test_gradient_scales_with_the_upstream_gradient():
     batch = random_batch(seed=8)
-    options = dict(SETTINGS["jsd_top5_tail"], is_clip=None, loss_agg_mode="token-mean", chunk_size=3)
+    options = dict(settings=settings("jsd_top5_tail"), chunk_size=3)
     hidden, weight = leaf(batch["student_hidden"]), leaf(batch["student_weight"])
     loss = self_distillation_loss_from_hidden(hidden, weight, *positional(batch)[2:6], **options)
     (2.5 * loss).backward()
@@ -265,7 +262,7 @@ def test_gradient_scales_with_the_upstream_gradient():
 def test_bad_arguments_raise(change, needle):
     batch = random_batch() | {k: v for k, v in change.items() if k != "chunk_size"}
     chunk_size = change.get("chunk_size", 4)
-    options = dict(SETTINGS["jsd_top5_tail"], is_clip=None, loss_agg_mode="token-mean")
+    options = dict(settings=settings("jsd_top5_tail"))
     with pytest.raises(ValueError, match=needle):
         self_distillation_loss_from_hidden(*positional(batch)[:6], chunk_size=chunk_size, **options)
 

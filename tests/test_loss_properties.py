@@ -8,7 +8,8 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from sdpo_rl.loss import divergence, per_token_divergence, self_distillation_loss, self_distillation_loss_from_hidden
+from sdpo_rl.loss import LossSettings, divergence, per_token_divergence, self_distillation_loss
+from sdpo_rl.loss_chunked import self_distillation_loss_from_hidden
 
 PROPERTY_SETTINGS = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 alphas = st.sampled_from([0.0, 0.25, 0.5, 0.9, 1.0]) | st.floats(0.0, 1.0)
@@ -35,12 +36,14 @@ def loss_inputs(draw):
         old_per_token_logps=-torch.rand(batch, length, generator=generator, dtype=torch.float64) * 5
         if draw(st.booleans())
         else None,
-        alpha=draw(alphas) if full_logit else 1.0,
-        distillation_topk=draw(st.none() | st.integers(1, 15)),
-        distillation_add_tail=draw(st.booleans()),
-        full_logit_distillation=full_logit,
-        is_clip=draw(st.none() | st.sampled_from([1.0, 2.0, 10.0])),
-        loss_agg_mode=draw(st.sampled_from(["token-mean", "seq-mean-token-mean", "seq-mean-token-sum"])),
+        settings=LossSettings(
+            alpha=draw(alphas) if full_logit else 1.0,
+            distillation_topk=draw(st.none() | st.integers(1, 15)),
+            distillation_add_tail=draw(st.booleans()),
+            full_logit_distillation=full_logit,
+            is_clip=draw(st.none() | st.sampled_from([1.0, 2.0, 10.0])),
+            loss_agg_mode=draw(st.sampled_from(["token-mean", "seq-mean-token-mean", "seq-mean-token-sum"])),
+        ),
     )
 
 
@@ -52,7 +55,7 @@ def test_loss_and_gradient_are_finite(inputs):
     loss.backward()
     assert torch.isfinite(loss)
     assert torch.isfinite(student.grad).all()
-    if inputs["full_logit_distillation"]:
+    if inputs["settings"].full_logit_distillation:
         assert loss >= 0.0
 
 
@@ -94,10 +97,9 @@ def test_teacher_equal_to_student_gives_zero_per_token_divergence(data, alpha, t
         logits,
         logits.clone(),
         torch.zeros(2, 3, dtype=torch.long),
-        alpha=alpha,
-        distillation_topk=topk,
-        distillation_add_tail=add_tail,
-        full_logit_distillation=True,
+        settings=LossSettings(
+            alpha, topk, add_tail, full_logit_distillation=True, is_clip=None, loss_agg_mode="token-mean"
+        ),
     )
     assert divergences.abs().max() < 1e-12
 

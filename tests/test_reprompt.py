@@ -1,4 +1,5 @@
-"""Tests for sdpo_rl.reprompt: teacher-signal selection, reprompt text and rendering, truncation (spec 2, D1, D2).
+"""Tests for sdpo_rl.reprompt: teacher-signal selection, reprompt text and rendering, truncation (docs/how-it-works.md
+sections 2-3; D1, D2 in docs/deviations.md).
 
 Expected teacher prompts are written out by hand from the ChatML format of ``tiny.make_tokenizer``:
 ``<|im_start|>{role}\\n{content}<|im_end|>\\n`` per message, then ``<|im_start|>assistant\\n``.
@@ -20,8 +21,10 @@ from sdpo_rl.reprompt import (
     DEFAULT_FEEDBACK_TEMPLATE,
     DEFAULT_REPROMPT_TEMPLATE,
     DEFAULT_SOLUTION_TEMPLATE,
+    SignalSettings,
     TeacherPrompt,
     TeacherSignal,
+    TemplateSettings,
     build_reprompt_text,
     last_user_text,
     remove_thinking,
@@ -37,7 +40,7 @@ DEFAULT_TEMPLATES = {
     "reprompt_template": DEFAULT_REPROMPT_TEMPLATE,
 }
 GENERATION_HEADER = "<|im_start|>assistant\n"
-INSTRUCTION_TAIL = "\n\nCorrectly solve the original question.\n<|im_end|>\n" + GENERATION_HEADER
+INSTRUCTION_TAIL = "\n\nCorrectly solve the original question.<|im_end|>\n" + GENERATION_HEADER
 
 SYSTEM_USER = [
     {"role": "system", "content": "You are terse."},
@@ -55,17 +58,17 @@ FEEDBACK_ONLY = TeacherSignal(demonstration=None, feedback="Wrong: expected 4", 
 BOTH = TeacherSignal(demonstration="4", feedback="Wrong: expected 4", demonstration_index=1)
 
 
-def render(prompt, signal, *, max_reprompt_length=10_000, reprompt_truncation="right", templates=None, **kwargs):
-    return render_teacher_prompt(
-        prompt,
-        signal,
-        TOKENIZER,
+def template_settings(max_reprompt_length=10_000, reprompt_truncation="right", templates=None):
+    return TemplateSettings(
         **(templates or DEFAULT_TEMPLATES),
-        chat_template_kwargs={},
         max_reprompt_length=max_reprompt_length,
         reprompt_truncation=reprompt_truncation,
-        **kwargs,
     )
+
+
+def render(prompt, signal, *, max_reprompt_length=10_000, reprompt_truncation="right", templates=None, **kwargs):
+    settings = template_settings(max_reprompt_length, reprompt_truncation, templates)
+    return render_teacher_prompt(prompt, signal, TOKENIZER, settings, chat_template_kwargs={}, **kwargs)
 
 
 def select(completions, rewards, feedback, num_generations, **overrides):
@@ -77,7 +80,7 @@ def select(completions, rewards, feedback, num_generations, **overrides):
         "environment_feedback_only_without_solution": True,
     }
     options.update(overrides)
-    return select_teacher_signals(completions, rewards, feedback, num_generations, **options)
+    return select_teacher_signals(completions, rewards, feedback, num_generations, SignalSettings(**options))
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -87,20 +90,20 @@ def select(completions, rewards, feedback, num_generations, **overrides):
 SYSTEM_USER_EXPECTED = {
     "demonstration": (
         "<|im_start|>system\nYou are terse.<|im_end|>\n"
-        "<|im_start|>user\nWhat is 2+2?\nCorrect solution:\n\n4\n\n\n\nCorrectly solve the original question.\n"
+        "<|im_start|>user\nWhat is 2+2?\nCorrect solution:\n\n4\n\nCorrectly solve the original question."
         "<|im_end|>\n<|im_start|>assistant\n"
     ),
     "feedback": (
         "<|im_start|>system\nYou are terse.<|im_end|>\n"
         "<|im_start|>user\nWhat is 2+2?\nThe following is feedback from your unsuccessful earlier attempt:\n\n"
-        "Wrong: expected 4\n\n\n\nCorrectly solve the original question.\n"
+        "Wrong: expected 4\n\nCorrectly solve the original question."
         "<|im_end|>\n<|im_start|>assistant\n"
     ),
     "both": (
         "<|im_start|>system\nYou are terse.<|im_end|>\n"
-        "<|im_start|>user\nWhat is 2+2?\nCorrect solution:\n\n4\n\n"
+        "<|im_start|>user\nWhat is 2+2?\nCorrect solution:\n\n4"
         "\nThe following is feedback from your unsuccessful earlier attempt:\n\n"
-        "Wrong: expected 4\n\n\n\nCorrectly solve the original question.\n"
+        "Wrong: expected 4\n\nCorrectly solve the original question."
         "<|im_end|>\n<|im_start|>assistant\n"
     ),
 }
@@ -130,7 +133,7 @@ def test_multi_turn_keeps_earlier_turns_and_replaces_only_last_user_turn():
         "<|im_start|>system\nBe kind.<|im_end|>\n"
         "<|im_start|>user\nHi<|im_end|>\n"
         "<|im_start|>assistant\nHello!<|im_end|>\n"
-        "<|im_start|>user\nWhat is 2+2?\nCorrect solution:\n\n4\n\n\n\nCorrectly solve the original question.\n"
+        "<|im_start|>user\nWhat is 2+2?\nCorrect solution:\n\n4\n\nCorrectly solve the original question."
         "<|im_end|>\n<|im_start|>assistant\n"
     )
 
@@ -138,16 +141,16 @@ def test_multi_turn_keeps_earlier_turns_and_replaces_only_last_user_turn():
 @pytest.mark.parametrize(
     ("signal", "expected"),
     [
-        (DEMO_ONLY, "What is 2+2?\nCorrect solution:\n\n4\n\n\n\nCorrectly solve the original question.\n"),
+        (DEMO_ONLY, "What is 2+2?\nCorrect solution:\n\n4\n\nCorrectly solve the original question."),
         (
             FEEDBACK_ONLY,
             "What is 2+2?\nThe following is feedback from your unsuccessful earlier attempt:\n\n"
-            "Wrong: expected 4\n\n\n\nCorrectly solve the original question.\n",
+            "Wrong: expected 4\n\nCorrectly solve the original question.",
         ),
         (
             BOTH,
-            "What is 2+2?\nCorrect solution:\n\n4\n\n\nThe following is feedback from your unsuccessful earlier "
-            "attempt:\n\nWrong: expected 4\n\n\n\nCorrectly solve the original question.\n",
+            "What is 2+2?\nCorrect solution:\n\n4\nThe following is feedback from your unsuccessful earlier "
+            "attempt:\n\nWrong: expected 4\n\nCorrectly solve the original question.",
         ),
     ],
 )
@@ -164,15 +167,10 @@ def test_special_tokens_follow_trl():
     tokenizer.backend_tokenizer.post_processor = TemplateProcessing(
         single="<|endoftext|> $A", special_tokens=[("<|endoftext|>", bos_id)]
     )
-    options = {
-        **DEFAULT_TEMPLATES,
-        "chat_template_kwargs": {},
-        "max_reprompt_length": 1000,
-        "reprompt_truncation": "right",
-    }
-    standard = render_teacher_prompt("What is 2+2?", DEMO_ONLY, tokenizer, **options)
+    settings = template_settings(max_reprompt_length=1000)
+    standard = render_teacher_prompt("What is 2+2?", DEMO_ONLY, tokenizer, settings, chat_template_kwargs={})
     assert standard.input_ids == [bos_id] + TOKENIZER(standard.text)["input_ids"]
-    conversational = render_teacher_prompt(SYSTEM_USER, DEMO_ONLY, tokenizer, **options)
+    conversational = render_teacher_prompt(SYSTEM_USER, DEMO_ONLY, tokenizer, settings, chat_template_kwargs={})
     assert conversational.input_ids == TOKENIZER(SYSTEM_USER_EXPECTED["demonstration"])["input_ids"]
 
 
@@ -197,12 +195,10 @@ def test_chat_template_kwargs_are_passed_to_the_chat_template():
         SYSTEM_USER,
         DEMO_ONLY,
         tokenizer,
-        **DEFAULT_TEMPLATES,
+        template_settings(max_reprompt_length=1000),
         chat_template_kwargs={"prefix": "P:"},
-        max_reprompt_length=1000,
-        reprompt_truncation="right",
     )
-    assert result.text == "P:What is 2+2?\nCorrect solution:\n\n4\n\n\n\nCorrectly solve the original question.\n"
+    assert result.text == "P:What is 2+2?\nCorrect solution:\n\n4\n\nCorrectly solve the original question."
 
 
 def test_list_content_parts_give_the_prompt_text():
@@ -214,7 +210,7 @@ def test_list_content_parts_give_the_prompt_text():
     ]
     assert last_user_text(prompt) == "Look: what?"
     assert render(prompt, DEMO_ONLY).text == (
-        "<|im_start|>user\nLook: what?\nCorrect solution:\n\n4\n\n\n\nCorrectly solve the original question.\n"
+        "<|im_start|>user\nLook: what?\nCorrect solution:\n\n4\n\nCorrectly solve the original question."
         "<|im_end|>\n<|im_start|>assistant\n"
     )
 
@@ -265,13 +261,13 @@ ODD_FEEDBACK = "{0}{1} Traceback:\n  File \\x00 {prompt} é"
 
 def test_build_reprompt_text_passes_values_through_literally():
     signal = TeacherSignal(ODD_DEMO, ODD_FEEDBACK, 0)
-    text = build_reprompt_text(ODD_PROMPT, signal, **DEFAULT_TEMPLATES)
+    text = build_reprompt_text(ODD_PROMPT, signal, template_settings())
     assert text == (
         "Use {prompt} and {0} {solution}; path C:\\new\\x \\n ünï 日本 {"
-        "\nCorrect solution:\n\n}{feedback_raw} \\t {successful_previous_attempt} 🙂\n\n"
+        "\nCorrect solution:\n\n}{feedback_raw} \\t {successful_previous_attempt} 🙂"
         "\nThe following is feedback from your unsuccessful earlier attempt:\n\n"
-        "{0}{1} Traceback:\n  File \\x00 {prompt} é\n\n"
-        "\n\nCorrectly solve the original question.\n"
+        "{0}{1} Traceback:\n  File \\x00 {prompt} é"
+        "\n\nCorrectly solve the original question."
     )
 
 
@@ -284,16 +280,16 @@ def test_odd_characters_survive_selection_and_rendering():
     assert signals[0] == TeacherSignal(ODD_DEMO, ODD_FEEDBACK, 1)
     assert result.text == (
         "<|im_start|>user\nUse {prompt} and {0} {solution}; path C:\\new\\x \\n ünï 日本 {"
-        "\nCorrect solution:\n\n}{feedback_raw} \\t {successful_previous_attempt} 🙂\n\n"
+        "\nCorrect solution:\n\n}{feedback_raw} \\t {successful_previous_attempt} 🙂"
         "\nThe following is feedback from your unsuccessful earlier attempt:\n\n"
-        "{0}{1} Traceback:\n  File \\x00 {prompt} é\n\n"
-        "\n\nCorrectly solve the original question.\n<|im_end|>\n<|im_start|>assistant\n"
+        "{0}{1} Traceback:\n  File \\x00 {prompt} é"
+        "\n\nCorrectly solve the original question.<|im_end|>\n<|im_start|>assistant\n"
     )
     assert TOKENIZER.decode(result.input_ids) == result.text
 
 
 def test_empty_signal_renders_the_bare_template():
-    assert render("Q", TeacherSignal(None, None, None)).text == "Q\n\nCorrectly solve the original question.\n"
+    assert render("Q", TeacherSignal(None, None, None)).text == "Q\n\nCorrectly solve the original question."
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -428,8 +424,8 @@ def test_empty_batch_gives_no_signals():
 
 LONG_DEMO = "START " + "the answer is 42, " * 40 + "END"
 LONG_FEEDBACK = "BEGIN " + "wrong answer, expected 7. " * 40 + "FINISH"
-SOLUTION_RE = re.compile(r"\nCorrect solution:\n\n(.*?)\n\n(?:\nThe following|\n\nCorrectly solve)", re.DOTALL)
-FEEDBACK_RE = re.compile(r"earlier attempt:\n\n(.*)\n\n\n\nCorrectly solve", re.DOTALL)
+SOLUTION_RE = re.compile(r"\nCorrect solution:\n\n(.*?)(?:\nThe following|\n\nCorrectly solve)", re.DOTALL)
+FEEDBACK_RE = re.compile(r"earlier attempt:\n\n(.*)\n\nCorrectly solve", re.DOTALL)
 USER_HEADER = "<|im_start|>system\nYou are terse.<|im_end|>\n<|im_start|>user\nWhat is 2+2?"
 
 
@@ -510,7 +506,7 @@ def test_truncation_of_standard_prompt_keeps_prompt_and_instruction():
     result = render("What is 2+2?", signal, max_reprompt_length=limit, reprompt_truncation="left")
     assert len(result.input_ids) <= limit
     assert result.text.startswith("What is 2+2?\nThe following is feedback from your unsuccessful earlier attempt:\n\n")
-    assert result.text.endswith("\n\n\n\nCorrectly solve the original question.\n")
+    assert result.text.endswith("\n\nCorrectly solve the original question.")
     assert LONG_FEEDBACK.endswith(FEEDBACK_RE.search(result.text).group(1))
 
 
@@ -519,8 +515,8 @@ def test_truncation_to_the_fixed_part_empties_the_texts():
     limit = fixed_length(SYSTEM_USER, signal)
     result = render(SYSTEM_USER, signal, max_reprompt_length=limit)
     assert result.text == (
-        USER_HEADER + "\nCorrect solution:\n\n\n\n\nThe following is feedback from your unsuccessful earlier attempt:"
-        "\n\n\n\n" + INSTRUCTION_TAIL
+        USER_HEADER + "\nCorrect solution:\n\n\nThe following is feedback from your unsuccessful earlier attempt:"
+        "\n\n" + INSTRUCTION_TAIL
     )
 
 
@@ -549,9 +545,13 @@ def test_impossible_fit_raises(side):
         render(SYSTEM_USER, signal, max_reprompt_length=fixed - 1, reprompt_truncation=side, sample_index=3)
 
 
-def test_invalid_truncation_mode_raises():
-    with pytest.raises(ValueError, match="'middle'"):
-        render(SYSTEM_USER, DEMO_ONLY, reprompt_truncation="middle")
+@pytest.mark.parametrize(
+    ("change", "needle"),
+    [(dict(reprompt_truncation="middle"), "reprompt_truncation='middle'"), (dict(max_reprompt_length=0), "=0")],
+)
+def test_invalid_template_settings_raise(change, needle):
+    with pytest.raises(ValueError, match=needle):
+        render(SYSTEM_USER, DEMO_ONLY, **change)
 
 
 @pytest.mark.parametrize("side", ["right", "left"])
@@ -565,10 +565,8 @@ def test_inputs_are_not_mutated(side):
         prompt,
         signal,
         tokenizer,
-        **DEFAULT_TEMPLATES,
+        template_settings(fixed_length(MULTI_TURN, signal) + 20, side),
         chat_template_kwargs={},
-        max_reprompt_length=fixed_length(MULTI_TURN, signal) + 20,
-        reprompt_truncation=side,
     )
     assert result.truncated
     assert prompt == MULTI_TURN

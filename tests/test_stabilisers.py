@@ -22,17 +22,9 @@ from sdpo_rl.stabilisers import (
 
 
 def routes(rewards, feedback, num_generations=4):
-    signals = select_teacher_signals(
-        [f"completion {i}" for i in range(len(rewards))],
-        rewards,
-        feedback,
-        num_generations,
-        success_reward_threshold=1.0,
-        dont_reprompt_on_self_success=True,
-        remove_thinking_from_demonstration=True,
-        include_environment_feedback=True,
-        environment_feedback_only_without_solution=True,
-    )
+    completions = [f"completion {i}" for i in range(len(rewards))]
+    settings = SDPOConfig(success_reward_threshold=1.0).signal_settings()
+    signals = select_teacher_signals(completions, rewards, feedback, num_generations, settings)
     return routed_to_distillation(rewards, [s.has_signal for s in signals], 1.0)
 
 

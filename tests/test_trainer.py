@@ -64,7 +64,7 @@ def test_quick_start_trains_logs_metrics_and_well_formed_teacher_prompts(tmp_pat
     for text in prompts:
         assert text.count("<|im_start|>user\n") == 1
         assert text.startswith("<|im_start|>system\nAnswer with just the city name.<|im_end|>\n<|im_start|>user\n")
-        assert text.endswith("\n\nCorrectly solve the original question.\n<|im_end|>\n<|im_start|>assistant\n")
+        assert text.endswith("\n\nCorrectly solve the original question.<|im_end|>\n<|im_start|>assistant\n")
         assert "What is the capital of" in text
 
     tables = sorted(glob.glob(os.path.join(tmp_path, "completions", "*.parquet")))

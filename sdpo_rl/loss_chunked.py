@@ -1,0 +1,317 @@
+"""The SDPO loss from final hidden states and output heads, a chunk of tokens at a time (docs/how-it-works.md
+section 4).
+
+:func:`self_distillation_loss_from_hidden` computes :func:`sdpo_rl.loss.self_distillation_loss` of the logits
+``hidden @ weight.T / temperature`` without ever holding the ``[B, T, V]`` logits: only the distilled tokens are
+projected, ``chunk_size`` of them at a time, through :func:`sdpo_rl.loss.per_token_loss`, and each chunk's gradient
+is finished before the next chunk is projected. Notation as in :mod:`sdpo_rl.loss`, plus ``H`` the hidden size and
+``N`` the number of distilled tokens.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch.autograd.function import once_differentiable
+
+from .loss import (
+    LossSettings,
+    aggregate,
+    check_token_shapes,
+    distillation_mask,
+    loss_dtype,
+    per_token_loss,
+    token_entropy,
+)
+
+# `self_distillation_loss_from_hidden` projects as many tokens at a time as keep one [chunk, V] tensor under this size
+# (62 tokens with a 151,936-token vocabulary in float32); a chunk's loss and gradient hold about five of them. Just
+# above 32 MiB, glibc's largest heap block, each is mapped on allocation and returned when freed, so the resident
+# memory is what is alive; smaller ones are carved from the heap, which fragments (measured: up to twice the peak).
+CHUNK_BYTES = 36 * 2**20
+
+
+def _check_hidden_shapes(
+    student_hidden: torch.Tensor,
+    student_weight: torch.Tensor,
+    teacher_hidden: tuple[torch.Tensor, ...],
+    teacher_weight: tuple[torch.Tensor, ...],
+    **others: torch.Tensor | None,
+) -> None:
+    """Hidden states ``[B, T, H_i]`` with head weights ``[V, H_i]``; ``self_distillation_mask`` ``[B]``; every other
+    tensor ``[B, T]``."""
+    shape = tuple(student_hidden.shape)
+    if len(shape) != 3:
+        raise ValueError(f"student_hidden shape {shape} must be [B, T, H]")
+    if len(teacher_hidden) != len(teacher_weight) or not teacher_hidden:
+        raise ValueError(
+            f"teacher_hidden ({len(teacher_hidden)} tensors) and teacher_lm_head_weight ({len(teacher_weight)}) must "
+            "pair up, at least one of each"
+        )
+    vocab = student_weight.shape[0]
+    for name, hidden, weight in [("student", student_hidden, student_weight)] + [
+        ("teacher", h, w) for h, w in zip(teacher_hidden, teacher_weight, strict=True)
+    ]:
+        if hidden.dim() != 3 or tuple(hidden.shape[:2]) != shape[:2]:
+            raise ValueError(f"{name}_hidden shape {tuple(hidden.shape)} must be [B, T, H] = {shape[:2]} + [H]")
+        if tuple(weight.shape) != (vocab, hidden.shape[-1]):
+            raise ValueError(
+                f"{name}_lm_head_weight shape {tuple(weight.shape)} != [V, H] = {(vocab, hidden.shape[-1])}"
+            )
+    check_token_shapes(shape[:2], f"student_hidden {shape}", **others)
+
+
+@dataclass(frozen=True)
+class _DistilledTokens:
+    """What the loss needs of the ``N`` distilled tokens besides the student's hidden states: ``[N, ...]`` each."""
+
+    teacher_hidden: tuple[torch.Tensor, ...]  # each [N, H_i]
+    completion_ids: torch.Tensor
+    old_per_token_logps: torch.Tensor | None
+    per_token_weight: torch.Tensor | None
+    loss_weight: torch.Tensor  # c_t: the weight of each token's loss in the aggregated loss
+
+    def rows(self, rows: slice) -> _DistilledTokens:
+        return _DistilledTokens(
+            tuple(h[rows] for h in self.teacher_hidden),
+            self.completion_ids[rows],
+            None if self.old_per_token_logps is None else self.old_per_token_logps[rows],
+            None if self.per_token_weight is None else self.per_token_weight[rows],
+            self.loss_weight[rows],
+        )
+
+
+@dataclass(frozen=True)
+class _ChunkSettings:
+    teacher_weight: tuple[torch.Tensor, ...]  # each [V, H_i]
+    temperature: float
+    chunk_size: int
+    dtype: torch.dtype  # of the logits and the loss
+    return_entropy: bool
+    grad_enabled: bool
+    loss: LossSettings
+
+
+@dataclass(frozen=True)
+class _ChunkBuffers:
+    """``[chunk, V]`` logits every chunk reuses: a fresh block that large is mapped and page-faulted each time."""
+
+    student_logits: torch.Tensor
+    teacher_logits: torch.Tensor
+
+    @classmethod
+    def allocate(cls, rows: int, vocab_size: int, like: torch.Tensor, dtype: torch.dtype) -> _ChunkBuffers:
+        return cls(*(like.new_empty(rows, vocab_size, dtype=dtype) for _ in range(2)))
+
+    def rows(self, count: int) -> _ChunkBuffers:
+        return _ChunkBuffers(self.student_logits[:count], self.teacher_logits[:count])
+
+
+def _project(hidden: Sequence[torch.Tensor], weight: Sequence[torch.Tensor], out: torch.Tensor) -> torch.Tensor:
+    """``out = sum_i hidden_i @ weight_i.T``, returned; each product runs in its weight's dtype, as the head would."""
+    for i, (h, w) in enumerate(zip(hidden, weight, strict=True)):
+        h = h.to(w.dtype)
+        if w.dtype != out.dtype:
+            product = h @ w.T
+            out.copy_(product) if i == 0 else out.add_(product)
+        elif i == 0:
+            torch.mm(h, w.T, out=out)
+        else:
+            out.addmm_(h, w.T)
+    return out
+
+
+def _aggregation_weights(mask: torch.Tensor, loss_agg_mode: str, normalizer: torch.Tensor | float | None):
+    """``c = d aggregate / d l``: ``[B, T]``, the weight of each token's loss in the loss (aggregate() is linear)."""
+    return torch.func.grad(lambda losses: aggregate(losses, mask, loss_agg_mode, normalizer))(torch.zeros_like(mask))
+
+
+class _ChunkedHeadLoss(torch.autograd.Function):
+    """``sum_t c_t l_t`` over ``N`` tokens whose student logits are ``hidden @ weight.T``, projected chunk by chunk.
+
+    The loss is linear in the per-token losses, so a chunk's gradient w.r.t. the student's hidden states and head
+    weight is final as soon as the chunk is done: it is computed in the forward pass and only scaled in backward. No
+    logits are kept and none is projected twice; the weight's gradient is accumulated in place (float32 or wider).
+    Returns the loss and the ``[N]`` student and teacher entropies (None without ``return_entropy``).
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, tokens: _DistilledTokens, settings: _ChunkSettings):
+        wants_hidden_grad = settings.grad_enabled and ctx.needs_input_grad[0]
+        wants_weight_grad = settings.grad_enabled and ctx.needs_input_grad[1]
+        grad_hidden = torch.zeros_like(hidden) if wants_hidden_grad else None
+        grad_weight = torch.zeros_like(weight, dtype=loss_dtype(weight)) if wants_weight_grad else None
+        loss = hidden.new_zeros((), dtype=settings.dtype)
+        no_tokens = hidden.new_zeros(0, dtype=torch.float32)
+        entropies = [(no_tokens, no_tokens)]  # (student, teacher) per chunk
+        buffers = _ChunkBuffers.allocate(
+            min(settings.chunk_size, hidden.shape[0]), weight.shape[0], hidden, settings.dtype
+        )
+        for start in range(0, hidden.shape[0], settings.chunk_size):
+            rows = slice(start, start + settings.chunk_size)
+            chunk_loss, chunk_entropies = _chunk_step(
+                hidden[rows],
+                weight,
+                tokens.rows(rows),
+                settings,
+                buffers.rows(hidden[rows].shape[0]),
+                None if grad_hidden is None else grad_hidden[rows],
+                grad_weight,
+            )
+            loss += chunk_loss
+            entropies += chunk_entropies
+        ctx.gradients = (grad_hidden, grad_weight)
+        ctx.weight_dtype = weight.dtype
+        if not settings.return_entropy:
+            return loss, None, None
+        student_entropy, teacher_entropy = (torch.cat(side) for side in zip(*entropies, strict=True))
+        ctx.mark_non_differentiable(student_entropy, teacher_entropy)
+        return loss, student_entropy, teacher_entropy
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_loss, *_entropy_grads):
+        grad_hidden, grad_weight = ctx.gradients
+        del ctx.gradients  # scaled in place below: a second backward must fail, not scale them again
+        if grad_hidden is not None:
+            grad_hidden.mul_(grad_loss)
+        if grad_weight is not None:
+            grad_weight = grad_weight.mul_(grad_loss).to(ctx.weight_dtype)
+        return grad_hidden, grad_weight, None, None
+
+
+def _tempered(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """``logits / temperature`` in place (skipped at temperature 1: it is a full pass over ``[chunk, V]``)."""
+    return logits if temperature == 1.0 else logits.div_(temperature)
+
+
+def _chunk_step(
+    hidden, weight, chunk: _DistilledTokens, settings: _ChunkSettings, buffers: _ChunkBuffers, grad_hidden, grad_weight
+):
+    """One chunk: its ``sum_t c_t l_t`` and ``[n]`` (student, teacher) entropies in a list (empty if not wanted).
+
+    Adds the chunk's gradients into ``grad_hidden`` (its rows) and ``grad_weight`` when they are given. Every other
+    ``[n, V]`` tensor lives only in here, so none is alive when the next chunk's are allocated.
+    """
+    # The leaf is the tempered logits: its gradient over the temperature is the projection's.
+    student_logits = _tempered(_project([hidden], [weight], buffers.student_logits), settings.temperature)
+    teacher_logits = _project(chunk.teacher_hidden, settings.teacher_weight, buffers.teacher_logits)
+    teacher_logits = _tempered(teacher_logits, settings.temperature)
+    wants_grad = grad_hidden is not None or grad_weight is not None
+    with torch.enable_grad():
+        student_logits.requires_grad_(wants_grad)
+        per_token = per_token_loss(
+            student_logits,
+            teacher_logits,
+            chunk.completion_ids,
+            chunk.old_per_token_logps,
+            chunk.per_token_weight,
+            settings=settings.loss,
+        )
+        chunk_loss = (chunk.loss_weight * per_token).sum()
+    entropies = [(token_entropy(student_logits), token_entropy(teacher_logits))] if settings.return_entropy else []
+    if wants_grad:
+        (grad_logits,) = torch.autograd.grad(chunk_loss, student_logits)
+        grad_logits = _tempered(grad_logits, settings.temperature)
+        if grad_hidden is not None:
+            grad_hidden.copy_(grad_logits.to(weight.dtype) @ weight)
+        if grad_weight is not None:
+            grad_weight.addmm_(grad_logits.T.to(grad_weight.dtype), hidden.to(grad_weight.dtype))
+    return chunk_loss.detach(), entropies
+
+
+def default_chunk_size(vocab_size: int, dtype: torch.dtype) -> int:
+    """Tokens per chunk: as many as keep one ``[chunk, vocab_size]`` tensor of ``dtype`` under ``CHUNK_BYTES``."""
+    return max(1, (CHUNK_BYTES - 1) // (vocab_size * dtype.itemsize))
+
+
+def _as_tuple(tensors: torch.Tensor | Sequence[torch.Tensor]) -> tuple[torch.Tensor, ...]:
+    return (tensors,) if isinstance(tensors, torch.Tensor) else tuple(tensors)
+
+
+def _scatter(values: torch.Tensor, where: torch.Tensor) -> torch.Tensor:
+    """``[N]`` values at the ``N`` true positions of ``where: [B, T]``, zeros elsewhere."""
+    return values.new_zeros(where.shape).masked_scatter(where, values)
+
+
+def self_distillation_loss_from_hidden(
+    student_hidden: torch.Tensor,
+    student_lm_head_weight: torch.Tensor,
+    teacher_hidden: torch.Tensor | Sequence[torch.Tensor],
+    teacher_lm_head_weight: torch.Tensor | Sequence[torch.Tensor],
+    completion_ids: torch.Tensor,
+    completion_mask: torch.Tensor,
+    self_distillation_mask: torch.Tensor | None = None,
+    old_per_token_logps: torch.Tensor | None = None,
+    *,
+    settings: LossSettings,
+    temperature: float = 1.0,
+    per_token_weight: torch.Tensor | None = None,
+    normalizer: torch.Tensor | float | None = None,
+    chunk_size: int | None = None,
+    return_entropy: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``self_distillation_loss`` of the logits ``hidden @ weight.T / temperature``, without ``[B, T, V]`` logits.
+
+    Only the distilled tokens (``completion_mask * self_distillation_mask``) are projected, ``chunk_size`` at a time,
+    so the peak memory beyond the inputs is the head weight's gradient plus O(``chunk_size * V``). The logits are
+    projected in the head weight's dtype and the loss computed in at least float32.
+
+    Args:
+        student_hidden: ``[B, T, H]`` the student's final hidden states at the completion positions.
+        student_lm_head_weight: ``[V, H]`` the student's output head, a linear layer without bias. Both receive
+            gradients.
+        teacher_hidden, teacher_lm_head_weight: ``[B, T, H]`` and ``[V, H]``, or sequences of such pairs whose
+            products add up to the teacher's logits (the trust-region teacher mixes two models' logits this way).
+            They never receive a gradient.
+        temperature: the sampling temperature the logits are divided by.
+        chunk_size: tokens projected at a time; any value gives the same loss. None: :func:`default_chunk_size`.
+        return_entropy: also return the ``[B, T]`` entropies of the student's and the teacher's next-token
+            distributions (nats, no gradient, 0 where no token is distilled), which cost one more pass per chunk.
+        The other arguments are those of :func:`sdpo_rl.loss.self_distillation_loss`.
+
+    Returns:
+        The loss, or ``(loss, student_entropy, teacher_entropy)`` with ``return_entropy``.
+    """
+    if chunk_size is not None and not (isinstance(chunk_size, int) and chunk_size >= 1):
+        raise ValueError(f"chunk_size={chunk_size!r} must be None or an int >= 1")
+    teacher_hidden, teacher_weight = _as_tuple(teacher_hidden), _as_tuple(teacher_lm_head_weight)
+    _check_hidden_shapes(
+        student_hidden,
+        student_lm_head_weight,
+        teacher_hidden,
+        teacher_weight,
+        completion_ids=completion_ids,
+        completion_mask=completion_mask,
+        self_distillation_mask=self_distillation_mask,
+        old_per_token_logps=old_per_token_logps,
+        per_token_weight=per_token_weight,
+    )
+    dtype = loss_dtype(student_hidden, student_lm_head_weight, *teacher_hidden, *teacher_weight)
+    mask = distillation_mask(completion_mask, self_distillation_mask, dtype)
+    active = mask > 0
+    tokens = _DistilledTokens(
+        teacher_hidden=tuple(h.detach()[active] for h in teacher_hidden),
+        completion_ids=completion_ids[active],
+        old_per_token_logps=None if old_per_token_logps is None else old_per_token_logps[active].to(dtype),
+        per_token_weight=None if per_token_weight is None else per_token_weight[active].to(dtype),
+        loss_weight=_aggregation_weights(mask, settings.loss_agg_mode, normalizer)[active],
+    )
+    chunk_settings = _ChunkSettings(
+        teacher_weight=tuple(w.detach() for w in teacher_weight),
+        temperature=temperature,
+        chunk_size=chunk_size or default_chunk_size(student_lm_head_weight.shape[0], dtype),
+        dtype=dtype,
+        return_entropy=return_entropy,
+        grad_enabled=torch.is_grad_enabled(),
+        loss=settings,
+    )
+    with torch.autocast(student_hidden.device.type, enabled=False):  # the dtypes above hold under autocast too
+        loss, student_entropy, teacher_entropy = _ChunkedHeadLoss.apply(
+            student_hidden[active], student_lm_head_weight, tokens, chunk_settings
+        )
+    if not return_entropy:
+        return loss
+    return loss, _scatter(student_entropy, active), _scatter(teacher_entropy, active)
