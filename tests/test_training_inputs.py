@@ -155,3 +155,36 @@ def test_tool_outputs_are_attended_to_but_not_distilled(tmp_path, monkeypatch):
     assert len(attention) == 2  # student and teacher
     for mask in attention:
         torch.testing.assert_close(mask[:, -width:], batch["completion_mask"][rows])
+
+
+class VLLMStandIn(SDPOTrainer):
+    """Takes GRPOTrainer's vLLM path with fixed completions and made-up sampler log-probabilities.
+
+    The first token of each completion is given log-probability -100 (its ratio π_old/π_vLLM is far above 3), the
+    others -5 (a ratio below 1 for a model near uniform over 300 tokens).
+    """
+
+    def _generate_single_turn(self, prompt_ids, images, multimodal_fields, num_generations, **kwargs):
+        completion_ids = [self._tokenizer.encode(f"Paris {i}") for i in range(len(prompt_ids))]
+        return completion_ids, [[-100.0] + [-5.0] * (len(ids) - 1) for ids in completion_ids]
+
+
+def vllm_batch(tmp_path, **args):
+    trainer = build(tmp_path, trainer_class=VLLMStandIn, **args)
+    trainer.use_vllm = True  # no vLLM here: generation is replaced, TRL's correction code runs as under vLLM
+    dataset = make_dataset()
+    return trainer._generate_and_score_completions([dataset[i // 4] for i in range(8)])
+
+
+def test_the_documented_vllm_settings_truncate_each_token_ratio_at_two_as_the_reference(tmp_path):
+    """docs/distributed.md's settings give verl's token-level truncated ratio; TRL's default masks whole sequences."""
+    batch = vllm_batch(tmp_path, vllm_importance_sampling_mode="token_truncate", vllm_importance_sampling_clip_max=2.0)
+    ratio, mask = batch["importance_sampling_ratio"], batch["completion_mask"].bool()
+    expected = torch.exp(batch["old_per_token_logps"] - batch["sampling_per_token_logps"]).clamp(max=2.0)
+    assert ratio.shape == mask.shape
+    torch.testing.assert_close(ratio[mask], expected[mask])
+    assert torch.all(ratio[:, 0] == 2.0)
+    assert torch.all((ratio[:, 1:][mask[:, 1:]] > 0) & (ratio[:, 1:][mask[:, 1:]] < 1))
+
+    default = vllm_batch(tmp_path)["importance_sampling_ratio"]
+    assert default.shape == (8, 1) and torch.all(default == 0)
