@@ -45,19 +45,6 @@ FULL = dict(steps=30, eval_every=5, seeds=(0, 1, 2), heldout_rows=None, samples_
 QUICK = dict(steps=1, eval_every=1, seeds=(0,), heldout_rows=4, samples_per_prompt=1, batch=8)
 SHARED = dict(learning_rate=2e-5, num_generations=4, max_completion_length=24, temperature=1.0)
 EVAL = dict(temperature=0.7, max_new_tokens=24)
-LOGGED = (
-    "reward",
-    "entropy",
-    "completions/mean_length",
-    "self_distillation/distillation_loss",
-    "self_distillation/grpo_loss",
-    "self_distillation/reprompt_sample_fraction",
-    "self_distillation/success_sample_fraction",
-    "self_distillation/feedback_used_fraction",
-    "self_distillation/student_entropy",
-    "self_distillation/teacher_entropy",
-    "self_distillation/routed_sdpo_fraction",
-)
 
 
 def run_one(method: str, task_name: str, seed: int, size: dict, output_dir: str) -> dict:
@@ -69,6 +56,7 @@ def run_one(method: str, task_name: str, seed: int, size: dict, output_dir: str)
     from trl import GRPOConfig
 
     from sdpo_rl import SDPOConfig, SDPOTrainer
+    from sdpo_rl import metrics as m
     from sdpo_rl.evaluation import heldout_accuracy
     from sdpo_rl.models import load_default_model
     from sdpo_rl.tasks import get_task
@@ -122,15 +110,28 @@ def run_one(method: str, task_name: str, seed: int, size: dict, output_dir: str)
     start = time.perf_counter()
     trainer.train()
     wall = time.perf_counter() - start
-    history = [entry for entry in trainer.state.log_history if "reward" in entry]
+    history = [entry for entry in trainer.state.log_history if m.REWARD in entry]
+    logged = (
+        m.REWARD,
+        m.ENTROPY,
+        m.COMPLETION_LENGTH,
+        m.DISTILLATION_LOSS,
+        m.GRPO_LOSS,
+        m.REPROMPT_SAMPLE_FRACTION,
+        m.SUCCESS_SAMPLE_FRACTION,
+        m.FEEDBACK_USED_FRACTION,
+        m.STUDENT_ENTROPY,
+        m.TEACHER_ENTROPY,
+        m.ROUTED_SDPO_FRACTION,
+    )
     return {
         "method": method,
         "task": task_name,
         "seed": seed,
         **curve,
         "wall_seconds": wall,
-        "seconds_per_step": statistics.median(entry["step_time"] for entry in history if "step_time" in entry),
-        "train_metrics": {name: [entry.get(name) for entry in history] for name in LOGGED},
+        "seconds_per_step": statistics.median(entry[m.STEP_TIME] for entry in history if m.STEP_TIME in entry),
+        "train_metrics": {name: [entry.get(name) for entry in history] for name in logged},
         "config": {
             "grpo": {**SHARED, "per_device_train_batch_size": size["batch"], "max_steps": size["steps"]},
             "sdpo": METHODS[method],

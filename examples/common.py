@@ -36,4 +36,6 @@ def small_grpo_config(args: argparse.Namespace, **settings):
 
 def print_last_step_metrics(trainer) -> None:
     """The rewards and `self_distillation/*` metrics of the last logged step."""
-    print({k: v for k, v in trainer.state.log_history[-2].items() if k.startswith(("reward", "self_distillation/"))})
+    from sdpo_rl.metrics import PREFIX, REWARD
+
+    print({k: v for k, v in trainer.state.log_history[-2].items() if k.startswith((REWARD, PREFIX))})

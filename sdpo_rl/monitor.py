@@ -13,10 +13,10 @@ import math
 import statistics
 from collections.abc import Sequence
 
-REWARD = "reward"
-DEMONSTRATIONS = "self_distillation/success_sample_fraction"
-ENTROPY = "self_distillation/student_entropy"
-LENGTH = "completions/mean_length"
+from .metrics import COMPLETION_LENGTH as LENGTH
+from .metrics import REWARD
+from .metrics import STUDENT_ENTROPY as ENTROPY
+from .metrics import SUCCESS_SAMPLE_FRACTION as DEMONSTRATIONS
 
 ADVICE = (
     "Consider the hybrid SDPOConfig(grpo_weight=0.8), which stayed above its starting accuracy in every measured "

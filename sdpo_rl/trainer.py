@@ -46,7 +46,18 @@ from .feedback import FEEDBACK_COLUMN, ReturnRecorder, collect_feedback, record_
 from .forward import HeadInputs, captured_final_hidden, completion_hidden, completion_logits, linear_head
 from .loss import self_distillation_loss, token_entropy
 from .loss_chunked import default_chunk_size, self_distillation_loss_from_hidden
-from .metrics import PREFIX, teacher_signal_metrics
+from .metrics import (
+    DISTILLATION_LOSS,
+    GRPO_LOSS,
+    NONFINITE_STEP,
+    ROUTED_GRPO_FRACTION,
+    ROUTED_SDPO_FRACTION,
+    STUDENT_ENTROPY,
+    TEACHER_ENTROPY,
+    TEACHER_PROMPT_LENGTH_MEAN,
+    TEACHER_PROMPT_TRUNCATED_COUNT,
+    teacher_signal_metrics,
+)
 from .monitor import ADVICE, collapse_signs
 from .reprompt import (
     TeacherPrompt,
@@ -317,18 +328,24 @@ class SDPOTrainer(GRPOTrainer):
     def _log_teacher_metrics(
         self, mode, signals, rewards, feedback, num_generations, teacher_prompts, distilled
     ) -> None:
+        config = self.sdpo_config
         metrics = teacher_signal_metrics(
-            signals, rewards, feedback, num_generations, self.sdpo_config.success_reward_threshold
+            signals,
+            rewards,
+            feedback,
+            num_generations,
+            config.success_reward_threshold,
+            include_environment_feedback=config.include_environment_feedback,
         )
-        if self.sdpo_config.sample_routing:
-            metrics[PREFIX + "routed_sdpo_fraction"] = sum(distilled) / len(distilled)
-            metrics[PREFIX + "routed_grpo_fraction"] = 1.0 - sum(distilled) / len(distilled)
+        if config.sample_routing:
+            metrics[ROUTED_SDPO_FRACTION] = sum(distilled) / len(distilled)
+            metrics[ROUTED_GRPO_FRACTION] = 1.0 - sum(distilled) / len(distilled)
         every_process_prompts = gather_object(teacher_prompts)
         rendered = [p for p in every_process_prompts if p is not None]
-        metrics[PREFIX + "teacher_prompt_length_mean"] = (
+        metrics[TEACHER_PROMPT_LENGTH_MEAN] = (
             sum(len(p.input_ids) for p in rendered) / len(rendered) if rendered else math.nan
         )
-        metrics[PREFIX + "teacher_prompt_truncated_count"] = float(sum(p.truncated for p in rendered))
+        metrics[TEACHER_PROMPT_TRUNCATED_COUNT] = float(sum(p.truncated for p in rendered))
         for name, value in metrics.items():
             self._metrics[mode][name].append(value)
         self._logs["extra"]["teacher_prompt"].extend(p.text if p is not None else "" for p in every_process_prompts)
@@ -362,7 +379,7 @@ class SDPOTrainer(GRPOTrainer):
             logits_to_keep = inputs["completion_ids"].size(1)
             student_hidden = captured[0][:, -(logits_to_keep + 1) : -1]
             distillation_loss = self._self_distillation_loss(model, inputs, student_hidden)
-        self._log_loss_metric("grpo_loss", grpo_loss)
+        self._log_loss_metric(GRPO_LOSS, grpo_loss)
         if config.sample_routing:  # both terms are already sums over one shared token count
             return grpo_loss + distillation_loss
         return config.grpo_weight * grpo_loss + (1.0 - config.grpo_weight) * distillation_loss
@@ -373,14 +390,12 @@ class SDPOTrainer(GRPOTrainer):
         # In training, `loss` is this micro-batch's share of the step's loss; times the accumulation steps it is a
         # per-micro-batch estimate whose average over the step is the step's loss.
         step_share = self.current_gradient_accumulation_steps if mode == "train" else 1
-        self._metrics[mode][PREFIX + name].append(
-            self.accelerator.gather(loss.detach().reshape(1) * step_share).mean().item()
-        )
+        self._metrics[mode][name].append(self.accelerator.gather(loss.detach().reshape(1) * step_share).mean().item())
 
     def _log_masked_mean(self, mode: str, name: str, values: torch.Tensor, mask: torch.Tensor) -> None:
         """Log the mean of `values` over the unmasked positions of every process (NaN when there are none)."""
         totals = self.accelerator.reduce(torch.stack([(values * mask).sum(), mask.sum()]).float(), reduction="sum")
-        self._metrics[mode][PREFIX + name].append((totals[0] / totals[1]).item() if totals[1] > 0 else math.nan)
+        self._metrics[mode][name].append((totals[0] / totals[1]).item() if totals[1] > 0 else math.nan)
 
     def _self_distillation_loss(self, model, inputs, student_hidden: torch.Tensor | None = None) -> torch.Tensor:
         """The distillation loss of the distilled completions (docs/how-it-works.md section 4).
@@ -448,9 +463,9 @@ class SDPOTrainer(GRPOTrainer):
             loss = self_distillation_loss(student_logits, teacher_logits, *loss_inputs, **options)
             student_entropy, teacher_entropy = token_entropy(student_logits), token_entropy(teacher_logits)
         distilled = loss_mask * inputs["self_distillation_mask"][rows].unsqueeze(1)
-        self._log_masked_mean(mode, "student_entropy", student_entropy, distilled)
-        self._log_masked_mean(mode, "teacher_entropy", teacher_entropy, distilled)
-        self._log_loss_metric("distillation_loss", loss)
+        self._log_masked_mean(mode, STUDENT_ENTROPY, student_entropy, distilled)
+        self._log_masked_mean(mode, TEACHER_ENTROPY, teacher_entropy, distilled)
+        self._log_loss_metric(DISTILLATION_LOSS, loss)
         return loss
 
     def _teacher_outputs(self, student, inputs, rows: torch.Tensor, prompt: str = "teacher_prompt"):
@@ -534,7 +549,7 @@ class SDPOTrainer(GRPOTrainer):
         """EMA step of the teacher; skipped (and counted) when the step's gradient norm was not finite."""
         if self._last_grad_norm_finite:
             self.teacher.update(self.accelerator.unwrap_model(self.model))
-        self._metrics["train"][PREFIX + "nonfinite_step"].append(float(not self._last_grad_norm_finite))
+        self._metrics["train"][NONFINITE_STEP].append(float(not self._last_grad_norm_finite))
 
     # ---- 5. logging: warn once when the signs of a collapse appear -------------------------------------------------
 

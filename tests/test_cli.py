@@ -1,4 +1,4 @@
-"""The `sdpo-rl` command line: help, the plot, and a one-step smoke run of the demo on the real model."""
+"""The `sdpo-rl` command line and its demo: help, the plot, and a one-step smoke run of the demo on the real model."""
 
 import json
 import shutil
@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from sdpo_rl import cli
+from sdpo_rl import cli, demo, plotting
 
 
 def test_console_script_is_declared():
@@ -65,14 +65,14 @@ LOG_HISTORY = [
 
 def test_plot_is_written(tmp_path):
     pytest.importorskip("matplotlib")
-    path = cli.plot_metrics(LOG_HISTORY, tmp_path / "plot.png")
+    path = plotting.plot_metrics(LOG_HISTORY, tmp_path / "plot.png")
     assert path == tmp_path / "plot.png"
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_plot_is_skipped_with_a_message_without_matplotlib(tmp_path, monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # makes `import matplotlib` raise ImportError
-    assert cli.plot_metrics(LOG_HISTORY, tmp_path / "plot.png") is None
+    assert plotting.plot_metrics(LOG_HISTORY, tmp_path / "plot.png") is None
     assert "matplotlib is not installed" in capsys.readouterr().out
     assert not (tmp_path / "plot.png").exists()
 
@@ -114,6 +114,6 @@ def test_demo_smoke_run_one_step_on_the_real_model(tmp_path, capsys):
 
 
 def test_the_demo_names_the_method_it_trains():
-    assert cli._method_name(0.0) == "SDPO"
-    assert cli._method_name(0.8) == "the SDPO+GRPO hybrid (grpo_weight=0.8)"
-    assert cli._method_name(1.0).startswith("GRPO")
+    assert demo.method_name(0.0) == "SDPO"
+    assert demo.method_name(0.8) == "the SDPO+GRPO hybrid (grpo_weight=0.8)"
+    assert demo.method_name(1.0).startswith("GRPO")
