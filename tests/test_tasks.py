@@ -2,7 +2,7 @@
 
 import pytest
 
-from sdpo_rl.feedback import collect_feedback, snapshot_feedback
+from sdpo_rl.feedback import Scored, collect_feedback, record_returns, snapshot_feedback
 from sdpo_rl.tasks import CAPITALS, TASKS, TaskReward, count_words, get_task
 
 
@@ -11,7 +11,8 @@ def as_completions(*texts):
 
 
 def score(task, texts, rows):
-    """Call a fresh reward function the way TRL does: columns as lists, one entry per completion."""
+    """Call a fresh reward function the way TRL does (columns as lists, one entry per completion); return the values
+    and the feedback they carry."""
     reward = task.reward_func()
     columns = {key: [row[key] for row in rows] for key in rows[0] if key != "prompt"}
     rewards = reward(
@@ -21,7 +22,8 @@ def score(task, texts, rows):
         trainer_state=None,
         **columns,
     )
-    return rewards, reward.last_feedback
+    assert all(isinstance(value, Scored) for value in rewards)
+    return rewards, [value.feedback for value in rewards]
 
 
 def capital_row(country):
@@ -101,22 +103,22 @@ def test_short_answer_reward_and_feedback_count_the_words():
 
 
 @pytest.mark.parametrize("name", sorted(TASKS))
-def test_reward_assigns_a_fresh_feedback_list_on_every_call(name):
+def test_reward_returns_scored_feedback_the_trainer_collects(name):
     task = get_task(name)
     rows = list(task.train_dataset())[:2]
     reward = task.reward_func()
     assert isinstance(reward, TaskReward) and reward.__name__ == f"{name}_reward"
     assert reward is not task.reward_func()
     columns = {key: [row[key] for row in rows] for key in rows[0] if key != "prompt"}
-    seen = []
-    for _ in range(3):
-        before = snapshot_feedback([reward])
-        reward(prompts=[r["prompt"] for r in rows], completions=as_completions("x", "y"), **columns)
-        assert len(reward.last_feedback) == 2
-        assert all(reward.last_feedback is not old for old in seen)
-        seen.append(reward.last_feedback)
-        # The library's feedback collection accepts it as fresh.
-        assert collect_feedback([reward], [reward.__name__], before, 2) == reward.last_feedback
+    recorder = record_returns(reward)  # what SDPOTrainer wraps every reward function in
+    for texts in (["", "one two three four five six seven eight"], ["nine words is too long for every task here", ""]):
+        before = snapshot_feedback([recorder])
+        values = recorder(prompts=[r["prompt"] for r in rows], completions=as_completions(*texts), **columns)
+        expected = [task.feedback(text, row) for text, row in zip(texts, rows, strict=True)]
+        assert [value.feedback for value in values] == expected and all(expected)
+        assert values == [0.0, 0.0]
+        # The library's feedback collection reads the returned values.
+        assert collect_feedback([recorder], [recorder.__name__], before, 2) == expected
 
 
 def test_reward_accepts_plain_text_completions():
