@@ -223,6 +223,24 @@ def _short_answer_feedback(text: str, row: dict[str, Any]) -> str:
     return f"Too long: the answer has {words} words, but at most {limit} are allowed. Answer in {limit} words or fewer."
 
 
+# ---- one_word ------------------------------------------------------------------------------------------------------
+
+# The same easy questions, answered with a single word: the untrained model rarely does it, so most groups start
+# without a success, and the feedback (the word count) says how to fix the answer without giving one.
+ONE_WORD_TEMPLATES = ["{question} Answer in exactly one word.", "{question} Reply with a single word."]
+
+
+def _one_word_feedback(text: str, row: dict[str, Any]) -> str:
+    words = count_words(text)
+    if words == 1:
+        return ""
+    if words == 0:
+        return "Incorrect: the answer has no words; answer the question with exactly one word."
+    return (
+        f"Too long: the answer has {words} words, but exactly one is required. Answer with a single word, no sentence."
+    )
+
+
 # ---- the Task API --------------------------------------------------------------------------------------------------
 
 
@@ -292,6 +310,13 @@ TASKS: dict[str, Task] = {
         "Answer an easy question in at most five words (feedback: how many words the answer had).",
         partial(_question_rows, SHORT_ANSWER_TEMPLATES, max_words=MAX_WORDS),
         _short_answer_feedback,
+    ),
+    "one_word": Task(
+        "one_word",
+        "Answer an easy question with exactly one word (feedback: how many words the answer had; few successes at "
+        "first).",
+        partial(_question_rows, ONE_WORD_TEMPLATES),
+        _one_word_feedback,
     ),
 }
 

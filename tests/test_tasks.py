@@ -59,12 +59,20 @@ def test_capitals_split_by_country_and_unique_countries():
     assert row["answer"] == "Paris"
 
 
-def test_short_answer_heldout_asks_unseen_questions():
-    task = get_task("short_answer")
+@pytest.mark.parametrize(
+    "name, first_heldout_prompts",
+    [
+        ("short_answer", ["Answer in at most five words.", "Reply with five words or fewer."]),
+        ("one_word", ["Answer in exactly one word.", "Reply with a single word."]),
+    ],
+)
+def test_question_tasks_hold_out_unseen_questions(name, first_heldout_prompts):
+    task = get_task(name)
     train, heldout = task.train_dataset(), task.heldout_dataset()
     assert not {r["question"] for r in train} & {r["question"] for r in heldout}
-    assert heldout[0]["prompt"][0]["content"] == "Which animal says moo? Answer in at most five words."
-    assert heldout[1]["prompt"][0]["content"] == "Which animal says moo? Reply with five words or fewer."
+    assert [heldout[i]["prompt"][0]["content"] for i in (0, 1)] == [
+        f"Which animal says moo? {instruction}" for instruction in first_heldout_prompts
+    ]
 
 
 def test_capitals_reward_and_feedback():
@@ -100,6 +108,35 @@ def test_short_answer_reward_and_feedback_count_the_words():
     assert feedback[3] == "Too long: the answer has 7 words, but at most 5 are allowed. Answer in 5 words or fewer."
     assert "no words" in feedback[4] and feedback[4] == feedback[5]
     assert count_words("Don't use ice-cream, über-cool naïve words") == 6
+
+
+def test_one_word_reward_and_feedback_count_the_words():
+    task = get_task("one_word")
+    row = task.train_dataset()[0]
+    texts = ["Blue.", " **blue**\n", "light-blue", "The sky is blue.", "Blue sky", "", "..."]
+    rewards, feedback = score(task, texts, [row] * len(texts))
+    assert rewards == [1.0, 1.0, 1.0, 0.0, 0.0, 0.0, 0.0]
+    assert feedback[:3] == ["", "", ""]
+    assert feedback[3] == (
+        "Too long: the answer has 4 words, but exactly one is required. Answer with a single word, no sentence."
+    )
+    assert feedback[4].startswith("Too long: the answer has 2 words,")
+    assert (
+        feedback[5] == feedback[6] == "Incorrect: the answer has no words; answer the question with exactly one word."
+    )
+
+
+def test_one_word_feedback_never_contains_the_answer():
+    task = get_task("one_word")
+    rows = [*task.train_dataset(), *task.heldout_dataset()]
+    answers = {"What color is the sky?": "blue", "What do bees make?": "honey", "Which animal says moo?": "cow"}
+    for row in rows:
+        answer = answers.get(row["question"], "zebra")
+        texts = [f"The {answer} is it.", f"{answer.upper()}, of course", f"{answer}\n\n{row['question']}", ""]
+        for text, message in zip(texts, score(task, texts, [row] * len(texts))[1], strict=True):
+            assert message and answer not in message.lower(), (text, message)
+            # It depends on the number of words alone, so no answer can reach it.
+            assert message == task.feedback(" ".join(["word"] * count_words(text)), row)
 
 
 @pytest.mark.parametrize("name", sorted(TASKS))
