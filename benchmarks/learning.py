@@ -40,7 +40,7 @@ METHODS = {
 }
 # The methods of the 30-step benchmark (`hybrid` was measured in the 10-step one and is not rerun by default).
 DEFAULT_METHODS = ("grpo", "sdpo", "hybrid_0.8", "srpo", "srpo_plain", "sc_sdpo", "contrast")
-TASKS = ("capitals", "short_answer")
+TASKS = ("capitals", "short_answer", "one_word")
 FULL = dict(steps=30, eval_every=5, seeds=(0, 1, 2), heldout_rows=None, samples_per_prompt=4, batch=16)
 QUICK = dict(steps=1, eval_every=1, seeds=(0,), heldout_rows=4, samples_per_prompt=1, batch=8)
 SHARED = dict(learning_rate=2e-5, num_generations=4, max_completion_length=24, temperature=1.0)

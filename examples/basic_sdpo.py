@@ -1,4 +1,4 @@
-"""SDPO in its simplest form: a reward function that also explains its failures through `last_feedback`.
+"""SDPO in its simplest form: a reward function that explains each failure by returning `Scored(value, feedback)`.
 
 python examples/basic_sdpo.py                     # the embedded SmolLM2-135M-Instruct, on CPU
 python examples/basic_sdpo.py --model PATH --max-steps 50
@@ -7,7 +7,7 @@ python examples/basic_sdpo.py --model PATH --max-steps 50
 from common import parse_args, print_last_step_metrics, small_grpo_config
 from datasets import Dataset
 
-from sdpo_rl import SDPOConfig, SDPOTrainer
+from sdpo_rl import Scored, SDPOConfig, SDPOTrainer
 from sdpo_rl.models import load_model
 
 QUESTIONS = [("France", "Paris"), ("Japan", "Tokyo"), ("Kenya", "Nairobi"), ("Peru", "Lima")] * 4
@@ -16,9 +16,10 @@ QUESTIONS = [("France", "Paris"), ("Japan", "Tokyo"), ("Kenya", "Nairobi"), ("Pe
 def capital_reward(completions, answer, **kwargs):
     """1.0 when the answer names the capital. The feedback tells the teacher what went wrong, not the answer."""
     texts = [completion[0]["content"] for completion in completions]
-    rewards = [1.0 if city.lower() in text.lower() else 0.0 for text, city in zip(texts, answer, strict=True)]
-    capital_reward.last_feedback = ["" if r else "Incorrect: that city is not the capital." for r in rewards]
-    return rewards
+    return [
+        Scored(1.0) if city.lower() in text.lower() else Scored(0.0, "Incorrect: that city is not the capital.")
+        for text, city in zip(texts, answer, strict=True)
+    ]
 
 
 def main():

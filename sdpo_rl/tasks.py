@@ -1,8 +1,8 @@
 """Small verifiable tasks with feedback, for the demo, the examples and learning benchmarks.
 
 Each `Task` gives TRL-ready datasets (conversational `prompt` column plus the columns its reward reads), a factory
-of reward functions that follow the feedback protocol of `sdpo_rl.feedback` (a fresh `last_feedback` list on every
-call), and `is_correct` for evaluation. Pure Python; the datasets are built in memory.
+of reward functions that return one `sdpo_rl.Scored(value, feedback)` per completion, and `is_correct` for
+evaluation. Pure Python; the datasets are built in memory.
 
 - `capitals`: "What is the capital of <country>? Answer with just the city name." The reward is 1 when the answer
   names the capital (case- and accent-insensitive). The feedback says the answer is wrong, without the right one.
@@ -19,9 +19,13 @@ from __future__ import annotations
 
 import re
 import unicodedata
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
+
+from .feedback import Scored
+from .rewards.base import TRL_ARGUMENTS, FeedbackReward
 
 # ---- capitals ------------------------------------------------------------------------------------------------------
 
@@ -191,8 +195,9 @@ def count_words(text: str) -> int:
     return len(_WORD.findall(text))
 
 
-def _short_answer_rows() -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    # Split by question, so the held-out prompts ask questions never asked in training.
+def _question_rows(templates: list[str], **columns: Any) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """One row per question and template, with `columns` added to every row. Split by question, so the held-out
+    prompts ask questions never asked in training."""
     train_questions, heldout_questions = _split_every_third(QUESTIONS)
 
     def rows(questions):
@@ -200,10 +205,10 @@ def _short_answer_rows() -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
             {
                 "prompt": [{"role": "user", "content": template.format(question=question)}],
                 "question": question,
-                "max_words": MAX_WORDS,
+                **columns,
             }
             for question in questions
-            for template in SHORT_ANSWER_TEMPLATES
+            for template in templates
         ]
 
     return rows(train_questions), rows(heldout_questions)
@@ -218,35 +223,46 @@ def _short_answer_feedback(text: str, row: dict[str, Any]) -> str:
     return f"Too long: the answer has {words} words, but at most {limit} are allowed. Answer in {limit} words or fewer."
 
 
+# ---- one_word ------------------------------------------------------------------------------------------------------
+
+# The same easy questions, answered with a single word: the untrained model rarely does it, so most groups start
+# without a success, and the feedback (the word count) says how to fix the answer without giving one.
+ONE_WORD_TEMPLATES = ["{question} Answer in exactly one word.", "{question} Reply with a single word."]
+
+
+def _one_word_feedback(text: str, row: dict[str, Any]) -> str:
+    words = count_words(text)
+    if words == 1:
+        return ""
+    if words == 0:
+        return "Incorrect: the answer has no words; answer the question with exactly one word."
+    return (
+        f"Too long: the answer has {words} words, but exactly one is required. Answer with a single word, no sentence."
+    )
+
+
 # ---- the Task API --------------------------------------------------------------------------------------------------
 
 
-class TaskReward:
-    """A TRL reward function for a task: 1.0 when `feedback(text, row)` is "", else 0.0.
+class TaskReward(FeedbackReward):
+    """A TRL reward function for a task: `Scored(1.0)` when `feedback(text, row)` is "", else `Scored(0.0, feedback)`.
 
-    Columns of the dataset reach it as keyword arguments (TRL passes them); every call assigns a new
-    `last_feedback` list (one string per completion, "" for a success), which SDPO's teacher reads.
+    The dataset columns TRL passes (one value per completion) form each completion's `row`. Like the other built-in
+    rewards it also sets `last_feedback` to the same feedback (`sdpo_rl.rewards.FeedbackReward`).
     """
 
     def __init__(self, name: str, feedback: Callable[[str, dict[str, Any]], str]):
+        super().__init__()
         self.__name__ = name
         self._feedback = feedback
-        self.last_feedback: list[str] | None = None
 
-    def __call__(self, prompts=None, completions=None, **columns) -> list[float]:
-        texts = [_completion_text(c) for c in completions]
-        keys = [k for k, v in columns.items() if isinstance(v, list) and len(v) == len(texts)]
+    def score(self, texts: list[str], columns: Mapping[str, Any]) -> list[Scored]:
+        keys = [
+            k for k, v in columns.items() if k not in TRL_ARGUMENTS and isinstance(v, list) and len(v) == len(texts)
+        ]
         rows = [{k: columns[k][i] for k in keys} for i in range(len(texts))]
-        feedback = [self._feedback(text, row) for text, row in zip(texts, rows, strict=True)]
-        self.last_feedback = feedback
-        return [0.0 if message else 1.0 for message in feedback]
-
-
-def _completion_text(completion: Any) -> str:
-    """The text of a completion in TRL's conversational ([{"role": "assistant", "content": ...}]) or plain format."""
-    if isinstance(completion, str):
-        return completion
-    return "".join(m["content"] for m in completion if isinstance(m.get("content"), str))
+        messages = [self._feedback(text, row) for text, row in zip(texts, rows, strict=True)]
+        return [Scored(0.0, message) if message else Scored(1.0) for message in messages]
 
 
 @dataclass(frozen=True)
@@ -275,7 +291,7 @@ class Task:
         return Dataset.from_list(self.rows()[1])
 
     def reward_func(self) -> TaskReward:
-        """A fresh reward function (with its own `last_feedback`), named `<task>_reward`."""
+        """A fresh reward function returning `Scored` values, named `<task>_reward`."""
         return TaskReward(f"{self.name}_reward", self.feedback)
 
     def is_correct(self, completion_text: str, row: dict[str, Any]) -> bool:
@@ -292,8 +308,15 @@ TASKS: dict[str, Task] = {
     "short_answer": Task(
         "short_answer",
         "Answer an easy question in at most five words (feedback: how many words the answer had).",
-        _short_answer_rows,
+        partial(_question_rows, SHORT_ANSWER_TEMPLATES, max_words=MAX_WORDS),
         _short_answer_feedback,
+    ),
+    "one_word": Task(
+        "one_word",
+        "Answer an easy question with exactly one word (feedback: how many words the answer had; few successes at "
+        "first).",
+        partial(_question_rows, ONE_WORD_TEMPLATES),
+        _one_word_feedback,
     ),
 }
 

@@ -11,8 +11,8 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def benchmark_module():
-    spec = importlib.util.spec_from_file_location("learning", ROOT / "benchmarks" / "learning.py")
+def benchmark_module(name: str = "learning"):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -70,3 +70,15 @@ def test_step_time_benchmark_quick_mode_times_every_trainer_with_and_without_tea
         if run["trainer"] != "grpo":
             assert set(run["reprompt_sample_fraction"]) == {1.0 if run["reward"] == "mixed" else 0.0}
     assert {(t["reward"], t["ratio"]) for t in report["targets"]} == {("mixed", "sdpo / grpo"), ("zero", "sdpo / grpo")}
+
+
+def test_base_pass_rate_counts_passing_samples_and_prompts_with_a_pass(monkeypatch):
+    from sdpo_rl import evaluation
+    from sdpo_rl.tasks import get_task
+
+    task = get_task("one_word")
+    rows = task.train_dataset().select(range(3))
+    fake = [[("Blue.", 2), ("It is blue.", 4)], [("no", 1), ("Honey", 1)], [("two words", 2), ("", 1)]]
+    monkeypatch.setattr(evaluation, "sample_completions", lambda *args, **kwargs: fake)
+    result = benchmark_module("base_pass_rate").pass_rate(None, None, task, rows, samples_per_prompt=2, temperature=1.0)
+    assert result == {"pass_rate": 0.5, "prompts_with_a_pass": 2 / 3, "prompts": 3, "samples_per_prompt": 2}

@@ -1,5 +1,6 @@
-"""Tests for sdpo_rl.reprompt: teacher-signal selection, reprompt text and rendering, truncation (docs/how-it-works.md
-sections 2-3; D1, D2 in docs/deviations.md).
+"""Tests for sdpo_rl.reprompt: teacher-signal selection, reprompt text and rendering, truncation.
+
+What they check is described in docs/how-it-works.md (sections 2 and 3) and docs/deviations.md (D1, D2).
 
 Expected teacher prompts are written out by hand from the ChatML format of ``tiny.make_tokenizer``:
 ``<|im_start|>{role}\\n{content}<|im_end|>\\n`` per message, then ``<|im_start|>assistant\\n``.

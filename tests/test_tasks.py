@@ -2,7 +2,7 @@
 
 import pytest
 
-from sdpo_rl.feedback import collect_feedback, snapshot_feedback
+from sdpo_rl.feedback import Scored, collect_feedback, record_returns, snapshot_feedback
 from sdpo_rl.tasks import CAPITALS, TASKS, TaskReward, count_words, get_task
 
 
@@ -11,7 +11,8 @@ def as_completions(*texts):
 
 
 def score(task, texts, rows):
-    """Call a fresh reward function the way TRL does: columns as lists, one entry per completion."""
+    """Call a fresh reward function the way TRL does (columns as lists, one entry per completion); return the values
+    and the feedback they carry."""
     reward = task.reward_func()
     columns = {key: [row[key] for row in rows] for key in rows[0] if key != "prompt"}
     rewards = reward(
@@ -21,7 +22,8 @@ def score(task, texts, rows):
         trainer_state=None,
         **columns,
     )
-    return rewards, reward.last_feedback
+    assert all(isinstance(value, Scored) for value in rewards)
+    return rewards, [value.feedback for value in rewards]
 
 
 def capital_row(country):
@@ -57,12 +59,20 @@ def test_capitals_split_by_country_and_unique_countries():
     assert row["answer"] == "Paris"
 
 
-def test_short_answer_heldout_asks_unseen_questions():
-    task = get_task("short_answer")
+@pytest.mark.parametrize(
+    "name, first_heldout_prompts",
+    [
+        ("short_answer", ["Answer in at most five words.", "Reply with five words or fewer."]),
+        ("one_word", ["Answer in exactly one word.", "Reply with a single word."]),
+    ],
+)
+def test_question_tasks_hold_out_unseen_questions(name, first_heldout_prompts):
+    task = get_task(name)
     train, heldout = task.train_dataset(), task.heldout_dataset()
     assert not {r["question"] for r in train} & {r["question"] for r in heldout}
-    assert heldout[0]["prompt"][0]["content"] == "Which animal says moo? Answer in at most five words."
-    assert heldout[1]["prompt"][0]["content"] == "Which animal says moo? Reply with five words or fewer."
+    assert [heldout[i]["prompt"][0]["content"] for i in (0, 1)] == [
+        f"Which animal says moo? {instruction}" for instruction in first_heldout_prompts
+    ]
 
 
 def test_capitals_reward_and_feedback():
@@ -100,23 +110,52 @@ def test_short_answer_reward_and_feedback_count_the_words():
     assert count_words("Don't use ice-cream, über-cool naïve words") == 6
 
 
+def test_one_word_reward_and_feedback_count_the_words():
+    task = get_task("one_word")
+    row = task.train_dataset()[0]
+    texts = ["Blue.", " **blue**\n", "light-blue", "The sky is blue.", "Blue sky", "", "..."]
+    rewards, feedback = score(task, texts, [row] * len(texts))
+    assert rewards == [1.0, 1.0, 1.0, 0.0, 0.0, 0.0, 0.0]
+    assert feedback[:3] == ["", "", ""]
+    assert feedback[3] == (
+        "Too long: the answer has 4 words, but exactly one is required. Answer with a single word, no sentence."
+    )
+    assert feedback[4].startswith("Too long: the answer has 2 words,")
+    assert (
+        feedback[5] == feedback[6] == "Incorrect: the answer has no words; answer the question with exactly one word."
+    )
+
+
+def test_one_word_feedback_never_contains_the_answer():
+    task = get_task("one_word")
+    rows = [*task.train_dataset(), *task.heldout_dataset()]
+    answers = {"What color is the sky?": "blue", "What do bees make?": "honey", "Which animal says moo?": "cow"}
+    for row in rows:
+        answer = answers.get(row["question"], "zebra")
+        texts = [f"The {answer} is it.", f"{answer.upper()}, of course", f"{answer}\n\n{row['question']}", ""]
+        for text, message in zip(texts, score(task, texts, [row] * len(texts))[1], strict=True):
+            assert message and answer not in message.lower(), (text, message)
+            # It depends on the number of words alone, so no answer can reach it.
+            assert message == task.feedback(" ".join(["word"] * count_words(text)), row)
+
+
 @pytest.mark.parametrize("name", sorted(TASKS))
-def test_reward_assigns_a_fresh_feedback_list_on_every_call(name):
+def test_reward_returns_scored_feedback_the_trainer_collects(name):
     task = get_task(name)
     rows = list(task.train_dataset())[:2]
     reward = task.reward_func()
     assert isinstance(reward, TaskReward) and reward.__name__ == f"{name}_reward"
     assert reward is not task.reward_func()
     columns = {key: [row[key] for row in rows] for key in rows[0] if key != "prompt"}
-    seen = []
-    for _ in range(3):
-        before = snapshot_feedback([reward])
-        reward(prompts=[r["prompt"] for r in rows], completions=as_completions("x", "y"), **columns)
-        assert len(reward.last_feedback) == 2
-        assert all(reward.last_feedback is not old for old in seen)
-        seen.append(reward.last_feedback)
-        # The library's feedback collection accepts it as fresh.
-        assert collect_feedback([reward], [reward.__name__], before, 2) == reward.last_feedback
+    recorder = record_returns(reward)  # what SDPOTrainer wraps every reward function in
+    for texts in (["", "one two three four five six seven eight"], ["nine words is too long for every task here", ""]):
+        before = snapshot_feedback([recorder])
+        values = recorder(prompts=[r["prompt"] for r in rows], completions=as_completions(*texts), **columns)
+        expected = [task.feedback(text, row) for text, row in zip(texts, rows, strict=True)]
+        assert [value.feedback for value in values] == expected and all(expected)
+        assert values == [0.0, 0.0]
+        # The library's feedback collection reads the returned values.
+        assert collect_feedback([recorder], [recorder.__name__], before, 2) == expected
 
 
 def test_reward_accepts_plain_text_completions():
