@@ -43,7 +43,19 @@ SCENARIOS = {
     # A LoRA student (wrapped by DDP) with the lora_ema teacher adapter, one micro-batch per step, and the hybrid
     # loss: two forwards of the DDP-wrapped student (SDPO's and TRL's GRPO loss) before one backward.
     "lora_ema": {"gradient_accumulation_steps": 1, "peft": True, "teacher_mode": "lora_ema", "grpo_weight": 0.5},
+    # Sample routing with both weightings: one token count shared by TRL's loss and the distillation loss, and
+    # weights normalised over the generation batch of every process, over two micro-batches per step.
+    "routing": {
+        "gradient_accumulation_steps": 2,
+        "peft": False,
+        "teacher_mode": "ema",
+        "grpo_weight": 0.0,
+        "sample_routing": True,
+        "teacher_entropy_weighting": 1.0,
+        "pass_rate_weighting": True,
+    },
 }
+STABILISERS = ("sample_routing", "teacher_entropy_weighting", "pass_rate_weighting")
 FSDP2_CHECK = "fsdp2_lora_ema"
 
 
@@ -118,7 +130,10 @@ def run(scenario: str, output_dir: str) -> None:
             ddp_backend="gloo" if world_size > 1 else None,
         ),
         sdpo_config=SDPOConfig(
-            teacher_mode=settings["teacher_mode"], teacher_update_rate=0.5, grpo_weight=settings["grpo_weight"]
+            teacher_mode=settings["teacher_mode"],
+            teacher_update_rate=0.5,
+            grpo_weight=settings["grpo_weight"],
+            **{name: settings[name] for name in STABILISERS if name in settings},
         ),
         processing_class=tokenizer,
         reward_funcs=[CityReward()],

@@ -92,7 +92,9 @@ def test_losses_metrics_and_weights_are_those_of_one_process(two_processes, one_
             names = [n for n in want if n.startswith("self_distillation/") or n in COMPARED_METRICS]
             names = [n for n in names if not (several_micro_batches and n in PER_MICRO_BATCH_METRICS)]
             assert "self_distillation/distillation_loss" in names
-            assert ("self_distillation/grpo_loss" in names) == (worker.SCENARIOS[scenario]["grpo_weight"] > 0)
+            settings = worker.SCENARIOS[scenario]
+            uses_grpo = settings["grpo_weight"] > 0 or settings.get("sample_routing", False)
+            assert ("self_distillation/grpo_loss" in names) == uses_grpo
             for name in names:
                 assert got[name] == pytest.approx(want[name], rel=1e-5, abs=1e-7, nan_ok=True), name
         got_weights = weights(two_processes / scenario, rank)
