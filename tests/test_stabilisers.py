@@ -239,24 +239,8 @@ def test_image_datasets_are_refused_at_construction(tmp_path):
 
 
 def test_moe_balancing_loss_is_refused_in_pure_sdpo(tmp_path):
-    from transformers import Qwen2MoeConfig, Qwen2MoeForCausalLM
-
     tokenizer = make_tokenizer()
-    config = Qwen2MoeConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=16,
-        intermediate_size=32,
-        moe_intermediate_size=16,
-        shared_expert_intermediate_size=16,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        num_experts=2,
-        num_experts_per_tok=1,
-        router_aux_loss_coef=0.01,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    model = Qwen2MoeForCausalLM(config)
+    model = make_model(tokenizer, moe=True)
 
     def trainer(sdpo_config, **args):
         return SDPOTrainer(

@@ -5,7 +5,13 @@ from __future__ import annotations
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 from tokenizers import decoders as tk_decoders
-from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+from transformers import (
+    PreTrainedTokenizerFast,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+    Qwen2MoeConfig,
+    Qwen2MoeForCausalLM,
+)
 
 CHATML_TEMPLATE = (
     "{% for message in messages %}"
@@ -48,10 +54,18 @@ def make_tokenizer(vocab_size: int = 300) -> PreTrainedTokenizerFast:
     return tokenizer
 
 
-def make_model(tokenizer: PreTrainedTokenizerFast, seed: int = 0, **config_overrides) -> Qwen2ForCausalLM:
-    """A 2-layer Qwen2 with random weights sized to ``tokenizer``."""
+def make_model(tokenizer: PreTrainedTokenizerFast, seed: int = 0, moe: bool = False, **config_overrides):
+    """A 2-layer Qwen2 with random weights sized to ``tokenizer``; with ``moe``, a Qwen2-MoE with two experts."""
     torch.manual_seed(seed)
-    config = Qwen2Config(
+    config_class, model_class = (Qwen2MoeConfig, Qwen2MoeForCausalLM) if moe else (Qwen2Config, Qwen2ForCausalLM)
+    experts = dict(
+        num_experts=2,
+        num_experts_per_tok=1,
+        moe_intermediate_size=32,
+        shared_expert_intermediate_size=32,
+        router_aux_loss_coef=0.01,
+    )
+    config = config_class(
         vocab_size=len(tokenizer),
         hidden_size=32,
         intermediate_size=64,
@@ -63,9 +77,10 @@ def make_model(tokenizer: PreTrainedTokenizerFast, seed: int = 0, **config_overr
         pad_token_id=tokenizer.pad_token_id,
         eos_token_id=tokenizer.eos_token_id,
         bos_token_id=None,
+        **(experts if moe else {}),
         **config_overrides,
     )
-    model = Qwen2ForCausalLM(config)
+    model = model_class(config)
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     return model
