@@ -19,6 +19,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from .process_group import end_training
 from .train_config import ConfigError, TrainArguments, TrainScriptArguments, parse_arguments
 
 DATASET_BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet"}
@@ -59,7 +60,10 @@ def check_required(script: TrainScriptArguments, model) -> None:
 
 
 def train(arguments: TrainArguments):
-    """Build the trainer from `arguments`, train, save the student to `output_dir`, and return the trainer."""
+    """Build the trainer from `arguments`, train, save the student to `output_dir`, end the run, return the trainer.
+
+    Ending the run (`sdpo_rl.process_group.end_training`) destroys the process group of a multi-process launch.
+    """
     from trl import get_peft_config, get_quantization_config
 
     from .trainer import SDPOTrainer
@@ -88,8 +92,7 @@ def train(arguments: TrainArguments):
     trainer.save_model(training.output_dir)
     if training.push_to_hub:
         trainer.push_to_hub(dataset_name=script.dataset_name)
-    # Tear down the process group: a process that exits with gloo/NCCL threads alive can abort ("terminate called").
-    trainer.accelerator.end_training()
+    end_training(trainer)  # frees the process group now: its threads must not outlive the interpreter
     return trainer
 
 

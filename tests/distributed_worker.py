@@ -15,6 +15,7 @@ generation, and the log history) and `rank{R}.safetensors` (initial and final st
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import sys
@@ -205,6 +206,10 @@ if __name__ == "__main__":
         folder = os.path.join(output, name)
         os.makedirs(folder, exist_ok=True)
         check_fsdp2_lora_ema(folder) if name == FSDP2_CHECK else run(name, folder)
-    if dist.is_initialized():  # a process that exits with gloo's threads still running aborts ("terminate called")
+    if dist.is_initialized():
+        # The finished trainers' DDP wrappers hold the process group: collected first, they let its destruction free it
+        # and join gloo's threads, one of which can otherwise abort the exit (sdpo_rl/process_group.py). FSDP2's
+        # `fully_shard` keeps the group alive on its own; there the barrier, which owns no tensors, is what comes last.
+        gc.collect()
         dist.barrier()
         dist.destroy_process_group()

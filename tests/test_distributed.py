@@ -3,7 +3,8 @@ teachers' behaviour under parameter sharding (DeepSpeed ZeRO-3, FSDP).
 
 `distributed_worker.py` fixes the completions by their global index, so both runs see the same global batch; its
 middle group of four is split over the two processes. The two-process runs start once, in one `torchrun`, for all
-the tests of this module; the one-process runs happen in the test process.
+the tests of this module; the one-process runs happen in the test process. `exit_worker.py` checks that the processes
+of a run exit cleanly (issue #16).
 """
 
 import json
@@ -118,6 +119,35 @@ def test_lora_ema_update_of_fsdp2_shards_equals_the_update_of_whole_tensors(two_
         assert result["max_change"] > 0.1
         assert result["max_error"] < 1e-6
         assert "do not line up" in result["full_copy_refusal"]
+
+
+EXIT_RUNS = 5
+GLOO_THREADS = ("pt_gloo_runloop", "gloo_tcp_loop")  # ProcessGroupGloo's workers and gloo's transport loop
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="reads thread names from /proc (Linux)")
+def test_processes_exit_cleanly_after_end_training(tmp_path):
+    """Issue #16: a gloo thread freeing a collective's tensors while the interpreter finalizes aborts the process.
+
+    `sdpo_rl.process_group.end_training` frees the process group, and joins its threads, before the script ends.
+    The abort is a race, so the worker runs several times; that no gloo thread is left is checked every time.
+    """
+    environment = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    worker = Path(__file__).with_name("exit_worker.py")
+    for run in range(EXIT_RUNS):
+        output = tmp_path / str(run)
+        output.mkdir()
+        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(PROCESSES)]
+        completed = subprocess.run(
+            [*command, str(worker), str(output)], env=environment, capture_output=True, text=True, timeout=300
+        )
+        assert completed.returncode == 0, f"run {run}:\n{completed.stderr[-6000:]}"
+        assert "terminate called" not in completed.stderr, f"run {run}:\n{completed.stderr[-6000:]}"
+        for rank in range(PROCESSES):
+            threads = report(output, rank)
+            assert set(GLOO_THREADS) <= set(threads["before"]), threads["before"]
+            assert not set(GLOO_THREADS) & set(threads["after"]), f"run {run}, rank {rank}: {threads['after']}"
 
 
 def zero3_like_parameter(shard: torch.Tensor) -> torch.nn.Parameter:
