@@ -5,7 +5,9 @@ Measured on the train and the held-out prompts, at the learning benchmark's trai
 evaluation temperature (0.7), with its completion length (24 new tokens) and a fixed sampling seed.
 
     python benchmarks/base_pass_rate.py                        # every task; writes results/base_pass_rate.json
-    python benchmarks/base_pass_rate.py --tasks one_word --samples 4
+    python benchmarks/base_pass_rate.py --tasks one_word --jobs 4
+
+Each (task, split, temperature) runs in one of `--jobs` worker processes with one thread, as in `learning.py`.
 """
 
 from __future__ import annotations
@@ -13,6 +15,8 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from multiprocessing import get_context
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -21,6 +25,7 @@ from harness import machine, save_report  # noqa: E402
 from learning import EVAL, RESULTS_DIR, SHARED, TASKS  # noqa: E402
 
 TEMPERATURES = (SHARED["temperature"], EVAL["temperature"])
+SPLITS = ("train", "heldout")
 
 
 def pass_rate(model, tokenizer, task, dataset, *, samples_per_prompt: int, temperature: float, seed: int = 0) -> dict:
@@ -46,17 +51,29 @@ def pass_rate(model, tokenizer, task, dataset, *, samples_per_prompt: int, tempe
     }
 
 
+def measure(name: str, split: str, temperature: float, samples_per_prompt: int) -> dict:
+    """One row of the table, in a worker process with one thread (the model is loaded per worker)."""
+    import torch
+
+    torch.set_num_threads(1)
+    from sdpo_rl.models import load_default_model
+    from sdpo_rl.tasks import get_task
+
+    task = get_task(name)
+    dataset = task.train_dataset() if split == "train" else task.heldout_dataset()
+    model, tokenizer = load_default_model()
+    result = pass_rate(model, tokenizer, task, dataset, samples_per_prompt=samples_per_prompt, temperature=temperature)
+    return {"task": name, "split": split, "temperature": temperature, **result}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tasks", nargs="+", default=list(TASKS), choices=list(TASKS))
     parser.add_argument("--samples", type=int, default=4, help="samples per prompt (default 4)")
+    parser.add_argument("--jobs", type=int, default=2, help="measurements in parallel, one thread each (default 2)")
     parser.add_argument("--json", type=Path, default=RESULTS_DIR / "base_pass_rate.json")
     options = parser.parse_args(argv)
 
-    from sdpo_rl.models import load_default_model
-    from sdpo_rl.tasks import get_task
-
-    model, tokenizer = load_default_model()
     report = {
         "command": " ".join(["python", *sys.argv]),
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
@@ -64,21 +81,19 @@ def main(argv: list[str] | None = None) -> int:
         "max_new_tokens": EVAL["max_new_tokens"],
         "table": [],
     }
-    for name in options.tasks:
-        task = get_task(name)
-        for split, dataset in (("train", task.train_dataset()), ("heldout", task.heldout_dataset())):
-            for temperature in TEMPERATURES:
-                start = time.perf_counter()
-                result = pass_rate(
-                    model, tokenizer, task, dataset, samples_per_prompt=options.samples, temperature=temperature
-                )
-                report["table"].append({"task": name, "split": split, "temperature": temperature, **result})
-                save_report(report, options.json)  # after every measurement, so an interrupted run keeps them
-                print(
-                    f"{name:>12} {split:>7} T={temperature}: pass rate {result['pass_rate']:.1%}, prompts with a pass "
-                    f"{result['prompts_with_a_pass']:.1%} ({time.perf_counter() - start:.0f} s)",
-                    flush=True,
-                )
+    todo = [(name, split, temperature) for name in options.tasks for split in SPLITS for temperature in TEMPERATURES]
+    with ProcessPoolExecutor(max_workers=options.jobs, mp_context=get_context("spawn")) as pool:
+        futures = [pool.submit(measure, *row, options.samples) for row in todo]
+        for future in as_completed(futures):
+            row = future.result()
+            print(
+                f"{row['task']:>12} {row['split']:>7} T={row['temperature']}: pass rate {row['pass_rate']:.1%}, "
+                f"prompts with a pass {row['prompts_with_a_pass']:.1%}",
+                flush=True,
+            )
+            report["table"].append(row)
+            report["table"].sort(key=lambda r: todo.index((r["task"], r["split"], r["temperature"])))
+            save_report(report, options.json)  # after every measurement, so an interrupted run keeps the finished ones
     print(f"Wrote {options.json}")
     return 0
 

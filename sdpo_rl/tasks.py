@@ -9,10 +9,15 @@ evaluation. Pure Python; the datasets are built in memory.
 - `short_answer`: "<easy question> Answer in at most five words." A length constraint, checked by counting
   words; the feedback says how many words the answer had and what the limit is, which tells the model how to fix
   its answer without giving it one.
+- `one_word`: "<easy question> Answer in exactly one word." The same questions and word count, a constraint the
+  untrained model rarely meets: most groups start without a success, and the feedback (how many words the answer
+  had, one required) is the signal left to learn from.
 
 Measured with SmolLM2-135M-Instruct at temperature 1.0, 8 samples on each of 12 prompts: `capitals` passes 24-40%
-with 8-11 of 12 groups mixed; `short_answer` 21-25% with 10-12 of 12 groups mixed. Candidates rejected for passing
-too rarely: at most three words 6-17%, one word 3-12%, one lowercase word 2%, exactly five words 3%, digits only 1%.
+with 8-11 of 12 groups mixed; `short_answer` 21-25% with 10-12 of 12 groups mixed. Candidates rejected for those two
+for passing too rarely: at most three words 6-17%, one word 3-12%, one lowercase word 2%, exactly five words 3%,
+digits only 1%. `one_word` passes 8.3% of train and 4.2% of held-out samples at temperature 1.0, 4 samples per
+prompt (benchmarks/base_pass_rate.py).
 """
 
 from __future__ import annotations
