@@ -96,8 +96,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--threads",
         type=int,
         default=None,
-        help="CPU threads for PyTorch (default: one per core). Use 1 when other programs keep the CPU busy: "
-        "PyTorch's threads slow down many times over on an oversubscribed CPU",
+        help="CPU threads for PyTorch (default: one per core that is idle when the demo starts, at least 1: "
+        "PyTorch's threads slow down many times over when other programs keep the cores busy)",
     )
     demo.add_argument("--save-model", action="store_true", help="also save the trained model to OUTPUT_DIR/model")
     demo.add_argument(

@@ -57,6 +57,32 @@ def method_name(grpo_weight: float) -> str:
     return f"the SDPO+GRPO hybrid (grpo_weight={grpo_weight:g})"
 
 
+def idle_cores(interval: float = 0.5) -> int:
+    """How many of the cores this process may use are idle now (at least 1): the demo's default thread count.
+
+    Measured over `interval` seconds from /proc/stat (all cores if it cannot be read). PyTorch's threads wait for each
+    other, so on cores that other programs keep busy two threads can be several times slower than one
+    (benchmarks/README.md).
+    """
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    try:
+        start = _cpu_seconds()
+        time.sleep(interval)
+        end = _cpu_seconds()
+    except OSError:
+        return cores
+    total, idle = (b - a for a, b in zip(start, end, strict=True))
+    machine_cores = os.cpu_count() or cores
+    return max(1, min(cores, round(machine_cores * idle / total))) if total > 0 else cores
+
+
+def _cpu_seconds() -> tuple[int, int]:
+    """(all, idle) CPU time of the machine so far, in clock ticks, from the first line of /proc/stat."""
+    with open("/proc/stat") as stat:
+        ticks = [int(value) for value in stat.readline().split()[1:]]
+    return sum(ticks[:8]), ticks[3] + ticks[4]  # user nice system idle iowait irq softirq steal; idle + iowait
+
+
 def micro_batch(args: argparse.Namespace) -> int:
     """`--micro-batch`, or by default the largest divisor of a step's completions up to `DEMO_MICRO_BATCH`."""
     per_step = args.num_generations * args.prompts_per_step
@@ -116,8 +142,7 @@ def run_demo(args: argparse.Namespace) -> int:
     from .models import load_default_model
     from .tasks import get_task
 
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
+    torch.set_num_threads(args.threads or idle_cores())
     warnings.filterwarnings("ignore", category=FutureWarning)  # deprecation notices from transformers' internals
     output_dir = Path(args.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)

@@ -70,3 +70,23 @@ def test_step_time_benchmark_quick_mode_times_every_trainer_with_and_without_tea
         if run["trainer"] != "grpo":
             assert set(run["reprompt_sample_fraction"]) == {1.0 if run["reward"] == "mixed" else 0.0}
     assert {(t["reward"], t["ratio"]) for t in report["targets"]} == {("mixed", "sdpo / grpo"), ("zero", "sdpo / grpo")}
+
+
+@pytest.mark.slow
+def test_step_profile_reports_every_phase_of_the_demo_step():
+    command = [
+        sys.executable,
+        str(ROOT / "benchmarks" / "step_profile.py"),
+        "--steps=1",
+        "--",
+        "--num-generations=2",
+        "--prompts-per-step=1",
+        "--max-completion-length=4",
+    ]
+    completed = subprocess.run(command, capture_output=True, text=True, timeout=1800)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    rows = {line.split("|")[1].strip(): line for line in completed.stdout.splitlines() if line.startswith("| ")}
+    for phase in ("generation", "GRPO forward (TRL)", "distillation forward", "backward", "optimizer step"):
+        assert phase in rows, phase
+        assert float(rows[phase].split("|")[2]) > 0, phase
+    assert "**step**" in rows

@@ -140,3 +140,21 @@ def test_the_demo_accumulates_a_step_over_micro_batches(options, expected, tmp_p
     completions = args.num_generations * args.prompts_per_step
     assert config.per_device_train_batch_size * config.gradient_accumulation_steps == completions
     assert not config.activation_checkpointing
+
+
+@pytest.mark.parametrize(("idle_fraction", "expected"), [(1.0, 2), (0.7, 1), (0.4, 1), (0.0, 1)])
+def test_the_demo_uses_one_thread_per_idle_core(monkeypatch, idle_fraction, expected):
+    readings = iter([(0, 0), (1000, round(1000 * idle_fraction))])  # (all, idle) ticks before and after
+    monkeypatch.setattr(demo, "_cpu_seconds", lambda: next(readings))
+    monkeypatch.setattr(demo.os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    monkeypatch.setattr(demo.os, "cpu_count", lambda: 2)
+    assert demo.idle_cores(interval=0.0) == expected
+
+
+def test_the_thread_count_falls_back_to_the_cores_without_proc_stat(monkeypatch):
+    def unreadable():
+        raise OSError("no /proc/stat")
+
+    monkeypatch.setattr(demo, "_cpu_seconds", unreadable)
+    monkeypatch.setattr(demo.os, "sched_getaffinity", lambda pid: {0, 1, 2}, raising=False)
+    assert demo.idle_cores(interval=0.0) == 3
