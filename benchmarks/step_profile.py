@@ -93,7 +93,6 @@ def main(argv: list[str] | None = None) -> int:
     from transformers import TrainerCallback
 
     from sdpo_rl import cli
-    from sdpo_rl.cpu_memory import return_freed_memory
     from sdpo_rl.demo import build_demo_trainer
     from sdpo_rl.models import load_default_model
     from sdpo_rl.tasks import get_task
@@ -102,7 +101,6 @@ def main(argv: list[str] | None = None) -> int:
         ["demo", f"--max-steps={options.steps + 1}", "--output-dir=/tmp/sdpo-rl-step-profile", *options.demo_options]
     )
     torch.set_num_threads(options.threads)
-    return_freed_memory()
     timer = PhaseTimer()
     timer.install()
     task = get_task(args.task)

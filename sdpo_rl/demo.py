@@ -151,8 +151,6 @@ def run_demo(args: argparse.Namespace) -> int:
     if args.eval_prompts is not None:
         heldout = heldout.select(range(min(args.eval_prompts, len(heldout))))
     use_cuda = torch.cuda.is_available()
-    if not use_cuda:
-        cpu_memory.return_freed_memory()
 
     demo_start = time.monotonic()
     _say(f"Loading SmolLM2-135M-Instruct (task: {task.name}, {len(train_dataset)} training prompts) ...")
