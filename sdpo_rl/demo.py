@@ -198,7 +198,7 @@ def run_demo(args: argparse.Namespace) -> int:
     _say(
         f"Training with {method_name(sdpo_config.grpo_weight)} for {args.max_steps} steps "
         f"({args.prompts_per_step} prompts x {args.num_generations} completions per step, learning rate {args.lr:g}) "
-        f"on {'GPU' if use_cuda else 'CPU'} ..."
+        f"on {'GPU' if use_cuda else f'CPU ({torch.get_num_threads()} threads)'} ..."
     )
     start = time.monotonic()
     trainer.train()
