@@ -5,12 +5,14 @@
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 
 from .demo import (
     DEMO_LEARNING_RATE,
     DEMO_MAX_COMPLETION_LENGTH,
     DEMO_MAX_STEPS,
+    DEMO_MICRO_BATCH,
     DEMO_NUM_GENERATIONS,
     DEMO_PROMPTS_PER_STEP,
     DEMO_SDPO_CONFIG,
@@ -71,6 +73,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--prompts-per-step", type=int, default=DEMO_PROMPTS_PER_STEP, help="prompts (groups) per optimizer step"
     )
     demo.add_argument(
+        "--micro-batch",
+        type=int,
+        default=None,
+        help="completions per forward and backward pass, a divisor of the completions per step (default: the "
+        f"largest one up to {DEMO_MICRO_BATCH}); larger is a little faster and needs more memory",
+    )
+    demo.add_argument(
         "--max-completion-length",
         type=int,
         default=DEMO_MAX_COMPLETION_LENGTH,
@@ -87,8 +96,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--threads",
         type=int,
         default=None,
-        help="CPU threads for PyTorch (default: one per core). Use 1 when other programs keep the CPU busy: "
-        "PyTorch's threads slow down many times over on an oversubscribed CPU",
+        help="CPU threads for PyTorch (default: one per core that is idle when the demo starts, at least 1: "
+        "PyTorch's threads slow down many times over when other programs keep the cores busy)",
     )
     demo.add_argument("--save-model", action="store_true", help="also save the trained model to OUTPUT_DIR/model")
     demo.add_argument(
@@ -110,13 +119,22 @@ def main(argv: list[str] | None = None) -> int:
 
 def check_demo_arguments(args: argparse.Namespace) -> None:
     """Exit with a message naming the option, its value and the fix when a demo setting is below its minimum."""
-    minimums = dict(max_steps=1, num_generations=2, prompts_per_step=1, max_completion_length=1, threads=1)
+    minimums = dict(
+        max_steps=1, num_generations=2, prompts_per_step=1, micro_batch=1, max_completion_length=1, threads=1
+    )
     for name, minimum in minimums.items():
         value = getattr(args, name)
         if value is not None and value < minimum:
             option = "--" + name.replace("_", "-")
             why = " (a group needs peers)" if name == "num_generations" else ""
             raise SystemExit(f"sdpo-rl demo: {option}={value} is too small: use {option} {minimum} or more{why}.")
+    per_step = args.num_generations * args.prompts_per_step
+    if args.micro_batch is not None and per_step % args.micro_batch:
+        raise SystemExit(
+            f"sdpo-rl demo: --micro-batch={args.micro_batch} does not divide the {per_step} completions of a step "
+            f"(--num-generations x --prompts-per-step): use a divisor of {per_step}, such as "
+            f"{math.gcd(per_step, DEMO_MICRO_BATCH)}."
+        )
 
 
 if __name__ == "__main__":

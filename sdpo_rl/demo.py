@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import gc
 import json
 import math
 import os
@@ -19,22 +20,28 @@ from pathlib import Path
 
 from transformers import TrainerCallback
 
+from . import cpu_memory
 from .config import SDPOConfig
 from .metrics import DISTILLATION_LOSS, REWARD
 from .plotting import plot_metrics
 
-# The demo's SDPO settings, in one place: the library defaults (JSD, top-100 + tail, EMA teacher at rate 0.05) in the
-# hybrid with grpo_weight=0.8, the setting measured to improve this 135M model on both tasks in every seed
-# (benchmarks/README.md); pure SDPO (`--grpo-weight 0`) degrades it.
+# The demo's settings, in one place: those of `hybrid_0.8` in benchmarks/learning.py, measured to improve this 135M
+# model on both tasks in every seed (benchmarks/README.md): the library's SDPO defaults (JSD, top-100 + tail, EMA
+# teacher at rate 0.05) in the hybrid with grpo_weight=0.8, 10 steps of 4 prompts x 4 completions at learning rate
+# 2e-5. Pure SDPO (`--grpo-weight 0`) degrades this model.
 DEMO_SDPO_CONFIG = SDPOConfig(grpo_weight=0.8)
-DEMO_LEARNING_RATE = 1e-5
-DEMO_MAX_STEPS = 20
-DEMO_NUM_GENERATIONS = 8
-DEMO_PROMPTS_PER_STEP = 2
+DEMO_LEARNING_RATE = 2e-5
+DEMO_MAX_STEPS = 10
+DEMO_NUM_GENERATIONS = 4
+DEMO_PROMPTS_PER_STEP = 4
 DEMO_MAX_COMPLETION_LENGTH = 24
+# Completions per forward and backward pass: a step's gradient is accumulated over its completions in micro-batches
+# of this size (the same gradient as one pass, with the activations of a few completions alive at a time).
+DEMO_MICRO_BATCH = 4
 # Held-out evaluation: the same prompts, seed and settings before and after training.
 EVAL_SAMPLES_PER_PROMPT = 4
 EVAL_TEMPERATURE = 0.7
+EVAL_BATCH_SIZE = 64  # sampled together: fewer, fuller passes through the model than the default 32
 
 METRICS_FILE = "metrics.jsonl"
 PLOT_FILE = "training_metrics.png"
@@ -50,20 +57,57 @@ def method_name(grpo_weight: float) -> str:
     return f"the SDPO+GRPO hybrid (grpo_weight={grpo_weight:g})"
 
 
+def idle_cores(interval: float = 0.5) -> int:
+    """How many of the cores this process may use are idle now (at least 1): the demo's default thread count.
+
+    Measured over `interval` seconds from /proc/stat (all cores if it cannot be read). PyTorch's threads wait for each
+    other, so on cores that other programs keep busy two threads can be several times slower than one
+    (benchmarks/README.md).
+    """
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    try:
+        start = _cpu_seconds()
+        time.sleep(interval)
+        end = _cpu_seconds()
+    except OSError:
+        return cores
+    total, idle = (b - a for a, b in zip(start, end, strict=True))
+    machine_cores = os.cpu_count() or cores
+    return max(1, min(cores, round(machine_cores * idle / total))) if total > 0 else cores
+
+
+def _cpu_seconds() -> tuple[int, int]:
+    """(all, idle) CPU time of the machine so far, in clock ticks, from the first line of /proc/stat."""
+    with open("/proc/stat") as stat:
+        ticks = [int(value) for value in stat.readline().split()[1:]]
+    return sum(ticks[:8]), ticks[3] + ticks[4]  # user nice system idle iowait irq softirq steal; idle + iowait
+
+
+def micro_batch(args: argparse.Namespace) -> int:
+    """`--micro-batch`, or by default the largest divisor of a step's completions up to `DEMO_MICRO_BATCH`."""
+    per_step = args.num_generations * args.prompts_per_step
+    if args.micro_batch is not None:
+        return args.micro_batch
+    return max(size for size in range(1, DEMO_MICRO_BATCH + 1) if per_step % size == 0)
+
+
 def demo_grpo_config(args: argparse.Namespace, use_cuda: bool):
     """The demo's `GRPOConfig` for the parsed command line `args`."""
     from trl import GRPOConfig
 
+    size = micro_batch(args)
     return GRPOConfig(
         output_dir=str(args.output_dir),
         max_steps=args.max_steps,
         learning_rate=args.lr,
         num_generations=args.num_generations,
-        per_device_train_batch_size=args.num_generations * args.prompts_per_step,
+        per_device_train_batch_size=size,
+        gradient_accumulation_steps=args.num_generations * args.prompts_per_step // size,
         max_completion_length=args.max_completion_length,
         temperature=1.0,
         beta=0.0,
-        activation_checkpointing=False,  # a 135M model fits easily; recomputation would only slow the CPU down
+        activation_checkpointing=False,  # micro-batches keep activations small; recomputing them would cost time
+        optim="adamw_torch_fused",  # one kernel per parameter: faster than the default, without its temporaries
         logging_steps=1,
         report_to="none",
         save_strategy="no",
@@ -71,6 +115,20 @@ def demo_grpo_config(args: argparse.Namespace, use_cuda: bool):
         bf16=False,
         seed=args.seed,
         log_completions=False,
+    )
+
+
+def build_demo_trainer(args: argparse.Namespace, model, tokenizer, task, use_cuda: bool):
+    """The demo's `SDPOTrainer` of `model` on `task`'s training prompts, configured by the parsed `args`."""
+    from .trainer import SDPOTrainer
+
+    return SDPOTrainer(
+        model=model,
+        args=demo_grpo_config(args, use_cuda),
+        sdpo_config=dataclasses.replace(DEMO_SDPO_CONFIG, grpo_weight=args.grpo_weight),
+        processing_class=tokenizer,
+        reward_funcs=[task.reward_func()],
+        train_dataset=task.train_dataset(),
     )
 
 
@@ -83,10 +141,8 @@ def run_demo(args: argparse.Namespace) -> int:
     from .evaluation import heldout_accuracy
     from .models import load_default_model
     from .tasks import get_task
-    from .trainer import SDPOTrainer
 
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
+    torch.set_num_threads(args.threads or idle_cores())
     warnings.filterwarnings("ignore", category=FutureWarning)  # deprecation notices from transformers' internals
     output_dir = Path(args.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -118,6 +174,7 @@ def run_demo(args: argparse.Namespace) -> int:
             samples_per_prompt=args.eval_samples_per_prompt,
             temperature=EVAL_TEMPERATURE,
             max_new_tokens=args.max_completion_length,
+            batch_size=EVAL_BATCH_SIZE,
             seed=args.seed,
         )
         _say(
@@ -132,15 +189,8 @@ def run_demo(args: argparse.Namespace) -> int:
 
     metrics_path = output_dir / METRICS_FILE
     metrics_path.unlink(missing_ok=True)
-    sdpo_config = dataclasses.replace(DEMO_SDPO_CONFIG, grpo_weight=args.grpo_weight)
-    trainer = SDPOTrainer(
-        model=model,
-        args=demo_grpo_config(args, use_cuda),
-        sdpo_config=sdpo_config,
-        processing_class=tokenizer,
-        reward_funcs=[task.reward_func()],
-        train_dataset=train_dataset,
-    )
+    trainer = build_demo_trainer(args, model, tokenizer, task, use_cuda)
+    sdpo_config = trainer.sdpo_config
     trainer.remove_callback(ProgressCallback)
     trainer.add_callback(_DemoProgress())
     trainer.add_callback(_JsonlLogger(metrics_path))
@@ -148,7 +198,7 @@ def run_demo(args: argparse.Namespace) -> int:
     _say(
         f"Training with {method_name(sdpo_config.grpo_weight)} for {args.max_steps} steps "
         f"({args.prompts_per_step} prompts x {args.num_generations} completions per step, learning rate {args.lr:g}) "
-        f"on {'GPU' if use_cuda else 'CPU'} ..."
+        f"on {'GPU' if use_cuda else f'CPU ({torch.get_num_threads()} threads)'} ..."
     )
     start = time.monotonic()
     trainer.train()
@@ -158,9 +208,13 @@ def run_demo(args: argparse.Namespace) -> int:
     if args.save_model:
         trainer.save_model(str(output_dir / "model"))
         tokenizer.save_pretrained(str(output_dir / "model"))
+    log_history = trainer.state.log_history
+    del trainer  # its optimizer state and teacher are not needed any more: free them before the evaluation
+    gc.collect()
+    cpu_memory.trim()
 
     after = evaluate("after")
-    plot = plot_metrics(trainer.state.log_history, output_dir / PLOT_FILE)
+    plot = plot_metrics(log_history, output_dir / PLOT_FILE)
 
     summary = {
         "task": task.name,

@@ -82,3 +82,23 @@ def test_base_pass_rate_counts_passing_samples_and_prompts_with_a_pass(monkeypat
     monkeypatch.setattr(evaluation, "sample_completions", lambda *args, **kwargs: fake)
     result = benchmark_module("base_pass_rate").pass_rate(None, None, task, rows, samples_per_prompt=2, temperature=1.0)
     assert result == {"pass_rate": 0.5, "prompts_with_a_pass": 2 / 3, "prompts": 3, "samples_per_prompt": 2}
+
+
+@pytest.mark.slow
+def test_step_profile_reports_every_phase_of_the_demo_step():
+    command = [
+        sys.executable,
+        str(ROOT / "benchmarks" / "step_profile.py"),
+        "--steps=1",
+        "--",
+        "--num-generations=2",
+        "--prompts-per-step=1",
+        "--max-completion-length=4",
+    ]
+    completed = subprocess.run(command, capture_output=True, text=True, timeout=1800)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    rows = {line.split("|")[1].strip(): line for line in completed.stdout.splitlines() if line.startswith("| ")}
+    for phase in ("generation", "GRPO forward (TRL)", "distillation forward", "backward", "optimizer step"):
+        assert phase in rows, phase
+        assert float(rows[phase].split("|")[2]) > 0, phase
+    assert "**step**" in rows

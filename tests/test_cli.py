@@ -117,3 +117,44 @@ def test_the_demo_names_the_method_it_trains():
     assert demo.method_name(0.0) == "SDPO"
     assert demo.method_name(0.8) == "the SDPO+GRPO hybrid (grpo_weight=0.8)"
     assert demo.method_name(1.0).startswith("GRPO")
+
+
+def test_the_micro_batch_must_divide_the_completions_of_a_step():
+    with pytest.raises(SystemExit, match="--micro-batch=3 does not divide the 16 completions"):
+        cli.main(["demo", "--micro-batch", "3"])
+
+
+@pytest.mark.parametrize(
+    ("options", "expected"),
+    [
+        ([], 4),
+        (["--num-generations=2", "--prompts-per-step=1"], 2),
+        (["--prompts-per-step=3"], 4),
+        (["--micro-batch=8"], 8),
+    ],
+)
+def test_the_demo_accumulates_a_step_over_micro_batches(options, expected, tmp_path):
+    args = cli.build_parser().parse_args(["demo", f"--output-dir={tmp_path}", *options])
+    config = demo.demo_grpo_config(args, use_cuda=False)
+    assert config.per_device_train_batch_size == expected
+    completions = args.num_generations * args.prompts_per_step
+    assert config.per_device_train_batch_size * config.gradient_accumulation_steps == completions
+    assert not config.activation_checkpointing
+
+
+@pytest.mark.parametrize(("idle_fraction", "expected"), [(1.0, 2), (0.7, 1), (0.4, 1), (0.0, 1)])
+def test_the_demo_uses_one_thread_per_idle_core(monkeypatch, idle_fraction, expected):
+    readings = iter([(0, 0), (1000, round(1000 * idle_fraction))])  # (all, idle) ticks before and after
+    monkeypatch.setattr(demo, "_cpu_seconds", lambda: next(readings))
+    monkeypatch.setattr(demo.os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    monkeypatch.setattr(demo.os, "cpu_count", lambda: 2)
+    assert demo.idle_cores(interval=0.0) == expected
+
+
+def test_the_thread_count_falls_back_to_the_cores_without_proc_stat(monkeypatch):
+    def unreadable():
+        raise OSError("no /proc/stat")
+
+    monkeypatch.setattr(demo, "_cpu_seconds", unreadable)
+    monkeypatch.setattr(demo.os, "sched_getaffinity", lambda pid: {0, 1, 2}, raising=False)
+    assert demo.idle_cores(interval=0.0) == 3
