@@ -314,7 +314,8 @@ class SDPOTrainer(GRPOTrainer):
         rows = batch["self_distillation_mask"].nonzero().squeeze(1)
         step = self.args.per_device_train_batch_size
         student = self.accelerator.unwrap_model(self.model)
-        for part in rows.split(step):
+        for start in range(0, rows.numel(), step):  # `rows.split` of no rows would still give one empty part
+            part = rows[start : start + step]
             completion_ids, completion_mask, teacher = self._teacher_outputs(student, batch, part)
             active = completion_mask > 0
             if isinstance(teacher, HeadInputs):

@@ -255,3 +255,19 @@ def test_moe_balancing_loss_is_refused_in_pure_sdpo(tmp_path):
     with pytest.raises(ValueError, match=r"Mixture-of-Experts.*router_aux_loss_coef=0.01"):
         trainer(SDPOConfig())
     trainer(SDPOConfig(), router_aux_loss_coef=0.0)
+
+
+@pytest.mark.parametrize("reward", [1.0, 0.0], ids=["every-completion-succeeds", "every-completion-fails-silently"])
+def test_a_batch_with_nothing_to_distill_trains(tmp_path, reward):
+    tokenizer = make_tokenizer()
+    trainer = SDPOTrainer(
+        model=make_model(tokenizer),
+        args=grpo_args(tmp_path, max_steps=1, gradient_checkpointing=False),
+        sdpo_config=SDPOConfig(sample_routing=True, teacher_entropy_weighting=1.0, pass_rate_weighting=True),
+        processing_class=tokenizer,
+        reward_funcs=[lambda completions, **kwargs: [reward] * len(completions)],
+        train_dataset=make_dataset(),
+    )
+    trainer.train()
+    routed = [e["self_distillation/routed_sdpo_fraction"] for e in trainer.state.log_history if "loss" in e]
+    assert routed == [0.0]
