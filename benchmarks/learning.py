@@ -22,6 +22,7 @@ import os
 import statistics
 import sys
 import time
+import traceback
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from multiprocessing import get_context
 from pathlib import Path
@@ -229,6 +230,7 @@ def main(argv: list[str] | None = None) -> int:
     done = {(r["method"], r["task"], r["seed"]) for r in results["runs"]}
     todo = [(m, t, s) for t in options.tasks for s in seeds for m in options.methods if (m, t, s) not in done]
 
+    failed = []
     if not options.plot_only and todo:
         print(f"{len(todo)} runs to do ({len(done)} already in {results_path})", flush=True)
         work_dir = Path(os.environ.get("TMPDIR", "/tmp")) / "sdpo-rl-learning"
@@ -237,6 +239,11 @@ def main(argv: list[str] | None = None) -> int:
                 pool.submit(run_one, m, t, s, size, str(work_dir / f"{m}-{t}-{s}")): (m, t, s) for m, t, s in todo
             }
             for future in as_completed(futures):
+                if future.exception() is not None:  # keep the other runs going, and say which one failed and why
+                    failed.append(futures[future])
+                    print(f"run {futures[future]} failed:", file=sys.stderr)
+                    traceback.print_exception(future.exception())
+                    continue
                 record = future.result()
                 results = load_results(results_path)
                 results["runs"].append(record)
@@ -252,7 +259,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"plot: {results_path.with_suffix('.png')}")
     except ImportError:
         print("matplotlib is not installed: no plot (pip install matplotlib)")
-    return 0 if all(not math.isnan(a) for r in results["runs"] for a in r["heldout_accuracy"]) else 1
+    if failed:
+        print(f"{len(failed)} runs failed: {failed}; rerun to retry them", file=sys.stderr)
+    finite = all(not math.isnan(a) for r in results["runs"] for a in r["heldout_accuracy"])
+    return 0 if finite and not failed else 1
 
 
 if __name__ == "__main__":
