@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The GPU checks of benchmarks/README.md ("GPU check"), in one call of at most 8 minutes: the chunked loss's tests
+# The GPU checks of benchmarks/README.md ("GPU check"), in one call of at most 8 minutes (the steps' time limits add
+# up to 470 s): the chunked loss's tests
 # and golden cases on CUDA, then benchmarks/step_time.py and benchmarks/loss_memory.py on CUDA. Everything is
 # written under $OUT (default: gpu_check_out/). Without a CUDA device it runs the same steps on the CPU at the quick
 # sizes (a smoke run of the script itself).
@@ -40,7 +41,7 @@ step() {  # step NAME SECONDS COMMAND...: COMMAND with a time limit, output in $
 }
 
 if [ -n "$WHEELS" ]; then
-    step install_wheels 60 "$PYTHON" -m pip install --no-index --no-deps "$WHEELS"/*.whl
+    step install_wheels 30 "$PYTHON" -m pip install --no-index --no-deps "$WHEELS"/*.whl
 fi
 if "$PYTHON" -c "import torch, sys; sys.exit(not torch.cuda.is_available())"; then
     DEVICE=cuda
@@ -52,16 +53,16 @@ else
     STEP_TIME=(--quick)
     LOSS_MEMORY=(--quick)
 fi
-step environment 60 "$PYTHON" -c "
+step environment 30 "$PYTHON" -c "
 import torch, transformers, trl
 print('torch', torch.__version__, 'cuda', torch.version.cuda, 'transformers', transformers.__version__, 'trl',
       trl.__version__)
 print('device:', torch.cuda.get_device_name() if torch.cuda.is_available() else 'cpu')
 print('tf32 matmul:', torch.backends.cuda.matmul.allow_tf32)"
 
-step loss_tests 120 env SDPO_TEST_DEVICE="$DEVICE" "$PYTHON" -m pytest -q -p no:cacheprovider tests/test_loss_chunked.py \
+step loss_tests 100 env SDPO_TEST_DEVICE="$DEVICE" "$PYTHON" -m pytest -q -p no:cacheprovider tests/test_loss_chunked.py \
     -k "golden or equals or normalizer or nothing_distilled or bfloat16 or autocast" --junitxml="$OUT/loss_tests.xml"
-step loss_memory 150 "$PYTHON" benchmarks/loss_memory.py --device "$DEVICE" "${LOSS_MEMORY[@]}" \
+step loss_memory 140 "$PYTHON" benchmarks/loss_memory.py --device "$DEVICE" "${LOSS_MEMORY[@]}" \
     --results "$OUT/loss_memory.json"
-step step_time 210 "$PYTHON" benchmarks/step_time.py --device "$DEVICE" "${STEP_TIME[@]}" --results "$OUT/step_time.json"
+step step_time 170 "$PYTHON" benchmarks/step_time.py --device "$DEVICE" "${STEP_TIME[@]}" --results "$OUT/step_time.json"
 exit $status
