@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU checks of benchmarks/README.md ("GPU check"), in one call of at most 8 minutes (the steps' time limits add
-# up to 470 s): the chunked loss's tests
-# and golden cases on CUDA, then benchmarks/step_time.py and benchmarks/loss_memory.py on CUDA. Everything is
+# up to 470 s): the chunked loss's tests and golden cases on CUDA, then benchmarks/loss_memory.py and
+# benchmarks/step_time.py on CUDA. Everything is
 # written under $OUT (default: gpu_check_out/). Without a CUDA device it runs the same steps on the CPU at the quick
 # sizes (a smoke run of the script itself).
 #
