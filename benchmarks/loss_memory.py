@@ -17,8 +17,12 @@ this head in float32). Time: one process per T runs the implementations in turn 
 (one with `--quick`) rotating their order; each one's time is its median. One more process runs both at a short
 length and reports the largest differences of loss and gradients.
 
-    python benchmarks/loss_memory.py            # T = 512, 1024, 2048 (about 8 minutes on 2 cores)
-    python benchmarks/loss_memory.py --quick    # a smoke run (under a minute): T = 64, a small head, one pass
+On a GPU (`--device cuda`), the peak extra memory is `torch.cuda.max_memory_allocated` above what was allocated
+before the forward+backward, and times are taken after `torch.cuda.synchronize()`.
+
+    python benchmarks/loss_memory.py                  # T = 512, 1024, 2048 (about 8 minutes on 2 cores)
+    python benchmarks/loss_memory.py --quick          # a smoke run (under a minute): T = 64, a small head, one pass
+    python benchmarks/loss_memory.py --device cuda    # the same on the GPU: results/loss_memory_cuda.json
 """
 
 from __future__ import annotations
@@ -42,11 +46,11 @@ SETTINGS = dict(topk=100, alpha=0.5, add_tail=True, is_clip=2.0)
 FULL = dict(lengths=(512, 1024, 2048), repeats=3, check_length=128, head=QWEN_HEAD)
 QUICK = dict(lengths=(64,), repeats=1, check_length=16, head=dict(hidden_size=128, vocab_size=16_384))
 IMPLEMENTATIONS = ("trl", "sdpo_rl", "sdpo_rl+entropy")
-TARGET_LENGTH = 1024  # the issue's targets: at T = 1024, sdpo_rl's ratios to TRL's
-TARGETS = dict(memory_ratio=0.25, time_ratio=1.3)
+TARGET_LENGTH = 1024  # the targets of issue #15: at T = 1024, sdpo_rl's ratios to TRL's
+TARGETS = dict(memory_ratio=0.20, time_ratio=1.1)
 
 
-def make_inputs(length: int, head: dict, seed: int = 0) -> dict:
+def make_inputs(length: int, head: dict, device: str, seed: int = 0) -> dict:
     """Student and teacher hidden states ``[1, T, H]`` and heads ``[V, H]``, ids, mask and old log-probs.
 
     Filled in place, so that the process's resident high-water mark is the inputs themselves. Head weights of std
@@ -54,19 +58,19 @@ def make_inputs(length: int, head: dict, seed: int = 0) -> dict:
     """
     import torch
 
-    gen = torch.Generator().manual_seed(seed)
+    gen = torch.Generator(device).manual_seed(seed)
     hidden, vocab = head["hidden_size"], head["vocab_size"]
 
     def normal(*shape, std=1.0):
-        return torch.empty(*shape).normal_(0.0, std, generator=gen)
+        return torch.empty(*shape, device=device).normal_(0.0, std, generator=gen)
 
     return dict(
         student_hidden=normal(1, length, hidden).requires_grad_(),
         student_weight=normal(vocab, hidden, std=0.1).requires_grad_(),
         teacher_hidden=normal(1, length, hidden),
         teacher_weight=normal(vocab, hidden, std=0.1),
-        completion_ids=torch.randint(vocab, (1, length), generator=gen),
-        completion_mask=torch.ones(1, length),
+        completion_ids=torch.randint(vocab, (1, length), generator=gen, device=device),
+        completion_mask=torch.ones(1, length, device=device),
         old_per_token_logps=normal(1, length, std=0.5) - 8.0,
     )
 
@@ -137,6 +141,13 @@ def import_implementations() -> None:
     import sdpo_rl.loss  # noqa: F401
 
 
+def synchronize(device: str) -> None:
+    import torch
+
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
 def peak_resident_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kilobytes on Linux
 
@@ -155,41 +166,54 @@ def forward_backward(implementation: str, inputs: dict, chunk_size: int | None) 
     return loss.item()
 
 
-def measure_memory(implementation: str, length: int, head: dict, chunk_size: int | None) -> dict:
-    """Run in a fresh process: the peak extra resident memory of one forward+backward."""
+def measure_memory(implementation: str, length: int, head: dict, chunk_size: int | None, device: str) -> dict:
+    """Run in a fresh process: the peak extra memory (resident, or CUDA allocated) of one forward+backward."""
+    import torch
+
     import_implementations()  # imported before the baseline, not counted as the loss's memory
-    inputs = make_inputs(length, head)
-    before, high_water_before = resident_mib(), peak_resident_mib()
-    loss = forward_backward(implementation, inputs, chunk_size)
+    inputs = make_inputs(length, head, device)
+    if device == "cuda":
+        synchronize(device)
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated() / 2**20
+        loss = forward_backward(implementation, inputs, chunk_size)
+        synchronize(device)
+        peak_extra, hidden_before = torch.cuda.max_memory_allocated() / 2**20 - before, 0.0
+    else:
+        before, high_water_before = resident_mib(), peak_resident_mib()
+        loss = forward_backward(implementation, inputs, chunk_size)
+        peak_extra, hidden_before = peak_resident_mib() - before, high_water_before - before
     return dict(
         implementation=implementation,
         length=length,
-        peak_extra_mib=peak_resident_mib() - before,
-        high_water_above_resident_before_mib=high_water_before - before,  # ~0: nothing hid the peak
+        peak_extra_mib=peak_extra,
+        high_water_above_resident_before_mib=hidden_before,  # ~0: nothing hid the peak
         loss=loss,
     )
 
 
-def measure_time(length: int, head: dict, repeats: int, chunk_size: int | None) -> dict:
+def measure_time(length: int, head: dict, repeats: int, chunk_size: int | None, device: str) -> dict:
     """Run in a fresh process: every implementation's forward+backward seconds, in turn, over `repeats` rounds."""
-    inputs = make_inputs(length, head)
-    for implementation in IMPLEMENTATIONS:  # warm-up: thread pools, allocator, lazy imports
-        forward_backward(implementation, make_inputs(8, head), chunk_size)
+    inputs = make_inputs(length, head, device)
+    for implementation in IMPLEMENTATIONS:  # warm-up: thread pools, allocator, lazy imports, kernels
+        forward_backward(implementation, make_inputs(8, head, device), chunk_size)
     seconds = {implementation: [] for implementation in IMPLEMENTATIONS}
     for round_index in range(repeats):
         shift = round_index % len(IMPLEMENTATIONS)
         for implementation in IMPLEMENTATIONS[shift:] + IMPLEMENTATIONS[:shift]:
+            synchronize(device)
             start = time.perf_counter()
             forward_backward(implementation, inputs, chunk_size)
+            synchronize(device)
             seconds[implementation].append(time.perf_counter() - start)
     return dict(length=length, seconds=seconds)
 
 
-def check(length: int, head: dict) -> dict:
+def check(length: int, head: dict, device: str) -> dict:
     """Run in a fresh process: both implementations on the same inputs, largest differences of loss and gradients."""
     outputs = {}
     for implementation in ("trl", "sdpo_rl"):
-        inputs = make_inputs(length, head)
+        inputs = make_inputs(length, head, device)
         loss = loss_of(implementation, inputs, None)
         loss.backward()
         outputs[implementation] = (loss.detach(), inputs["student_hidden"].grad, inputs["student_weight"].grad)
@@ -208,10 +232,10 @@ def check(length: int, head: dict) -> dict:
 
 def run_worker(task: dict) -> dict:
     if task["kind"] == "check":
-        return check(task["length"], task["head"])
+        return check(task["length"], task["head"], task["device"])
     if task["kind"] == "time":
-        return measure_time(task["length"], task["head"], task["repeats"], task["chunk_size"])
-    return measure_memory(task["implementation"], task["length"], task["head"], task["chunk_size"])
+        return measure_time(task["length"], task["head"], task["repeats"], task["chunk_size"], task["device"])
+    return measure_memory(task["implementation"], task["length"], task["head"], task["chunk_size"], task["device"])
 
 
 def summarise(memory: list[dict], timing: list[dict]) -> list[dict]:
@@ -247,28 +271,32 @@ def markdown(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def run(size: dict, lengths: list[int], chunk_size: int | None) -> dict:
+def run(size: dict, lengths: list[int], chunk_size: int | None, device: str) -> dict:
     """Every measurement in its own process; returns the report written to the results JSON."""
     started = time.time()
     memory, timing = [], []
     for length in lengths:
         for implementation in IMPLEMENTATIONS:
-            task = dict(kind="memory", implementation=implementation, length=length, head=size["head"])
+            task = dict(kind="memory", implementation=implementation, length=length, head=size["head"], device=device)
             memory.append(in_fresh_process(__file__, dict(task, chunk_size=chunk_size)))
             print(f"T={length} {implementation}: peak extra {memory[-1]['peak_extra_mib']:.0f} MiB", flush=True)
         task = dict(kind="time", length=length, head=size["head"], repeats=size["repeats"], chunk_size=chunk_size)
-        timing.append(in_fresh_process(__file__, task))
+        timing.append(in_fresh_process(__file__, dict(task, device=device)))
         print(f"T={length} seconds: {timing[-1]['seconds']}", flush=True)
     rows = summarise(memory, timing)
     return dict(
         date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         machine=machine(),
+        device=device,
+        memory_measure="torch.cuda.max_memory_allocated" if device == "cuda" else "resident high-water (ru_maxrss)",
         head=size["head"],
         settings=SETTINGS,
         chunk_size=chunk_size or sdpo_rl_chunk_size(size["head"]),
         table=rows,
         targets=verdicts(rows),
-        equivalence=in_fresh_process(__file__, dict(kind="check", length=size["check_length"], head=size["head"])),
+        equivalence=in_fresh_process(
+            __file__, dict(kind="check", length=size["check_length"], head=size["head"], device=device)
+        ),
         memory=memory,
         timing=timing,
         wall_seconds=round(time.time() - started),
@@ -310,6 +338,7 @@ def main() -> None:
     parser.add_argument("--results", type=Path, help="output JSON (default: results/loss_memory[_quick].json)")
     parser.add_argument("--chunk-size", type=int, help="sdpo_rl's chunk size (default: sdpo_rl's default)")
     parser.add_argument("--lengths", type=int, nargs="+", help="completion lengths T (default: 512 1024 2048)")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where the loss runs (default: cpu)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -318,9 +347,10 @@ def main() -> None:
     size = QUICK if args.quick else FULL
     report = dict(
         command=" ".join(["python", "benchmarks/loss_memory.py", *sys.argv[1:]]),
-        **run(size, args.lengths or list(size["lengths"]), args.chunk_size),
+        **run(size, args.lengths or list(size["lengths"]), args.chunk_size, args.device),
     )
-    results_path = args.results or RESULTS_DIR / ("loss_memory_quick.json" if args.quick else "loss_memory.json")
+    name = "loss_memory" + ("_cuda" if args.device == "cuda" else "") + ("_quick" if args.quick else "")
+    results_path = args.results or RESULTS_DIR / f"{name}.json"
     save_report(report, results_path)
     print_report(report)
     print(f"wrote {results_path} in {report['wall_seconds']} s")

@@ -19,8 +19,13 @@ teacher signal (no success, no feedback).
 
 Two vocabularies: 8,192 (the small-model comparison) and 151,936 (Qwen2.5's: where the `[B, T, V]` logits dominate).
 
+On a GPU, `--device cuda --model qwen2.5-0.5b --dtype bfloat16` times a random model of Qwen2.5-0.5B's shape
+(hidden 896, 24 layers, 14 heads, 2 key-value heads, tied 151,936-token head), loaded in bfloat16 and trained with
+`bf16=True`, at its own vocabulary only.
+
     python benchmarks/step_time.py            # both vocabularies (about 7 minutes on 2 cores)
     python benchmarks/step_time.py --quick    # a smoke run (under a minute): small vocabulary, one timed step
+    python benchmarks/step_time.py --device cuda --model qwen2.5-0.5b --dtype bfloat16   # results/step_time_cuda.json
 """
 
 from __future__ import annotations
@@ -41,11 +46,26 @@ from harness import in_fresh_process, machine, save_report  # noqa: E402
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 TRAINERS = ("grpo", "sdpo", "trl_sdpo")
 REWARDS = ("mixed", "zero")
-MODEL = dict(hidden_size=256, intermediate_size=1024, num_hidden_layers=4, num_attention_heads=4)
+MODELS = {
+    "tiny": dict(
+        hidden_size=256, intermediate_size=1024, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=4
+    ),
+    "qwen2.5-0.5b": dict(
+        hidden_size=896,
+        intermediate_size=4864,
+        num_hidden_layers=24,
+        num_attention_heads=14,
+        num_key_value_heads=2,
+        tie_word_embeddings=True,
+    ),
+}
 BATCH = dict(prompts=8, num_generations=4, completion_tokens=32)
 DISTILLATION = dict(alpha=0.5, topk=100, add_tail=True, is_clip=2.0, teacher_update_rate=0.05)
-FULL = dict(vocab_sizes=(8_192, 151_936), timed_steps={8_192: 5, 151_936: 3}, rounds={8_192: 2, 151_936: 1})
-QUICK = dict(vocab_sizes=(8_192,), timed_steps={8_192: 1}, rounds={8_192: 1})
+FULL = dict(
+    vocab_sizes=(8_192, 151_936), rewards=REWARDS, timed_steps={8_192: 5, 151_936: 3}, rounds={8_192: 2, 151_936: 1}
+)
+QUICK = dict(vocab_sizes=(8_192,), rewards=REWARDS, timed_steps={8_192: 1}, rounds={8_192: 1})
+QWEN = dict(vocab_sizes=(151_936,), rewards=("mixed",), timed_steps={151_936: 3}, rounds={151_936: 1})
 # The issue's targets: a ratio of median step times in one setting, at most (or, `strict`, below) `limit`.
 TARGETS = (
     dict(vocab_size=8_192, reward="mixed", ratio="sdpo / grpo", limit=1.15, strict=False),
@@ -95,22 +115,20 @@ def make_tokenizer(vocab_size: int):
     return wrapped
 
 
-def make_model(vocab_size: int, tokenizer, seed: int = 0):
+def make_model(vocab_size: int, tokenizer, shape: str, dtype: str, seed: int = 0):
     import torch
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     torch.manual_seed(seed)
     config = Qwen2Config(
         vocab_size=vocab_size,
-        num_key_value_heads=MODEL["num_attention_heads"],
         max_position_embeddings=4096,
-        tie_word_embeddings=False,
         pad_token_id=tokenizer.pad_token_id,
         eos_token_id=tokenizer.eos_token_id,
         bos_token_id=None,
-        **MODEL,
+        **{"tie_word_embeddings": False, **MODELS[shape]},
     )
-    model = Qwen2ForCausalLM(config)
+    model = Qwen2ForCausalLM(config).to(getattr(torch, dtype))
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     return model
@@ -133,9 +151,10 @@ def zero_reward(completions, **kwargs):
     return [0.0] * len(completions)
 
 
-def training_arguments(output_dir: str, steps: int) -> dict:
+def training_arguments(output_dir: str, steps: int, device: str, dtype: str) -> dict:
     """The arguments every trainer's config gets: the same batch, generation, optimizer and schedule."""
     return dict(
+        model_init_kwargs={"dtype": dtype},
         output_dir=output_dir,
         per_device_train_batch_size=BATCH["prompts"] * BATCH["num_generations"],
         num_generations=BATCH["num_generations"],
@@ -148,25 +167,26 @@ def training_arguments(output_dir: str, steps: int) -> dict:
         logging_steps=1,
         report_to="none",
         save_strategy="no",
-        use_cpu=True,
-        bf16=False,
+        use_cpu=device == "cpu",
+        bf16=dtype == "bfloat16",
         seed=0,
         disable_tqdm=True,
     )
 
 
-def build_trainer(name: str, vocab_size: int, reward: str, steps: int, output_dir: str):
+def build_trainer(name: str, task: dict, steps: int, output_dir: str):
+    vocab_size, reward = task["vocab_size"], task["reward"]
     tokenizer = make_tokenizer(vocab_size)
     # Given as a path to every trainer: TRL's experimental SDPOTrainer builds its teacher from the model's path.
     model_path = str(Path(output_dir) / "model")
-    make_model(vocab_size, tokenizer).save_pretrained(model_path)
+    make_model(vocab_size, tokenizer, task["model"], task["dtype"]).save_pretrained(model_path)
     common = dict(
         model=model_path,
         processing_class=tokenizer,
         reward_funcs=[mixed_reward if reward == "mixed" else zero_reward],
         train_dataset=make_dataset(steps),
     )
-    arguments = training_arguments(output_dir, steps)
+    arguments = training_arguments(output_dir, steps, task["device"], task["dtype"])
     if name == "grpo":
         from trl import GRPOConfig, GRPOTrainer
 
@@ -201,7 +221,7 @@ def build_trainer(name: str, vocab_size: int, reward: str, steps: int, output_di
     return TRLSDPOTrainer(args=config, **common)
 
 
-def step_seconds(name: str, vocab_size: int, reward: str, timed_steps: int) -> dict:
+def step_seconds(task: dict) -> dict:
     """Run in a fresh process: train one warm-up and `timed_steps` steps, timing each step with a callback."""
     import torch
     from transformers import TrainerCallback
@@ -211,21 +231,28 @@ def step_seconds(name: str, vocab_size: int, reward: str, timed_steps: int) -> d
             self.seconds, self.started = [], None
 
         def on_step_begin(self, args, state, control, **kwargs):
+            synchronize()
             self.started = time.perf_counter()
 
         def on_step_end(self, args, state, control, **kwargs):
+            synchronize()
             self.seconds.append(time.perf_counter() - self.started)
 
+    def synchronize():
+        if task["device"] == "cuda":
+            torch.cuda.synchronize()
+
+    name = task["trainer"]
     with tempfile.TemporaryDirectory() as output_dir:
-        trainer = build_trainer(name, vocab_size, reward, 1 + timed_steps, output_dir)
+        trainer = build_trainer(name, task, 1 + task["timed_steps"], output_dir)
         timer = StepTimer()
         trainer.add_callback(timer)
         trainer.train()
     history = trainer.state.log_history
     return dict(
         trainer=name,
-        vocab_size=vocab_size,
-        reward=reward,
+        vocab_size=task["vocab_size"],
+        reward=task["reward"],
         warmup_seconds=timer.seconds[0],
         seconds=timer.seconds[1:],
         median_seconds=statistics.median(timer.seconds[1:]),
@@ -276,17 +303,17 @@ def markdown(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def run(size: dict) -> dict:
+def run(size: dict, setup: dict) -> dict:
     """Every run in its own process, the trainers of a setting in turn; returns the report for the results JSON."""
     started = time.time()
     runs = []
     for vocab_size in size["vocab_sizes"]:
-        for reward in REWARDS:
+        for reward in size["rewards"]:
             for round_index in range(size["rounds"][vocab_size]):
                 shift = round_index % len(TRAINERS)
                 for name in TRAINERS[shift:] + TRAINERS[:shift]:
                     steps = size["timed_steps"][vocab_size]
-                    task = dict(trainer=name, vocab_size=vocab_size, reward=reward, timed_steps=steps)
+                    task = dict(trainer=name, vocab_size=vocab_size, reward=reward, timed_steps=steps, **setup)
                     runs.append(in_fresh_process(__file__, task))
                     print(
                         f"V={vocab_size} {reward} {name}: {runs[-1]['median_seconds']:.3f} s/step "
@@ -297,7 +324,8 @@ def run(size: dict) -> dict:
     return dict(
         date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         machine=machine(),
-        model=MODEL,
+        **setup,
+        model_shape=MODELS[setup["model"]],
         batch=BATCH,
         distillation=DISTILLATION,
         table=rows,
@@ -333,15 +361,19 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="a smoke run: small vocabulary, one timed step")
     parser.add_argument("--results", type=Path, help="output JSON (default: results/step_time[_quick].json)")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where the trainers run")
+    parser.add_argument("--model", choices=tuple(MODELS), default="tiny", help="the random model's shape")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="weights and bf16")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        task = json.loads(args.worker)
-        print(json.dumps(step_seconds(task["trainer"], task["vocab_size"], task["reward"], task["timed_steps"])))
+        print(json.dumps(step_seconds(json.loads(args.worker))))
         return
-    size = QUICK if args.quick else FULL
-    report = dict(command=" ".join(["python", "benchmarks/step_time.py", *sys.argv[1:]]), **run(size))
-    results_path = args.results or RESULTS_DIR / ("step_time_quick.json" if args.quick else "step_time.json")
+    size = QUICK if args.quick else QWEN if args.model == "qwen2.5-0.5b" else FULL
+    setup = dict(device=args.device, model=args.model, dtype=args.dtype)
+    report = dict(command=" ".join(["python", "benchmarks/step_time.py", *sys.argv[1:]]), **run(size, setup))
+    name = "step_time" + ("_cuda" if args.device == "cuda" else "") + ("_quick" if args.quick else "")
+    results_path = args.results or RESULTS_DIR / f"{name}.json"
     save_report(report, results_path)
     print_report(report)
     print(f"wrote {results_path} in {report['wall_seconds']} s")

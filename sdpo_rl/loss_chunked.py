@@ -22,15 +22,17 @@ from .loss import (
     check_token_shapes,
     distillation_mask,
     loss_dtype,
-    per_token_loss,
-    token_entropy,
+    support_indices,
+    support_loss,
 )
 
 # `self_distillation_loss_from_hidden` projects as many tokens at a time as keep one [chunk, V] tensor under this size
-# (62 tokens with a 151,936-token vocabulary in float32); a chunk's loss and gradient hold about five of them. Just
+# (62 tokens with a 151,936-token vocabulary in float32); a chunk's loss and gradient hold two of them. Just
 # above 32 MiB, glibc's largest heap block, each is mapped on allocation and returned when freed, so the resident
 # memory is what is alive; smaller ones are carved from the heap, which fragments (measured: up to twice the peak).
 CHUNK_BYTES = 36 * 2**20
+# Vocabulary columns `_project` computes at a time on the CPU.
+CPU_PROJECTION_COLUMNS = 32_768
 
 
 def _check_hidden_shapes(
@@ -96,7 +98,8 @@ class _ChunkSettings:
 
 @dataclass(frozen=True)
 class _ChunkBuffers:
-    """``[chunk, V]`` logits every chunk reuses: a fresh block that large is mapped and page-faulted each time."""
+    """The two ``[chunk, V]`` tensors every chunk reuses (see `_chunk_step`): a fresh block that large is mapped and
+    page-faulted each time."""
 
     student_logits: torch.Tensor
     teacher_logits: torch.Tensor
@@ -110,16 +113,23 @@ class _ChunkBuffers:
 
 
 def _project(hidden: Sequence[torch.Tensor], weight: Sequence[torch.Tensor], out: torch.Tensor) -> torch.Tensor:
-    """``out = sum_i hidden_i @ weight_i.T``, returned; each product runs in its weight's dtype, as the head would."""
-    for i, (h, w) in enumerate(zip(hidden, weight, strict=True)):
-        h = h.to(w.dtype)
-        if w.dtype != out.dtype:
-            product = h @ w.T
-            out.copy_(product) if i == 0 else out.add_(product)
-        elif i == 0:
-            torch.mm(h, w.T, out=out)
-        else:
-            out.addmm_(h, w.T)
+    """``out = sum_i hidden_i @ weight_i.T``, returned; each product runs in its weight's dtype, as the head would.
+
+    On the CPU a slice of the vocabulary at a time: MKL gives a product of so few rows a workspace the size of its
+    output (measured: one more ``[chunk, V]`` at the peak), and a slice's is a fraction of that.
+    """
+    columns = CPU_PROJECTION_COLUMNS if out.device.type == "cpu" else out.shape[1]
+    for start in range(0, out.shape[1], columns):
+        part = slice(start, start + columns)
+        for i, (h, w) in enumerate(zip(hidden, weight, strict=True)):
+            h, w, o = h.to(w.dtype), w[part], out[:, part]
+            if w.dtype != out.dtype:
+                product = h @ w.T
+                o.copy_(product) if i == 0 else o.add_(product)
+            elif i == 0:
+                torch.mm(h, w.T, out=o)
+            else:
+                o.addmm_(h, w.T)
     return out
 
 
@@ -182,44 +192,71 @@ class _ChunkedHeadLoss(torch.autograd.Function):
         return grad_hidden, grad_weight, None, None
 
 
-def _tempered(logits: torch.Tensor, temperature: float) -> torch.Tensor:
-    """``logits / temperature`` in place (skipped at temperature 1: it is a full pass over ``[chunk, V]``)."""
-    return logits if temperature == 1.0 else logits.div_(temperature)
-
-
 def _chunk_step(
     hidden, weight, chunk: _DistilledTokens, settings: _ChunkSettings, buffers: _ChunkBuffers, grad_hidden, grad_weight
 ):
     """One chunk: its ``sum_t c_t l_t`` and ``[n]`` (student, teacher) entropies in a list (empty if not wanted).
 
-    Adds the chunk's gradients into ``grad_hidden`` (its rows) and ``grad_weight`` when they are given. Every other
-    ``[n, V]`` tensor lives only in here, so none is alive when the next chunk's are allocated.
+    Adds the chunk's gradients into ``grad_hidden`` (its rows) and ``grad_weight`` when they are given. The two
+    ``[n, V]`` buffers are the only tensors that size (the full-vocabulary divergence's autograd adds its own):
+    the student's holds its logits, then its log-probabilities; the teacher's its logits, its log-probabilities,
+    then the student's probabilities and finally the gradient w.r.t. the student's logits.
     """
-    # The leaf is the tempered logits: its gradient over the temperature is the projection's.
-    student_logits = _tempered(_project([hidden], [weight], buffers.student_logits), settings.temperature)
-    teacher_logits = _project(chunk.teacher_hidden, settings.teacher_weight, buffers.teacher_logits)
-    teacher_logits = _tempered(teacher_logits, settings.temperature)
+    student, teacher = buffers.student_logits, buffers.teacher_logits
+    _project([hidden], [weight], student)
+    _project(chunk.teacher_hidden, settings.teacher_weight, teacher)
+    if settings.temperature != 1.0:
+        student.div_(settings.temperature)
+        teacher.div_(settings.temperature)
+    indices = support_indices(student, chunk.completion_ids, settings.loss)
+    torch.log_softmax(student, dim=-1, out=student)
+    torch.log_softmax(teacher, dim=-1, out=teacher)
+
+    # The loss reads the log-probabilities at the support only: its gradient w.r.t. them is [n, N], and autograd
+    # never sees a [n, V] tensor (unless N = V).
+    student_logps = student.gather(-1, chunk.completion_ids.unsqueeze(-1)).squeeze(-1)
+    s, q = (student, teacher) if indices is None else (student.gather(-1, indices), teacher.gather(-1, indices))
     wants_grad = grad_hidden is not None or grad_weight is not None
     with torch.enable_grad():
-        student_logits.requires_grad_(wants_grad)
-        per_token = per_token_loss(
-            student_logits,
-            teacher_logits,
-            chunk.completion_ids,
-            chunk.old_per_token_logps,
-            chunk.per_token_weight,
-            settings=settings.loss,
-        )
+        s = s.detach().requires_grad_(wants_grad)
+        per_token = support_loss(s, q, student_logps, chunk.old_per_token_logps, chunk.per_token_weight, settings.loss)
         chunk_loss = (chunk.loss_weight * per_token).sum()
-    entropies = [(token_entropy(student_logits), token_entropy(teacher_logits))] if settings.return_entropy else []
+    grad_s = torch.autograd.grad(chunk_loss, s)[0] if wants_grad else None
+
+    if not (wants_grad or settings.return_entropy):
+        return chunk_loss.detach(), []
+    teacher_entropy = _entropy_in_place(teacher) if settings.return_entropy else None
+    probs = torch.exp(student, out=teacher)  # the teacher's log-probabilities are no longer needed
+    entropies = [(_dot_rows(probs, student).neg_().float(), teacher_entropy)] if settings.return_entropy else []
     if wants_grad:
-        (grad_logits,) = torch.autograd.grad(chunk_loss, student_logits)
-        grad_logits = _tempered(grad_logits, settings.temperature)
+        grad_logits = _softmax_backward_(probs, grad_s, indices, settings.temperature)
         if grad_hidden is not None:
             grad_hidden.copy_(grad_logits.to(weight.dtype) @ weight)
         if grad_weight is not None:
             grad_weight.addmm_(grad_logits.T.to(grad_weight.dtype), hidden.to(grad_weight.dtype))
     return chunk_loss.detach(), entropies
+
+
+def _entropy_in_place(log_probs: torch.Tensor) -> torch.Tensor:
+    """``-sum_v p_v log p_v`` of log-probabilities ``[n, V]`` -> ``[n]`` float32, computed in their storage."""
+    return torch.special.entr(log_probs.exp_(), out=log_probs).sum(-1).float()
+
+
+def _dot_rows(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``sum_v a[i, v] * b[i, v]``: ``[n, V]`` twice -> ``[n]``, as a batched product (no ``[n, V]`` temporary)."""
+    return torch.bmm(a.unsqueeze(1), b.unsqueeze(2)).view(-1)
+
+
+def _softmax_backward_(
+    probs: torch.Tensor, grad_support: torch.Tensor, indices: torch.Tensor | None, temperature: float
+) -> torch.Tensor:
+    """The gradient w.r.t. the logits ``z`` (before the temperature) of a loss whose gradient w.r.t.
+    ``s = log_softmax(z / temperature)`` is ``grad_support`` at ``indices`` (``[n, N]``; all of ``s`` when None)
+    and 0 elsewhere: ``(g - probs * sum(g)) / temperature``, written into ``probs`` ``[n, V]``, which is returned.
+    """
+    grad_support = grad_support / temperature
+    probs.mul_(grad_support.sum(-1, keepdim=True).neg_())
+    return probs.add_(grad_support) if indices is None else probs.scatter_add_(-1, indices, grad_support)
 
 
 def default_chunk_size(vocab_size: int, dtype: torch.dtype) -> int:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -17,6 +18,8 @@ from sdpo_rl.loss_chunked import CHUNK_BYTES, default_chunk_size, self_distillat
 
 GOLDEN_DIR = Path(__file__).parent / "data" / "golden" / "sdpo_loss"
 GOLDEN_CASES = json.loads((GOLDEN_DIR / "manifest.json").read_text())["cases"]
+# The device `reference` and `chunked` compute on (benchmarks/gpu_check.sh sets cuda); results come back to the CPU.
+DEVICE = torch.device(os.environ.get("SDPO_TEST_DEVICE", "cpu"))
 CHUNK_SIZES = (1, 4, 5, 64)  # 4 and 5 divide neither T = 7 nor the number of distilled tokens
 SETTINGS = {
     "jsd_full_vocab": dict(alpha=0.5, distillation_topk=None, distillation_add_tail=True, full_logit_distillation=True),
@@ -39,23 +42,34 @@ def settings(name, is_clip=None, loss_agg_mode="token-mean"):
 
 
 def leaf(tensor):
-    return tensor.detach().clone().requires_grad_(True)
+    return tensor.detach().to(DEVICE).clone().requires_grad_(True)
+
+
+def on_device(values):
+    """The tensors among ``values`` (a tuple or a dict's values) moved to DEVICE."""
+    move = lambda value: value.to(DEVICE) if isinstance(value, torch.Tensor) else value  # noqa: E731
+    return {k: move(v) for k, v in values.items()} if isinstance(values, dict) else tuple(map(move, values))
+
+
+def on_cpu(*tensors):
+    return tuple(tensor.cpu() for tensor in tensors)
 
 
 def reference(student_hidden, student_weight, teacher_hidden, teacher_weight, *args, temperature=1.0, **options):
     """The loss from materialised logits, and its gradients w.r.t. the student's hidden states and head weight."""
     hidden, weight = leaf(student_hidden), leaf(student_weight)
+    teacher_hidden, teacher_weight, *args = on_device((teacher_hidden, teacher_weight, *args))
     student_logits = hidden @ weight.T / temperature
     teacher_logits = teacher_hidden @ teacher_weight.T / temperature
-    loss = self_distillation_loss(student_logits, teacher_logits, *args, **options)
-    return (loss.detach(), *torch.autograd.grad(loss, (hidden, weight)))
+    loss = self_distillation_loss(student_logits, teacher_logits, *args, **on_device(options))
+    return on_cpu(loss.detach(), *torch.autograd.grad(loss, (hidden, weight)))
 
 
 def chunked(student_hidden, student_weight, *args, **options):
     """The chunked loss and its gradients w.r.t. the student's hidden states and head weight."""
     hidden, weight = leaf(student_hidden), leaf(student_weight)
-    loss = self_distillation_loss_from_hidden(hidden, weight, *args, **options)
-    return (loss.detach(), *torch.autograd.grad(loss, (hidden, weight)))
+    loss = self_distillation_loss_from_hidden(hidden, weight, *on_device(args), **on_device(options))
+    return on_cpu(loss.detach(), *torch.autograd.grad(loss, (hidden, weight)))
 
 
 def assert_same(actual, expected):
@@ -64,11 +78,16 @@ def assert_same(actual, expected):
 
 
 def random_batch(batch=3, steps=7, hidden=6, vocab=11, seed=0):
-    """Hidden states and heads of student and teacher, ids, a right-padded mask, old logps and per-token weights."""
+    """Hidden states and heads of student and teacher, ids, a right-padded mask, old logps and per-token weights.
+
+    In float64: the two paths round differently, and float32 rounding (up to ~1e-6 on these gradients, for either
+    path against float64) would hide any real difference at the tolerance of `assert_same`. The golden tests check
+    float32 against the reference's float64 values.
+    """
     gen = torch.Generator().manual_seed(seed)
 
     def randn(*shape, scale=1.0):
-        return scale * torch.randn(*shape, generator=gen)
+        return scale * torch.randn(*shape, generator=gen, dtype=torch.float64)
 
     lengths = torch.tensor([steps, steps - 3, 1, steps][:batch])
     return dict(
@@ -233,7 +252,7 @@ def test_bfloat16_inputs_give_a_float32_loss_close_to_float32():
 def test_ambient_autocast_does_not_lower_the_projection_precision():
     batch = random_batch(seed=9)
     options = dict(settings=settings("jsd_top5_tail"), chunk_size=4)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.autocast(DEVICE.type, dtype=torch.bfloat16):
         under_autocast = chunked(*positional(batch)[:6], **options)
     assert_same(under_autocast, chunked(*positional(batch)[:6], **options))
 
