@@ -56,7 +56,9 @@ def test_loss_and_gradient_are_finite(inputs):
     assert torch.isfinite(loss)
     assert torch.isfinite(student.grad).all()
     if inputs["settings"].full_logit_distillation:
-        assert loss >= 0.0
+        # A divergence is >= 0; where it is exactly 0 (e.g. a renormalised top-1 support), float64 rounding of the
+        # mixture can leave -1e-16, hence the same bound as the divergence test below.
+        assert loss >= -1e-12
 
 
 def log_distributions(draw, shape):
