@@ -418,16 +418,9 @@ class SDPOTrainer(GRPOTrainer):
         student = self.accelerator.unwrap_model(model)
         head = linear_head(student)
         completion_ids, completion_mask = inputs["completion_ids"][rows], inputs["completion_mask"][rows]
-        if student_hidden is not None:
-            student_out = student_hidden[rows]
-        else:
-            student_ids = torch.cat([inputs["prompt_ids"][rows], completion_ids], dim=1)
-            student_mask = torch.cat([inputs["prompt_mask"][rows], completion_mask], dim=1)
-            forward = completion_logits if head is None else partial(completion_hidden, head=head)
-            with self.accelerator.autocast():
-                student_out = forward(
-                    model, input_ids=student_ids, attention_mask=student_mask, logits_to_keep=completion_ids.size(1)
-                )
+        student_out = (
+            self._student_outputs(model, inputs, rows, head) if student_hidden is None else student_hidden[rows]
+        )
         if has_signal:
             teacher = self._teacher_outputs(student, inputs, rows)[2]
             if config.hindsight_contrast is not None:
@@ -468,6 +461,16 @@ class SDPOTrainer(GRPOTrainer):
         self._log_masked_mean(mode, TEACHER_ENTROPY, teacher_entropy, distilled)
         self._log_loss_metric(DISTILLATION_LOSS, loss)
         return loss
+
+    def _student_outputs(self, model, inputs, rows: torch.Tensor, head: nn.Linear | None) -> torch.Tensor:
+        """The student's forward on the prompts and completions of `rows`, with gradient: the final hidden states
+        ``[b, T, H]`` at the completion positions for a `linear_head`, else the logits ``[b, T, V]``."""
+        completion_ids = inputs["completion_ids"][rows]
+        ids = torch.cat([inputs["prompt_ids"][rows], completion_ids], dim=1)
+        mask = torch.cat([inputs["prompt_mask"][rows], inputs["completion_mask"][rows]], dim=1)
+        forward = completion_logits if head is None else partial(completion_hidden, head=head)
+        with self.accelerator.autocast():
+            return forward(model, input_ids=ids, attention_mask=mask, logits_to_keep=completion_ids.size(1))
 
     def _teacher_outputs(self, student, inputs, rows: torch.Tensor, prompt: str = "teacher_prompt"):
         """``(completion_ids, completion_mask, teacher)`` of `rows`: the teacher's `HeadInputs` or logits.

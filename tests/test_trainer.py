@@ -321,3 +321,12 @@ def test_teacher_runs_only_on_completions_with_a_teacher_signal(tmp_path):
     no_signal = {**batch, "self_distillation_mask": torch.zeros_like(batch["self_distillation_mask"])}
     loss = trainer._compute_loss(trainer.model, no_signal)
     assert teacher_batch_sizes == [] and loss.item() == 0.0
+
+
+def test_feedback_available_fraction_is_zero_when_the_teacher_reads_no_feedback(tmp_path):
+    reads = build(tmp_path / "reads", max_steps=1)
+    ignores = build(tmp_path / "ignores", sdpo_config=SDPOConfig(include_environment_feedback=False), max_steps=1)
+    for trainer in (reads, ignores):
+        trainer.train()
+    assert logged(reads, "self_distillation/feedback_available_fraction")[0] > 0  # ParityReward explains failures
+    assert logged(ignores, "self_distillation/feedback_available_fraction") == [0.0]
