@@ -201,6 +201,24 @@ def _check_int(name: str, value: Any, minimum: int, fix: str) -> None:
         raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}: {fix}.")
 
 
+def check_budget(
+    max_attempts: Any,
+    attempts_per_round: Any,
+    minimum: int,
+    names: tuple[str, str] = ("max_attempts", "attempts_per_round"),
+) -> None:
+    """Check the attempt budget: integers, `attempts_per_round` >= `minimum` (2 for SDPO: a group needs peers) and
+    <= `max_attempts`. `names` are the names the errors use (the CLI passes its flags)."""
+    total, per_round = names
+    _check_int(per_round, attempts_per_round, minimum, "sample at least that many attempts per round")
+    _check_int(total, max_attempts, 1, "give a positive attempt budget")
+    if max_attempts < attempts_per_round:
+        raise ValueError(
+            f"{total} ({max_attempts}) must be >= {per_round} ({attempts_per_round}): raise {total} or set "
+            f"{per_round} <= {max_attempts}."
+        )
+
+
 def _prepare(
     method, model, tokenizer, prompt, reward_func, max_attempts, attempts_per_round, columns, seed, max_length, minimum
 ) -> tuple[list[dict], dict]:
@@ -227,13 +245,7 @@ def _prepare(
             f"reward_func {reward_func!r} is async; {method} calls it synchronously. Pass a sync function (e.g. the "
             "function that sdpo_rl.rewards.AsyncReward wraps)."
         )
-    _check_int("attempts_per_round", attempts_per_round, minimum, "sample at least that many attempts per round")
-    _check_int("max_attempts", max_attempts, 1, "give a positive attempt budget")
-    if max_attempts < attempts_per_round:
-        raise ValueError(
-            f"max_attempts ({max_attempts}) must be >= attempts_per_round ({attempts_per_round}): raise max_attempts "
-            f"or set attempts_per_round <= {max_attempts}."
-        )
+    check_budget(max_attempts, attempts_per_round, minimum)
     _check_int("max_completion_length", max_length, 1, "allow at least one generated token")
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise TypeError(f"seed must be an int, got {seed!r}.")
