@@ -287,6 +287,7 @@ def test_cli_errors_exit_2_with_the_flag_and_the_fix_before_loading_a_model(argv
 def benchmark_module():
     spec = importlib.util.spec_from_file_location("test_time", ROOT / "benchmarks" / "test_time.py")
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up
     spec.loader.exec_module(module)
     return module
 
