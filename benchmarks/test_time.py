@@ -91,8 +91,20 @@ QUESTIONS = [
     "What do you call a baby cat?",
     "What do chickens lay?",
 ]
-# (question index, constraint): chosen from `--pass-at-1` measurements, pass@1 <= 5% (see benchmarks/README.md).
-PROBLEMS = {f"q{q}-{c}": (q, c) for q in range(len(QUESTIONS)) for c in CONSTRAINTS}
+# (question index, constraint) of each problem: the candidates with at most 1 success in 32 samples of the base model
+# in a pilot (2026-11-28; `--pass-at-1` measures them again with 64 samples and another seed).
+PROBLEMS = {
+    f"q{question}-{constraint}": (question, constraint)
+    for question, constraint in [
+        (1, "exactly_5"),
+        (2, "exactly_5"),
+        (5, "exactly_5"),
+        (6, "exactly_5"),
+        (7, "exactly_5"),
+        (5, "one_lowercase_word"),
+        (6, "one_lowercase_word"),
+    ]
+}
 
 
 def problem_prompt(name: str) -> str:
@@ -272,7 +284,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         done = {(r["method"], r["problem"], r["seed"], r["budget"]) for r in results["runs"]}
         todo = [
-            (m, p, s) for p in problems for s in seeds for m in options.methods if (m, p, s, size["budget"]) not in done
+            (m, p, s) for s in seeds for p in problems for m in options.methods if (m, p, s, size["budget"]) not in done
         ]
         jobs = [(run_one, (m, p, s, size)) for m, p, s in todo]
 
