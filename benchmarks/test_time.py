@@ -30,7 +30,7 @@ RESULTS_DIR = Path(__file__).resolve().parent / "results"
 METHODS = ("sdpo", "best_of_k", "multi_turn")
 FULL = dict(budget=128, attempts_per_round=8, max_completion_length=24, seeds=(0, 1, 2))
 QUICK = dict(budget=8, attempts_per_round=4, max_completion_length=8, seeds=(0,))
-PASS_AT_1 = dict(samples=64, seed=12345)
+PASS_AT_1 = dict(samples=64, seed=12345)  # a seed no run uses
 SDPO = dict(learning_rate=1e-5)
 
 
@@ -165,22 +165,42 @@ def run_one(method: str, problem: str, seed: int, size: dict) -> dict:
 
 
 def measure_pass_at_1(problem: str, samples: int, seed: int, max_completion_length: int) -> dict:
-    """The base model's success rate on a problem: `samples` completions at temperature 1."""
+    """The base model's success rate on a problem (`samples` completions at temperature 1), and its success rate
+    when it reads the teacher's prompt for one of those failures (the problem, the failure's feedback, "Correctly
+    solve the original question."): how much the model makes of the feedback in context, without any training."""
     import torch
 
     torch.set_num_threads(1)
+    from sdpo_rl import SDPOConfig
     from sdpo_rl.evaluation import sample_completions
     from sdpo_rl.models import load_default_model
+    from sdpo_rl.reprompt import TeacherSignal, build_reprompt_text
 
     model, tokenizer = load_default_model()
-    messages = [{"role": "user", "content": problem_prompt(problem)}]
-    (group,) = sample_completions(
-        model, tokenizer, [messages], samples_per_prompt=samples, temperature=1.0,
-        max_new_tokens=max_completion_length, seed=seed,
-    )  # fmt: skip
-    feedback = FormReward(problem).feedback
-    successes = sum(feedback(text) == "" for text, _ in group)
-    return {"problem": problem, "samples": samples, "successes": successes, "pass_at_1": successes / samples}
+    feedback, config, prompt = FormReward(problem).feedback, SDPOConfig(), problem_prompt(problem)
+
+    def sample(prompts: list[str], per_prompt: int) -> list[str]:
+        groups = sample_completions(
+            model, tokenizer, [[{"role": "user", "content": p}] for p in prompts], samples_per_prompt=per_prompt,
+            temperature=1.0, max_new_tokens=max_completion_length, seed=seed,
+        )  # fmt: skip
+        return [text for group in groups for text, _ in group]
+
+    texts = sample([prompt], samples)
+    messages = [feedback(text) for text in texts if feedback(text)]
+    templates = {k: getattr(config, k) for k in ("solution_template", "feedback_template", "reprompt_template")}
+    reprompts = [build_reprompt_text(prompt, TeacherSignal(None, m, None), **templates) for m in messages]
+    retried = sample(reprompts, 1) if reprompts else []
+    successes, retried_successes = samples - len(messages), sum(feedback(text) == "" for text in retried)
+    return {
+        "problem": problem,
+        "samples": samples,
+        "successes": successes,
+        "pass_at_1": successes / samples,
+        "retries_with_feedback": len(retried),
+        "retry_successes": retried_successes,
+        "pass_at_1_with_feedback": retried_successes / len(retried) if retried else None,
+    }
 
 
 # ---- results -------------------------------------------------------------------------------------------------------
@@ -304,7 +324,10 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"finished {futures[future][:3]}: {shown}", flush=True)
 
     for name, record in sorted(results["pass_at_1"].items()):
-        print(f"pass@1 {name}: {record['successes']}/{record['samples']}")
+        print(
+            f"pass@1 {name}: {record['successes']}/{record['samples']}; after reading a failure's feedback: "
+            f"{record['retry_successes']}/{record['retries_with_feedback']}"
+        )
     if not results["runs"]:
         return 0 if options.pass_at_1 else 1
     print(summarise(results))
