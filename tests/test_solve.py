@@ -315,3 +315,18 @@ def test_benchmark_quick_mode_writes_every_run_and_skips_them_on_a_rerun(tmp_pat
     assert results.with_suffix(".png").exists() and "| sdpo | 1 |" in completed.stdout
     again = subprocess.run(command, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0 and "jobs to do" not in again.stdout, "a rerun must skip finished runs"
+
+
+@pytest.mark.parametrize("method", ["sdpo", "best_of_k", "multi_turn"])
+def test_cli_runs_a_search_and_reports_it(method, monkeypatch, capsys, tokenizer):
+    import sdpo_rl.models
+
+    monkeypatch.setattr(sdpo_rl.models, "load_model", lambda name=None: (make_model(tokenizer), tokenizer))
+    argv = ["--task", "capitals", "--index", "0", "--method", method, "--max-attempts", "4"]
+    code = run_solve(parse([*argv, "--attempts-per-round", "2", "--max-completion-length", "3", "--no-progress"]))
+    output = capsys.readouterr().out
+    assert output.startswith("Problem: What is the capital of France?")
+    if code == 0:
+        assert f"Solved by {method} in " in output
+    else:
+        assert code == 1 and f"Not solved by {method} in 4 attempts" in output
