@@ -1,0 +1,332 @@
+"""Test-time search (`sdpo_rl.solve`), its CLI and its benchmark, on tiny in-process models."""
+
+import argparse
+import importlib.util
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from tiny import make_model, make_tokenizer
+
+from sdpo_rl import Scored, SDPOConfig
+from sdpo_rl.solve import _fit, best_of_k, multi_turn, solve
+from sdpo_rl.solve_cli import add_solve_parser, parse_columns, problem_from_args, run_solve
+
+ROOT = Path(__file__).resolve().parents[1]
+PROMPT = "What is the capital of France?"
+FAST = dict(max_completion_length=4, progress=False)
+
+
+class SucceedsInRound:
+    """Fails with feedback until round `round`, where attempt `index` succeeds; records each call's batch size."""
+
+    __name__ = "succeeds_in_round"
+
+    def __init__(self, round=None, index=0):
+        self.round, self.index, self.calls = round, index, []
+
+    def __call__(self, prompts, completions, completion_ids, **columns):
+        self.calls.append(len(completions))
+        success = len(self.calls) == self.round
+        return [Scored(1.0) if success and i == self.index else Scored(0.0, "wrong") for i in range(len(completions))]
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return make_tokenizer()
+
+
+@pytest.fixture
+def model(tokenizer):
+    return make_model(tokenizer)
+
+
+def parameters(model):
+    return {name: p.detach().clone() for name, p in model.named_parameters()}
+
+
+def assert_unchanged(before, model):
+    after = dict(model.named_parameters())
+    assert after.keys() == before.keys()
+    for name, value in before.items():
+        assert torch.equal(after[name].detach(), value), name
+
+
+def test_solve_stops_at_the_first_success_without_a_step_after_it(model, tokenizer):
+    reward = SucceedsInRound(round=3, index=2)
+    result = solve(model, tokenizer, PROMPT, reward, max_attempts=40, attempts_per_round=4, learning_rate=1e-3, **FAST)
+    assert result.solved and result.method == "sdpo"
+    assert result.attempts == 2 * 4 + 3, "the first success is attempt 3 of round 3"
+    assert result.solution == result.rounds[2].attempts[2]
+    assert reward.calls == [4, 4, 4], "no round after the success"
+    assert result.steps == 2, "one step after each failed round, none after the success"
+    assert [r.loss is None for r in result.rounds] == [False, False, True]
+    assert [r.feedback for r in result.rounds[:2]] == [["wrong"] * 4] * 2
+
+
+def test_solve_takes_no_step_when_the_first_round_succeeds(model, tokenizer):
+    result = solve(model, tokenizer, PROMPT, SucceedsInRound(round=1), max_attempts=8, attempts_per_round=4, **FAST)
+    assert (result.solved, result.attempts, result.steps, len(result.rounds)) == (True, 1, 0, 1)
+
+
+def test_solve_never_scores_more_than_max_attempts(model, tokenizer):
+    reward = SucceedsInRound(round=None)
+    result = solve(model, tokenizer, PROMPT, reward, max_attempts=10, attempts_per_round=4, **FAST)
+    assert not result.solved and result.solution is None
+    assert reward.calls == [4, 4, 2], "the last round scores only the two attempts left"
+    assert result.attempts == 10 == sum(len(r.attempts) for r in result.rounds)
+    assert result.steps == 2 and result.rounds[-1].loss is None
+    assert result.best_reward == 0.0
+
+
+def test_solve_trains_a_copy_and_leaves_the_callers_model_and_tokenizer_unchanged(model, tokenizer):
+    before, template, training = parameters(model), tokenizer.chat_template, model.training
+    result = solve(model, tokenizer, PROMPT, SucceedsInRound(3), max_attempts=16, attempts_per_round=4, **FAST)
+    assert result.steps == 2 and all(r.loss is not None and r.loss > 0 for r in result.rounds[:2])
+    assert_unchanged(before, model)
+    assert model.training == training and tokenizer.chat_template == template
+
+
+def test_solve_with_a_peft_config_removes_its_adapter_and_keeps_the_base_weights(model, tokenizer):
+    peft = pytest.importorskip("peft")
+    before = parameters(model)
+    flags = {name: p.requires_grad for name, p in model.named_parameters()}
+    modules = [(name, type(m)) for name, m in model.named_modules()]
+    model.eval()
+    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
+    result = solve(
+        model, tokenizer, PROMPT, SucceedsInRound(3), max_attempts=16, attempts_per_round=4, peft_config=config,
+        learning_rate=1e-2, **FAST,
+    )  # fmt: skip
+    assert result.steps == 2 and all(r.loss is not None for r in result.rounds[:2])
+    assert_unchanged(before, model)
+    assert [(name, type(m)) for name, m in model.named_modules()] == modules, "every adapter layer is removed"
+    assert {name: p.requires_grad for name, p in model.named_parameters()} == flags
+    assert not model.training
+
+
+def test_solve_with_a_peft_config_cleans_up_after_an_error(model, tokenizer):
+    peft = pytest.importorskip("peft")
+    modules = [name for name, _ in model.named_modules()]
+    config = peft.LoraConfig(r=4, target_modules=["q_proj"], task_type="CAUSAL_LM")
+    with pytest.raises(ValueError, match="teacher_mode='ema'"):  # the trainer refuses a full EMA copy of a PEFT model
+        solve(
+            model, tokenizer, PROMPT, SucceedsInRound(), max_attempts=8, attempts_per_round=4, peft_config=config,
+            sdpo_config=SDPOConfig(teacher_mode="ema"), **FAST,
+        )  # fmt: skip
+    assert [name for name, _ in model.named_modules()] == modules
+
+
+def test_feedback_through_last_feedback_reaches_the_rounds(model, tokenizer):
+    def plain(completions, **kwargs):
+        plain.last_feedback = ["too long"] * len(completions)
+        return [0.0] * len(completions)
+
+    result = solve(model, tokenizer, PROMPT, plain, max_attempts=4, attempts_per_round=2, **FAST)
+    assert [r.feedback for r in result.rounds] == [["too long"] * 2] * 2 and result.steps == 1
+
+
+def test_columns_reach_the_reward_function_once_per_attempt(model, tokenizer):
+    seen = []
+
+    def reward(completions, tests, **kwargs):
+        seen.append(tests)
+        return [Scored(0.0, "failed")] * len(completions)
+
+    best_of_k(model, tokenizer, PROMPT, reward, max_attempts=3, attempts_per_round=3, columns={"tests": ["t"]}, **FAST)
+    assert seen == [[["t"]] * 3]
+
+
+def test_best_of_k_is_seeded_and_leaves_the_model_unchanged(model, tokenizer):
+    before = parameters(model)
+    runs = [
+        best_of_k(model, tokenizer, PROMPT, SucceedsInRound(), max_attempts=6, attempts_per_round=4, seed=s, **FAST)
+        for s in (0, 0, 1)
+    ]
+    assert [len(r.attempts) for r in runs[0].rounds] == [4, 2] and runs[0].steps == 0
+    assert [r.attempts for r in runs[0].rounds] == [r.attempts for r in runs[1].rounds]
+    assert [r.attempts for r in runs[0].rounds] != [r.attempts for r in runs[2].rounds]
+    assert_unchanged(before, model)
+
+
+def test_best_of_k_needs_no_feedback_but_solve_and_multi_turn_do(model, tokenizer):
+    def silent(completions, **kwargs):
+        return [0.0] * len(completions)
+
+    assert not best_of_k(model, tokenizer, PROMPT, silent, max_attempts=4, attempts_per_round=2, **FAST).solved
+    for method in (solve, multi_turn):
+        with pytest.raises(ValueError, match=r"reward_func 'silent' gave no feedback .* Scored\(value, feedback\)"):
+            method(model, tokenizer, PROMPT, silent, max_attempts=4, attempts_per_round=2, **FAST)
+
+
+def test_multi_turn_stops_at_the_first_success(model, tokenizer):
+    reward = SucceedsInRound(round=2, index=1)
+    result = multi_turn(model, tokenizer, PROMPT, reward, max_attempts=12, attempts_per_round=3, **FAST)
+    assert (result.solved, result.attempts, reward.calls, result.steps) == (True, 5, [3, 3], 0)
+
+
+def test_multi_turn_context_drops_the_oldest_attempts_first_and_keeps_the_prompt(tokenizer):
+    prompt = [{"role": "user", "content": PROMPT}]
+    turns = [{"role": r, "content": f"{r} turn {i} " * 5} for i in range(4) for r in ("assistant", "user")]
+    conversation = prompt + turns
+
+    def length(messages):
+        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        return len(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    limit = length(prompt + turns[-4:])
+    _fit(conversation, 1, tokenizer, limit)
+    assert conversation == prompt + turns[-4:]
+    _fit(conversation, 1, tokenizer, 1)
+    assert conversation == prompt, "the prompt always stays"
+
+
+def raises(*args, **kwargs):
+    raise KeyError("no tests column")
+
+
+@pytest.mark.parametrize(
+    ("arguments", "error", "message"),
+    [
+        (dict(max_attempts=3, attempts_per_round=4), ValueError, r"max_attempts \(3\) must be >= attempts_per_round"),
+        (dict(max_attempts="8"), ValueError, r"max_attempts must be an integer >= 1, got '8'"),
+        (dict(attempts_per_round=1), ValueError, r"attempts_per_round must be an integer >= 2, got 1"),
+        (dict(prompt=5), TypeError, r"prompt must be a str or a non-empty list of chat messages"),
+        (dict(prompt=[{"role": "assistant", "content": "x"}]), ValueError, r"prompt must end with a user turn"),
+        (dict(reward_func="my:reward"), TypeError, r"reward_func must be a reward function"),
+        (dict(reward_func=raises), RuntimeError, r"reward_func 'raises' raised KeyError .*Fix the reward function"),
+        (dict(sdpo_config={"alpha": 1}), TypeError, r"sdpo_config must be an SDPOConfig"),
+        (dict(sdpo_config=SDPOConfig(enabled=False)), ValueError, r"does not distil"),
+        (dict(learning_rate=0), ValueError, r"learning_rate must be a positive number, got 0"),
+        (dict(columns=["tests"]), TypeError, r"columns must be a dict"),
+        (dict(columns={"prompts": 1}), ValueError, r"columns may not be named \['prompts'\]"),
+        (dict(seed=1.5), TypeError, r"seed must be an int"),
+        (dict(model="gpt2"), TypeError, r"model must be a transformers causal LM"),
+    ],
+)
+def test_bad_arguments_name_the_argument_value_and_fix(model, tokenizer, arguments, error, message):
+    call = dict(model=model, tokenizer=tokenizer, prompt=PROMPT, reward_func=SucceedsInRound(), max_attempts=8)
+    call.update(attempts_per_round=4, **FAST)
+    call.update(arguments)
+    with pytest.raises(error, match=message):
+        solve(**call)
+
+
+def test_an_async_reward_function_is_refused(model, tokenizer):
+    async def reward(completions, **kwargs):
+        return [0.0] * len(completions)
+
+    with pytest.raises(TypeError, match="is async"):
+        best_of_k(model, tokenizer, PROMPT, reward, max_attempts=2, attempts_per_round=2, **FAST)
+
+
+def test_a_reward_returning_the_wrong_number_of_values_is_refused(model, tokenizer):
+    with pytest.raises(ValueError, match=r"returned \[1.0\] for 2 attempts"):
+        best_of_k(model, tokenizer, PROMPT, lambda **kwargs: [1.0], max_attempts=2, attempts_per_round=2, **FAST)
+
+
+# ---- the CLI -------------------------------------------------------------------------------------------------------
+
+
+def parse(argv):
+    parser = argparse.ArgumentParser(prog="sdpo-rl")
+    add_solve_parser(parser.add_subparsers(dest="command"))
+    return parser.parse_args(["solve", *argv])
+
+
+def test_cli_takes_a_problem_from_a_builtin_task():
+    from sdpo_rl.tasks import get_task
+
+    args = parse(["--task", "short_answer", "--index", "3", "--method", "best_of_k", "--max-attempts", "16"])
+    messages, reward, columns = problem_from_args(args)
+    train_rows = get_task("short_answer").rows()[0]
+    assert messages == train_rows[3]["prompt"] and columns == {k: v for k, v in train_rows[3].items() if k != "prompt"}
+    assert reward.__name__ == "short_answer_reward"
+    assert (args.method, args.max_attempts, args.attempts_per_round, args.func) == ("best_of_k", 16, 8, run_solve)
+
+
+def test_cli_takes_a_prompt_with_a_reward_by_import_path_and_json_columns(tmp_path, monkeypatch):
+    (tmp_path / "my_rewards.py").write_text("def check(completions, **kwargs):\n    return [0.0] * len(completions)\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    args = parse(["--prompt", "Add.", "--reward", "my_rewards:check", "--column", 'tests=["assert f() == 1"]'])
+    messages, reward, columns = problem_from_args(args)
+    assert messages == [{"role": "user", "content": "Add."}] and reward.__name__ == "check"
+    assert columns == {"tests": ["assert f() == 1"]}
+    assert parse_columns(["name=plain text", "n=3"]) == {"name": "plain text", "n": 3}
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--task", "short_answer"], "--index must be between 0 and"),
+        (["--task", "short_answer", "--index", "999"], "got 999"),
+        (["--task", "short_answer", "--index", "0", "--prompt", "x"], "not both"),
+        (["--prompt", "x"], "name the problem"),
+        (["--prompt", "x", "--reward", "no_such_module:f"], "--reward 'no_such_module:f': cannot import"),
+        (["--prompt", "x", "--reward", "json:loads", "--column", "novalue"], "is not NAME=VALUE"),
+        (["--task", "nope", "--index", "0"], "Unknown task 'nope'"),
+        (["--task", "capitals", "--index", "0", "--max-attempts", "4"], r"--max-attempts \(4\) must be >= --attempts"),
+        (["--task", "capitals", "--index", "0", "--attempts-per-round", "1"], "--attempts-per-round must be an"),
+        (["--task", "capitals", "--index", "0", "--method", "best_of_k", "--lr", "1e-4"], "--lr sets the learning"),
+    ],
+)
+def test_cli_errors_exit_2_with_the_flag_and_the_fix_before_loading_a_model(argv, message, capsys):
+    assert run_solve(parse(argv)) == 2
+    error = capsys.readouterr().err
+    assert error.startswith("sdpo-rl solve: error: ") and re.search(message, error), error
+
+
+# ---- the benchmark -------------------------------------------------------------------------------------------------
+
+
+def benchmark_module():
+    spec = importlib.util.spec_from_file_location("test_time", ROOT / "benchmarks" / "test_time.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_benchmark_feedback_describes_the_form_and_never_accepts_a_wrong_one():
+    bench = benchmark_module()
+    for name in bench.PROBLEMS:
+        reward = bench.FormReward(name)
+        values = reward(completions=[[{"role": "assistant", "content": "The Sky Is Blue Today, Friend And More"}]])
+        assert float(values[0]) == 0.0 and values[0].feedback.startswith("Not accepted: "), name
+    assert bench.discovery([{"attempts_to_solve": 3}, {"attempts_to_solve": None}], 4) == [0.0, 0.0, 0.5, 0.5]
+
+
+@pytest.mark.slow
+def test_benchmark_quick_mode_writes_every_run_and_skips_them_on_a_rerun(tmp_path):
+    results = tmp_path / "quick.json"
+    command = [sys.executable, str(ROOT / "benchmarks" / "test_time.py"), "--quick", "--results", str(results)]
+    completed = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    runs = json.loads(results.read_text())["runs"]
+    assert sorted(r["method"] for r in runs) == ["best_of_k", "multi_turn", "sdpo"]
+    for run in runs:
+        assert run["budget"] == 8 and run["seed"] == 0
+        assert run["attempts_to_solve"] is None or 1 <= run["attempts_to_solve"] <= 8
+    assert results.with_suffix(".png").exists() and "| sdpo | 1 |" in completed.stdout
+    again = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0 and "jobs to do" not in again.stdout, "a rerun must skip finished runs"
+
+
+@pytest.mark.parametrize("method", ["sdpo", "best_of_k", "multi_turn"])
+def test_cli_runs_a_search_and_reports_it(method, monkeypatch, capsys, tokenizer):
+    import sdpo_rl.models
+
+    monkeypatch.setattr(sdpo_rl.models, "load_model", lambda name=None: (make_model(tokenizer), tokenizer))
+    argv = ["--task", "capitals", "--index", "0", "--method", method, "--max-attempts", "4"]
+    code = run_solve(parse([*argv, "--attempts-per-round", "2", "--max-completion-length", "3", "--no-progress"]))
+    output = capsys.readouterr().out
+    assert output.startswith("Problem: What is the capital of France?")
+    if code == 0:
+        assert f"Solved by {method} in " in output
+    else:
+        assert code == 1 and f"Not solved by {method} in 4 attempts" in output
