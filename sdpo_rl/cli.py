@@ -1,5 +1,5 @@
-"""The `sdpo-rl` command: its argument parsing and dispatch to `sdpo_rl.demo` (`sdpo-rl demo`) and
-`sdpo_rl.train_cli` (`sdpo-rl train`).
+"""The `sdpo-rl` command: its argument parsing and dispatch to `sdpo_rl.demo` (`sdpo-rl demo`),
+`sdpo_rl.train_cli` (`sdpo-rl train`) and `sdpo_rl.solve_cli` (`sdpo-rl solve`).
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from .demo import (
     EVAL_SAMPLES_PER_PROMPT,
     run_demo,
 )
+from .solve_cli import add_solve_parser
 from .train_cli import add_train_command
 
 
@@ -57,7 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--task",
         default="capitals",
         choices=sorted(TASKS),
-        help="capitals: name a country's capital; short_answer: answer an easy question in at most five words",
+        help="capitals: name a country's capital; short_answer: answer an easy question in at most five words; "
+        "one_word: answer an easy question in exactly one word",
     )
     demo.add_argument("--lr", type=float, default=DEMO_LEARNING_RATE, help="learning rate (AdamW)")
     demo.add_argument(
@@ -107,6 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.set_defaults(func=run_demo, check=check_demo_arguments)
     add_train_command(commands)
+    add_solve_parser(commands)
     return parser
 
 

@@ -3,7 +3,7 @@
 import pytest
 
 from sdpo_rl import metrics
-from sdpo_rl.reprompt import select_teacher_signals
+from sdpo_rl.reprompt import SignalSettings, select_teacher_signals
 
 COMPLETIONS = ["Paris", "Lyon", "Nice", "Rome"]
 REWARDS = [1.0, 0.0, 0.0, 0.0]
@@ -11,17 +11,14 @@ FEEDBACK = ["", "Wrong city.", "Wrong city.", "  "]
 
 
 def fractions(include_environment_feedback: bool) -> dict[str, float]:
-    signals = select_teacher_signals(
-        COMPLETIONS,
-        REWARDS,
-        FEEDBACK,
-        num_generations=4,
+    settings = SignalSettings(
         success_reward_threshold=1.0,
         dont_reprompt_on_self_success=True,
         remove_thinking_from_demonstration=False,
         include_environment_feedback=include_environment_feedback,
         environment_feedback_only_without_solution=True,
     )
+    signals = select_teacher_signals(COMPLETIONS, REWARDS, FEEDBACK, 4, settings)
     return metrics.teacher_signal_metrics(
         signals, REWARDS, FEEDBACK, 4, 1.0, include_environment_feedback=include_environment_feedback
     )
