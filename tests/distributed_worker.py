@@ -116,7 +116,9 @@ def run(scenario: str, output_dir: str) -> None:
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     accumulation = settings["gradient_accumulation_steps"]
     tokenizer = make_tokenizer()
-    model = make_model(tokenizer, initializer_range=0.5)  # far from uniform logits: a visible distillation loss
+    # Far from uniform logits, a visible distillation loss; float64, so that one process and two agree to rounding
+    # whatever the order of their sums (float32 sums of nearly cancelling gradients differ by 1e-5 between them).
+    model = make_model(tokenizer, initializer_range=0.5).double()
     torch.manual_seed(0)  # the LoRA initialisation
     trainer = FixedCompletionsTrainer(
         model=model,
