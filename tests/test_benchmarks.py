@@ -26,8 +26,10 @@ def test_learning_benchmark_quick_mode_writes_every_run(tmp_path):
     assert completed.returncode == 0, completed.stderr[-3000:]
     runs = json.loads(results.read_text())["runs"]
     learning = benchmark_module()
-    assert {(r["method"], r["task"]) for r in runs} == {(m, t) for m in learning.METHODS for t in learning.TASKS}
-    assert {"grpo", "sdpo", "hybrid"} <= set(learning.METHODS)
+    expected = {(m, t) for m in learning.DEFAULT_METHODS for t in learning.TASKS}
+    assert {(r["method"], r["task"]) for r in runs} == expected
+    assert {"grpo", "sdpo", "hybrid_0.8", "srpo", "srpo_plain", "sc_sdpo", "contrast"} <= set(learning.DEFAULT_METHODS)
+    assert set(learning.DEFAULT_METHODS) <= set(learning.METHODS)
     for run in runs:
         assert run["eval_steps"] == [0, 1]
         assert all(0.0 <= a <= 1.0 for a in run["heldout_accuracy"])
