@@ -494,9 +494,7 @@ def multi_turn(
             retry = build_reprompt_text(
                 last_user_text(messages),
                 TeacherSignal(None, value.feedback if value.feedback.strip() else None, None),
-                solution_template=config.solution_template,
-                feedback_template=config.feedback_template,
-                reprompt_template=config.reprompt_template,
+                config.template_settings(),
             )
             conversation += [{"role": "assistant", "content": text}, {"role": "user", "content": retry}]
             _fit(conversation, len(messages), tokenizer, config.max_reprompt_length)
