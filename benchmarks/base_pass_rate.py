@@ -15,13 +15,11 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from concurrent.futures import ProcessPoolExecutor, as_completed
-from multiprocessing import get_context
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from harness import machine, save_report  # noqa: E402
+from harness import machine, run_in_workers, save_report  # noqa: E402
 from learning import EVAL, RESULTS_DIR, SHARED, TASKS  # noqa: E402
 
 TEMPERATURES = (SHARED["temperature"], EVAL["temperature"])
@@ -30,23 +28,22 @@ SPLITS = ("train", "heldout")
 
 def pass_rate(model, tokenizer, task, dataset, *, samples_per_prompt: int, temperature: float, seed: int = 0) -> dict:
     """`pass_rate` (passing samples / samples) and `prompts_with_a_pass` (share of prompts with at least one)."""
-    from sdpo_rl.evaluation import sample_completions
+    from sdpo_rl.evaluation import heldout_accuracy
 
-    rows = list(dataset)
-    samples = sample_completions(
+    result = heldout_accuracy(
         model,
         tokenizer,
-        [row["prompt"] for row in rows],
+        dataset,
+        task,
         samples_per_prompt=samples_per_prompt,
         temperature=temperature,
         max_new_tokens=EVAL["max_new_tokens"],
         seed=seed,
     )
-    passed = [[task.is_correct(text, row) for text, _ in group] for row, group in zip(rows, samples, strict=True)]
     return {
-        "pass_rate": sum(map(sum, passed)) / (len(rows) * samples_per_prompt),
-        "prompts_with_a_pass": sum(map(any, passed)) / len(rows),
-        "prompts": len(rows),
+        "pass_rate": result["accuracy"],
+        "prompts_with_a_pass": result["prompts_with_a_pass"],
+        "prompts": len(dataset),
         "samples_per_prompt": samples_per_prompt,
     }
 
@@ -82,18 +79,21 @@ def main(argv: list[str] | None = None) -> int:
         "table": [],
     }
     todo = [(name, split, temperature) for name in options.tasks for split in SPLITS for temperature in TEMPERATURES]
-    with ProcessPoolExecutor(max_workers=options.jobs, mp_context=get_context("spawn")) as pool:
-        futures = [pool.submit(measure, *row, options.samples) for row in todo]
-        for future in as_completed(futures):
-            row = future.result()
-            print(
-                f"{row['task']:>12} {row['split']:>7} T={row['temperature']}: pass rate {row['pass_rate']:.1%}, "
-                f"prompts with a pass {row['prompts_with_a_pass']:.1%}",
-                flush=True,
-            )
-            report["table"].append(row)
-            report["table"].sort(key=lambda r: todo.index((r["task"], r["split"], r["temperature"])))
-            save_report(report, options.json)  # after every measurement, so an interrupted run keeps the finished ones
+
+    def record(row_key: tuple, row: dict) -> None:
+        print(
+            f"{row['task']:>12} {row['split']:>7} T={row['temperature']}: pass rate {row['pass_rate']:.1%}, "
+            f"prompts with a pass {row['prompts_with_a_pass']:.1%}",
+            flush=True,
+        )
+        report["table"].append(row)
+        report["table"].sort(key=lambda r: todo.index((r["task"], r["split"], r["temperature"])))
+        save_report(report, options.json)  # after every measurement, so an interrupted run keeps the finished ones
+
+    failed = run_in_workers([(measure, (*row, options.samples)) for row in todo], options.jobs, record)
+    if failed:
+        print(f"{len(failed)} measurements failed: {[job[:3] for job in failed]}", file=sys.stderr)
+        return 1
     print(f"Wrote {options.json}")
     return 0
 

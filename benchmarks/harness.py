@@ -1,11 +1,16 @@
-"""What the benchmark scripts share: running a measurement in a fresh process, the machine, saving the report."""
+"""What the benchmark scripts share: running measurements in fresh processes, the machine, saving results and plots."""
 
 from __future__ import annotations
 
 import json
+import os
 import platform
 import subprocess
 import sys
+import traceback
+from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from multiprocessing import get_context
 from pathlib import Path
 
 
@@ -20,8 +25,6 @@ def in_fresh_process(script: str, task: dict) -> dict:
 
 def machine() -> dict:
     """The CPU model, the cores this process may use, and torch's default thread count."""
-    import os
-
     import torch
 
     with open("/proc/cpuinfo") as cpuinfo:
@@ -38,3 +41,47 @@ def save_report(report: dict, path: Path) -> None:
     """Write the report as JSON, creating the results folder."""
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(report, indent=1))
+
+
+def load_results(path: Path, **empty) -> dict:
+    """The results JSON at `path`, with the keys of `empty` (name=default) added where missing."""
+    results = json.loads(path.read_text()) if path.exists() else {}
+    for key, default in empty.items():
+        results.setdefault(key, default)
+    return results
+
+
+def save_results(path: Path, results: dict) -> None:
+    """Write the results JSON atomically (an interrupted write never leaves a truncated file)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_suffix(".tmp")
+    temporary.write_text(json.dumps(results, indent=1))
+    os.replace(temporary, path)
+
+
+def run_in_workers(jobs: list[tuple[Callable, tuple]], workers: int, on_result: Callable[[tuple, dict], None]) -> list:
+    """Run each `(function, arguments)` in one of `workers` spawned processes, handing every finished result to
+    `on_result(arguments, result)` at once; a job that raises is reported on stderr and the others go on.
+
+    Returns the arguments of the failed jobs."""
+    failed = []
+    with ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn")) as pool:
+        futures = {pool.submit(function, *arguments): arguments for function, arguments in jobs}
+        for future in as_completed(futures):
+            if future.exception() is not None:
+                failed.append(futures[future])
+                print(f"job {futures[future]} failed:", file=sys.stderr)
+                traceback.print_exception(future.exception())
+                continue
+            on_result(futures[future], future.result())
+    return failed
+
+
+def save_plot(draw: Callable[[dict, Path], None], results: dict, path: Path) -> None:
+    """`draw(results, path)`, or say that matplotlib is missing (it is an extra, not a runtime dependency)."""
+    try:
+        draw(results, path)
+    except ImportError:
+        print("matplotlib is not installed: no plot (pip install matplotlib)")
+        return
+    print(f"plot: {path}")

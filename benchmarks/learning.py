@@ -16,16 +16,16 @@ several times slower than two of one).
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import statistics
 import sys
 import time
-import traceback
-from concurrent.futures import ProcessPoolExecutor, as_completed
-from multiprocessing import get_context
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from harness import load_results, run_in_workers, save_plot, save_results  # noqa: E402
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 METHODS = {
@@ -141,17 +141,6 @@ def run_one(method: str, task_name: str, seed: int, size: dict, output_dir: str)
     }
 
 
-def load_results(path: Path) -> dict:
-    return json.loads(path.read_text()) if path.exists() else {"runs": []}
-
-
-def save_results(path: Path, results: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_suffix(".tmp")
-    temporary.write_text(json.dumps(results, indent=1))
-    os.replace(temporary, path)
-
-
 def summarise(results: dict) -> str:
     """A Markdown table: start and final held-out accuracy (mean ± std over seeds) and final answer length."""
     lines = [
@@ -225,42 +214,32 @@ def main(argv: list[str] | None = None) -> int:
     size = QUICK if options.quick else FULL
     name = "learning_curves_quick" if options.quick else "learning_curves"
     results_path = options.results or RESULTS_DIR / f"{name}.json"
-    results = load_results(results_path)
+    results = load_results(results_path, runs=[])
     seeds = options.seeds if options.seeds is not None else list(size["seeds"])
     done = {(r["method"], r["task"], r["seed"]) for r in results["runs"]}
     todo = [(m, t, s) for t in options.tasks for s in seeds for m in options.methods if (m, t, s) not in done]
+
+    def record(run: tuple, result: dict) -> None:
+        nonlocal results
+        results = load_results(results_path, runs=[])
+        results["runs"].append(result)
+        save_results(results_path, results)
+        print(f"finished {run[:3]} in {result['wall_seconds']:.0f} s", flush=True)
 
     failed = []
     if not options.plot_only and todo:
         print(f"{len(todo)} runs to do ({len(done)} already in {results_path})", flush=True)
         work_dir = Path(os.environ.get("TMPDIR", "/tmp")) / "sdpo-rl-learning"
-        with ProcessPoolExecutor(max_workers=options.jobs, mp_context=get_context("spawn")) as pool:
-            futures = {
-                pool.submit(run_one, m, t, s, size, str(work_dir / f"{m}-{t}-{s}")): (m, t, s) for m, t, s in todo
-            }
-            for future in as_completed(futures):
-                if future.exception() is not None:  # keep the other runs going, and say which one failed and why
-                    failed.append(futures[future])
-                    print(f"run {futures[future]} failed:", file=sys.stderr)
-                    traceback.print_exception(future.exception())
-                    continue
-                record = future.result()
-                results = load_results(results_path)
-                results["runs"].append(record)
-                save_results(results_path, results)
-                print(f"finished {futures[future]} in {record['wall_seconds']:.0f} s", flush=True)
+        jobs = [(run_one, (m, t, s, size, str(work_dir / f"{m}-{t}-{s}"))) for m, t, s in todo]
+        failed = run_in_workers(jobs, options.jobs, record)
 
     if not results["runs"]:
         print("no results yet", file=sys.stderr)
         return 1
     print(summarise(results))
-    try:
-        plot(results, results_path.with_suffix(".png"))
-        print(f"plot: {results_path.with_suffix('.png')}")
-    except ImportError:
-        print("matplotlib is not installed: no plot (pip install matplotlib)")
+    save_plot(plot, results, results_path.with_suffix(".png"))
     if failed:
-        print(f"{len(failed)} runs failed: {failed}; rerun to retry them", file=sys.stderr)
+        print(f"{len(failed)} runs failed: {[run[:3] for run in failed]}; rerun to retry them", file=sys.stderr)
     finite = all(not math.isnan(a) for r in results["runs"] for a in r["heldout_accuracy"])
     return 0 if finite and not failed else 1
 

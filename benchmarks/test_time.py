@@ -17,14 +17,14 @@ Runs execute in `--jobs` worker processes with one thread each.
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import sys
 import time
-from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
-from multiprocessing import get_context
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from harness import load_results, run_in_workers, save_plot, save_results  # noqa: E402
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 METHODS = ("sdpo", "best_of_k", "multi_turn")
@@ -206,20 +206,6 @@ def measure_pass_at_1(problem: str, samples: int, seed: int, max_completion_leng
 # ---- results -------------------------------------------------------------------------------------------------------
 
 
-def load_results(path: Path) -> dict:
-    results = json.loads(path.read_text()) if path.exists() else {}
-    results.setdefault("runs", [])
-    results.setdefault("pass_at_1", {})
-    return results
-
-
-def save_results(path: Path, results: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_suffix(".tmp")
-    temporary.write_text(json.dumps(results, indent=1))
-    os.replace(temporary, path)
-
-
 def discovery(runs: list[dict], budget: int) -> list[float]:
     """discovery@k for k = 1..budget: the fraction of runs solved within k attempts."""
     solved = [r["attempts_to_solve"] for r in runs]
@@ -291,7 +277,7 @@ def main(argv: list[str] | None = None) -> int:
     size = QUICK if options.quick else FULL
     problems = options.problems or (sorted(PROBLEMS)[:1] if options.quick else sorted(PROBLEMS))
     results_path = options.results or RESULTS_DIR / ("test_time_quick.json" if options.quick else "test_time.json")
-    results = load_results(results_path)
+    results = load_results(results_path, runs=[], pass_at_1={})
     seeds = options.seeds if options.seeds is not None else list(size["seeds"])
     if options.pass_at_1:
         todo = [p for p in problems if p not in results["pass_at_1"]]
@@ -308,35 +294,34 @@ def main(argv: list[str] | None = None) -> int:
         ]
         jobs = [(run_one, (m, p, s, size)) for m, p, s in todo]
 
+    def record(arguments: tuple, result: dict) -> None:
+        nonlocal results
+        results = load_results(results_path, runs=[], pass_at_1={})
+        if options.pass_at_1:
+            results["pass_at_1"][result["problem"]] = result
+        else:
+            results["runs"].append(result)
+        save_results(results_path, results)
+        shown = {k: result[k] for k in ("attempts_to_solve", "pass_at_1", "wall_seconds") if k in result}
+        print(f"finished {arguments[:3]}: {shown}", flush=True)
+
+    failed = []
     if jobs:
         print(f"{len(jobs)} jobs to do ({results_path})", flush=True)
-        with ProcessPoolExecutor(max_workers=options.jobs, mp_context=get_context("spawn")) as pool:
-            futures = {pool.submit(function, *arguments): arguments for function, arguments in jobs}
-            for future in as_completed(futures):
-                record = future.result()
-                results = load_results(results_path)
-                if options.pass_at_1:
-                    results["pass_at_1"][record["problem"]] = record
-                else:
-                    results["runs"].append(record)
-                save_results(results_path, results)
-                shown = {k: record[k] for k in ("attempts_to_solve", "pass_at_1", "wall_seconds") if k in record}
-                print(f"finished {futures[future][:3]}: {shown}", flush=True)
+        failed = run_in_workers(jobs, options.jobs, record)
 
     for name, record in sorted(results["pass_at_1"].items()):
         print(
             f"pass@1 {name}: {record['successes']}/{record['samples']}; after reading a failure's feedback: "
             f"{record['retry_successes']}/{record['retries_with_feedback']}"
         )
+    if failed:
+        print(f"{len(failed)} jobs failed: {[job[:3] for job in failed]}; rerun to retry them", file=sys.stderr)
     if not results["runs"]:
-        return 0 if options.pass_at_1 else 1
+        return 0 if options.pass_at_1 and not failed else 1
     print(summarise(results))
-    try:
-        plot(results, results_path.with_suffix(".png"))
-        print(f"plot: {results_path.with_suffix('.png')}")
-    except ImportError:
-        print("matplotlib is not installed: no plot (pip install matplotlib)")
-    return 0
+    save_plot(plot, results, results_path.with_suffix(".png"))
+    return 0 if not failed else 1
 
 
 if __name__ == "__main__":

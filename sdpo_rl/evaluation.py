@@ -90,8 +90,9 @@ def heldout_accuracy(
 ) -> dict[str, Any]:
     """Fraction of sampled completions that `task.is_correct` accepts, over every row of `dataset`.
 
-    Returns `accuracy`, `mean_completion_length` (tokens, end-of-sequence included), `num_samples` and
-    `examples` (the first completion of the first few prompts, for display). Use the same arguments before and
+    Returns `accuracy`, `prompts_with_a_pass` (the share of rows with at least one accepted sample: a GRPO group of
+    `samples_per_prompt` with a success), `mean_completion_length` (tokens, end-of-sequence included), `num_samples`
+    and `examples` (the first completion of the first few prompts, for display). Use the same arguments before and
     after training to compare the two.
     """
     rows = list(dataset)
@@ -105,10 +106,12 @@ def heldout_accuracy(
         batch_size=batch_size,
         seed=seed,
     )
-    correct = [task.is_correct(text, row) for row, group in zip(rows, samples, strict=True) for text, _ in group]
+    passed = [[task.is_correct(text, row) for text, _ in group] for row, group in zip(rows, samples, strict=True)]
+    correct = [accepted for group in passed for accepted in group]
     lengths = [length for group in samples for _, length in group]
     return {
         "accuracy": sum(correct) / max(len(correct), 1),
+        "prompts_with_a_pass": sum(map(any, passed)) / max(len(rows), 1),
         "mean_completion_length": sum(lengths) / max(len(lengths), 1),
         "num_samples": len(correct),
         "examples": [

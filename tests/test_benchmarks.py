@@ -1,7 +1,8 @@
-"""The learning benchmark's --quick smoke run (CI executes it) on the embedded SmolLM2-135M-Instruct."""
+"""The benchmarks: their --quick smoke runs (CI executes them) on the embedded SmolLM2-135M-Instruct, and their harness."""
 
 import importlib.util
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -104,3 +105,21 @@ def test_step_profile_reports_every_phase_of_the_demo_step():
         assert phase in rows, phase
         assert float(rows[phase].split("|")[2]) > 0, phase
     assert "**step**" in rows
+
+
+def test_a_failed_benchmark_job_is_reported_and_the_others_still_land():
+    harness = benchmark_module("harness")
+    landed = []
+    jobs = [(math.sqrt, (4.0,)), (math.sqrt, (-1.0,)), (math.sqrt, (9.0,))]  # sqrt(-1) raises ValueError
+    failed = harness.run_in_workers(jobs, 2, lambda arguments, result: landed.append((arguments, result)))
+    assert failed == [(-1.0,)]
+    assert sorted(landed) == [((4.0,), 2.0), ((9.0,), 3.0)]
+
+
+def test_results_are_saved_whole_and_loaded_with_their_empty_keys(tmp_path):
+    harness = benchmark_module("harness")
+    path = tmp_path / "results" / "runs.json"
+    assert harness.load_results(path, runs=[], pass_at_1={}) == {"runs": [], "pass_at_1": {}}
+    harness.save_results(path, {"runs": [{"seed": 0}]})
+    assert harness.load_results(path, runs=[], pass_at_1={}) == {"runs": [{"seed": 0}], "pass_at_1": {}}
+    assert [p.name for p in path.parent.iterdir()] == ["runs.json"]  # no temporary file left behind

@@ -215,4 +215,5 @@ def test_heldout_accuracy_scores_with_the_task(monkeypatch):
     monkeypatch.setattr(evaluation, "sample_completions", lambda *args, **kwargs: fake)
     result = evaluation.heldout_accuracy(None, None, heldout, task, samples_per_prompt=2)
     assert result["accuracy"] == 0.25 and result["mean_completion_length"] == 4.0
+    assert result["prompts_with_a_pass"] == 0.5
     assert result["examples"][0] == (heldout[0]["prompt"][0]["content"], "Rome")
