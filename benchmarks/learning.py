@@ -141,30 +141,89 @@ def run_one(method: str, task_name: str, seed: int, size: dict, output_dir: str)
     }
 
 
-def summarise(results: dict) -> str:
-    """A Markdown table: start and final held-out accuracy (mean ± std over seeds) and final answer length."""
-    lines = [
-        "| task | method | seeds | step-0 accuracy | final accuracy | final − step 0, worst seed | final length |",
-        "|---|---|---|---|---|---|---|",
-    ]
+def _by_task_and_method(results: dict) -> dict[tuple[str, str], list[dict]]:
     groups: dict[tuple[str, str], list[dict]] = {}
     for run in results["runs"]:
         groups.setdefault((run["task"], run["method"]), []).append(run)
+    return dict(sorted(groups.items()))
 
-    def mean_std(values: list[float]) -> str:
-        spread = statistics.stdev(values) if len(values) > 1 else 0.0
-        return f"{100 * statistics.mean(values):.1f} ± {100 * spread:.1f}%"
 
-    for (task, method), runs in sorted(groups.items()):
-        start = [r["heldout_accuracy"][0] for r in runs]
+def _mean_curve(runs: list[dict]) -> list[float]:
+    return [statistics.mean(r["heldout_accuracy"][i] for r in runs) for i in range(len(runs[0]["eval_steps"]))]
+
+
+def method_rows(results: dict) -> list[dict]:
+    """Per (task, method), the issue's report: start and final held-out accuracy over seeds, the worst seed's change,
+    the first evaluation step at which the mean curve reaches GRPO's mean final accuracy, length and s/step."""
+    groups = _by_task_and_method(results)
+    rows = []
+    for (task, method), runs in groups.items():
         final = [r["heldout_accuracy"][-1] for r in runs]
-        worst = min(f - s for s, f in zip(start, final, strict=True))
-        length = statistics.mean(r["mean_completion_length"][-1] for r in runs)
+        grpo = groups.get((task, "grpo"))
+        grpo_final = statistics.mean(r["heldout_accuracy"][-1] for r in grpo) if grpo else None
+        reached = None
+        if grpo_final is not None:
+            curve = zip(runs[0]["eval_steps"], _mean_curve(runs), strict=True)
+            reached = next((step for step, accuracy in curve if accuracy >= grpo_final - 1e-9), None)
+        rows.append(
+            dict(
+                task=task,
+                method=method,
+                seeds=len(runs),
+                start=statistics.mean(r["heldout_accuracy"][0] for r in runs),
+                final=statistics.mean(final),
+                final_std=statistics.stdev(final) if len(final) > 1 else 0.0,
+                worst_change=min(r["heldout_accuracy"][-1] - r["heldout_accuracy"][0] for r in runs),
+                grpo_final=grpo_final,
+                reaches_grpo_final_at=reached,
+                final_length=statistics.mean(r["mean_completion_length"][-1] for r in runs),
+                seconds_per_step=statistics.median(r["seconds_per_step"] for r in runs),
+            )
+        )
+    return rows
+
+
+def summarise(results: dict) -> str:
+    """A Markdown table of `method_rows`."""
+    lines = [
+        "| task | method | seeds | step-0 accuracy | final accuracy | final − step 0, worst seed "
+        "| reaches GRPO's final at step | final length | median s/step |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for row in method_rows(results):
+        reached = "-" if row["reaches_grpo_final_at"] is None else row["reaches_grpo_final_at"]
         lines.append(
-            f"| {task} | {method} | {len(runs)} | {mean_std(start)} | {mean_std(final)} | {100 * worst:+.1f} pts "
-            f"| {length:.1f} |"
+            f"| {row['task']} | {row['method']} | {row['seeds']} | {100 * row['start']:.1f}% "
+            f"| {100 * row['final']:.1f} ± {100 * row['final_std']:.1f}% | {100 * row['worst_change']:+.1f} pts "
+            f"| {reached} | {row['final_length']:.1f} | {row['seconds_per_step']:.1f} |"
         )
     return "\n".join(lines)
+
+
+def goal_verdicts(results: dict) -> dict[str, dict]:
+    """Per SDPO-family method, the issue's goal: mean final accuracy above GRPO's on at least 2 of the tasks run,
+    no seed ending below its step-0 accuracy, and GRPO's final accuracy reached in fewer steps on at least one task.
+    A method is judged only on the tasks where both it and GRPO ran."""
+    rows = method_rows(results)
+    grpo_steps = {r["task"]: r["reaches_grpo_final_at"] for r in rows if r["method"] == "grpo"}
+    verdicts = {}
+    for method in dict.fromkeys(r["method"] for r in rows if r["method"] != "grpo"):
+        mine = [r for r in rows if r["method"] == method and r["grpo_final"] is not None]
+        above = [r["task"] for r in mine if r["final"] > r["grpo_final"]]
+        never_below = all(r["worst_change"] >= 0 for r in mine)
+        faster = [
+            r["task"]
+            for r in mine
+            if r["reaches_grpo_final_at"] is not None and r["reaches_grpo_final_at"] < grpo_steps[r["task"]]
+        ]
+        verdicts[method] = dict(
+            tasks=[r["task"] for r in mine],
+            above_grpo=above,
+            never_below_start=never_below,
+            faster_than_grpo=faster,
+            met=len(above) >= 2 and never_below and bool(faster),
+        )
+    return verdicts
 
 
 def plot(results: dict, path: Path) -> None:
@@ -237,6 +296,12 @@ def main(argv: list[str] | None = None) -> int:
         print("no results yet", file=sys.stderr)
         return 1
     print(summarise(results))
+    for method, verdict in goal_verdicts(results).items():
+        print(
+            f"goal, {method}: above GRPO on {verdict['above_grpo'] or 'no task'} of {verdict['tasks']}; never below "
+            f"step 0: {verdict['never_below_start']}; faster on {verdict['faster_than_grpo'] or 'no task'}; "
+            f"{'MET' if verdict['met'] else 'not met'}"
+        )
     save_plot(plot, results, results_path.with_suffix(".png"))
     if failed:
         print(f"{len(failed)} runs failed: {[run[:3] for run in failed]}; rerun to retry them", file=sys.stderr)

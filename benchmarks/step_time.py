@@ -14,6 +14,7 @@ teacher signal (no success, no feedback).
 
 - `grpo`: `trl.GRPOTrainer`, beta = 0;
 - `sdpo`: `sdpo_rl.SDPOTrainer` with the default `SDPOConfig` (JSD alpha 0.5, top-100 + tail, EMA teacher);
+- `hybrid`: the same with `grpo_weight=0.8` (TRL's GRPO term and the distillation term from one student forward);
 - `trl_sdpo`: `trl.experimental.sdpo.SDPOTrainer` with `distillation_mode="topk_logits"` and the same divergence,
   K, tail, IS clip, EMA teacher and success threshold.
 
@@ -44,7 +45,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from harness import in_fresh_process, machine, save_report  # noqa: E402
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
-TRAINERS = ("grpo", "sdpo", "trl_sdpo")
+TRAINERS = ("grpo", "sdpo", "hybrid", "trl_sdpo")
+HYBRID_GRPO_WEIGHT = 0.8
 REWARDS = ("mixed", "zero")
 MODELS = {
     "tiny": dict(
@@ -70,6 +72,7 @@ QWEN = dict(vocab_sizes=(151_936,), rewards=("mixed",), timed_steps={151_936: 3}
 TARGETS = (
     dict(vocab_size=8_192, reward="mixed", ratio="sdpo / grpo", limit=1.15, strict=False),
     dict(vocab_size=8_192, reward="zero", ratio="sdpo / grpo", limit=1.05, strict=False),
+    dict(vocab_size=8_192, reward="mixed", ratio="hybrid / sdpo", limit=1.1, strict=False),
     dict(vocab_size=151_936, reward="mixed", ratio="sdpo / trl_sdpo", limit=1.0, strict=True),
 )
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "[UNK]"]
@@ -191,12 +194,13 @@ def build_trainer(name: str, task: dict, steps: int, output_dir: str):
         from trl import GRPOConfig, GRPOTrainer
 
         return GRPOTrainer(args=GRPOConfig(beta=0.0, **arguments), **common)
-    if name == "sdpo":
+    if name in ("sdpo", "hybrid"):
         from trl import GRPOConfig
 
         from sdpo_rl import SDPOConfig, SDPOTrainer
 
         sdpo_config = SDPOConfig(
+            grpo_weight=HYBRID_GRPO_WEIGHT if name == "hybrid" else 0.0,
             alpha=DISTILLATION["alpha"],
             distillation_topk=DISTILLATION["topk"],
             distillation_add_tail=DISTILLATION["add_tail"],
@@ -283,22 +287,24 @@ def summarise(runs: list[dict]) -> list[dict]:
             row["sdpo / grpo"] = round(medians["sdpo"] / medians["grpo"], 3)
             row["trl_sdpo / grpo"] = round(medians["trl_sdpo"] / medians["grpo"], 3)
             row["sdpo / trl_sdpo"] = round(medians["sdpo"] / medians["trl_sdpo"], 3)
+            row["hybrid / sdpo"] = round(medians["hybrid"] / medians["sdpo"], 3)
             rows.append(row)
     return rows
 
 
 def markdown(rows: list[dict]) -> str:
     lines = [
-        "| vocabulary | reward (teacher signal) | GRPO s/step | SDPO s/step | TRL SDPO s/step | SDPO / GRPO "
-        "| TRL SDPO / GRPO | SDPO / TRL SDPO |",
-        "|---|---|---|---|---|---|---|---|",
+        "| vocabulary | reward (teacher signal) | GRPO s/step | SDPO s/step | hybrid 0.8 s/step | TRL SDPO s/step "
+        "| SDPO / GRPO | TRL SDPO / GRPO | SDPO / TRL SDPO | hybrid / SDPO |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in rows:
         seconds = row["seconds"]
         signal = "mixed (all)" if row["reward"] == "mixed" else "zero (none)"
         lines.append(
-            f"| {row['vocab_size']:,} | {signal} | {seconds['grpo']} | {seconds['sdpo']} | {seconds['trl_sdpo']} "
-            f"| {row['sdpo / grpo']}x | {row['trl_sdpo / grpo']}x | {row['sdpo / trl_sdpo']}x |"
+            f"| {row['vocab_size']:,} | {signal} | {seconds['grpo']} | {seconds['sdpo']} | {seconds['hybrid']} "
+            f"| {seconds['trl_sdpo']} | {row['sdpo / grpo']}x | {row['trl_sdpo / grpo']}x | {row['sdpo / trl_sdpo']}x "
+            f"| {row['hybrid / sdpo']}x |"
         )
     return "\n".join(lines)
 

@@ -1,4 +1,4 @@
-"""The benchmarks: their --quick smoke runs (CI executes them) on the embedded SmolLM2-135M-Instruct, and their harness."""
+"""The benchmarks: their --quick smoke runs (CI executes them) on SmolLM2-135M-Instruct, and their harness."""
 
 import importlib.util
 import json
@@ -67,12 +67,16 @@ def test_step_time_benchmark_quick_mode_times_every_trainer_with_and_without_tea
     report = run_quick("step_time.py", tmp_path / "steps.json")
     assert {row["reward"] for row in report["table"]} == {"mixed", "zero"}
     for row in report["table"]:
-        assert all(row["seconds"][name] > 0 for name in ("grpo", "sdpo", "trl_sdpo"))
+        assert all(row["seconds"][name] > 0 for name in ("grpo", "sdpo", "hybrid", "trl_sdpo"))
     for run in report["runs"]:
         assert set(run["mean_completion_length"]) == {32.0}, "every completion must have exactly 32 tokens"
         if run["trainer"] != "grpo":
             assert set(run["reprompt_sample_fraction"]) == {1.0 if run["reward"] == "mixed" else 0.0}
-    assert {(t["reward"], t["ratio"]) for t in report["targets"]} == {("mixed", "sdpo / grpo"), ("zero", "sdpo / grpo")}
+    assert {(t["reward"], t["ratio"]) for t in report["targets"]} == {
+        ("mixed", "sdpo / grpo"),
+        ("zero", "sdpo / grpo"),
+        ("mixed", "hybrid / sdpo"),
+    }
 
 
 def test_base_pass_rate_counts_passing_samples_and_prompts_with_a_pass(monkeypatch):
@@ -123,3 +127,32 @@ def test_results_are_saved_whole_and_loaded_with_their_empty_keys(tmp_path):
     harness.save_results(path, {"runs": [{"seed": 0}]})
     assert harness.load_results(path, runs=[], pass_at_1={}) == {"runs": [{"seed": 0}], "pass_at_1": {}}
     assert [p.name for p in path.parent.iterdir()] == ["runs.json"]  # no temporary file left behind
+
+
+def test_learning_report_finds_when_a_method_reaches_grpo_and_whether_it_meets_the_goal():
+    learning = benchmark_module()
+
+    def run(method, task, seed, curve):
+        return dict(method=method, task=task, seed=seed, eval_steps=[0, 5, 10], heldout_accuracy=curve,
+                    mean_completion_length=[9.0, 8.0, 7.0], seconds_per_step=2.0)  # fmt: skip
+
+    results = {
+        "runs": [
+            run("grpo", "a", 0, [0.2, 0.3, 0.6]),
+            run("grpo", "a", 1, [0.2, 0.5, 0.6]),
+            run("grpo", "b", 0, [0.5, 0.6, 0.7]),
+            run("new", "a", 0, [0.2, 0.7, 0.8]),
+            run("new", "b", 0, [0.5, 0.6, 0.9]),
+            run("risky", "a", 0, [0.2, 0.9, 0.1]),
+            run("risky", "b", 0, [0.5, 0.9, 0.95]),
+        ]
+    }
+    rows = {(r["task"], r["method"]): r for r in learning.method_rows(results)}
+    assert rows["a", "grpo"]["final"] == 0.6 and rows["a", "grpo"]["reaches_grpo_final_at"] == 10
+    assert rows["a", "new"]["reaches_grpo_final_at"] == 5 and rows["b", "new"]["reaches_grpo_final_at"] == 10
+    assert abs(rows["a", "risky"]["worst_change"] + 0.1) < 1e-9
+    verdicts = learning.goal_verdicts(results)
+    assert verdicts["new"]["met"] and verdicts["new"]["above_grpo"] == ["a", "b"]
+    assert verdicts["new"]["faster_than_grpo"] == ["a"]
+    assert not verdicts["risky"]["met"] and not verdicts["risky"]["never_below_start"]
+    assert "| a | new | 1 | 20.0% | 80.0 ± 0.0% | +60.0 pts | 5 | 7.0 | 2.0 |" in learning.summarise(results)
