@@ -7,7 +7,7 @@ The problems are easy questions under a strict form constraint that the model ra
 is appended to the results JSON at once, and a rerun skips the runs already there.
 
     python benchmarks/test_time.py                  # the full benchmark: every problem x 3 seeds x 3 methods
-    python benchmarks/test_time.py --pass-at-1      # measure each problem's pass@1 (also stored in the JSON)
+    python benchmarks/test_time.py --pass-at-1      # measure every candidate's pass@1 (stored in the JSON)
     python benchmarks/test_time.py --quick          # a smoke run (CI): one problem, a small budget, separate output
     python benchmarks/test_time.py --plot-only      # redraw the discovery@k plot from the results JSON
 
@@ -90,7 +90,21 @@ QUESTIONS = [
     "What is the largest planet?",
     "What do you call a baby cat?",
     "What do chickens lay?",
+    "What is the opposite of hot?",
+    "How many legs does a spider have?",
+    "What do cows drink?",
+    "Which season comes after winter?",
+    "What do we call a young dog?",
+    "What shape is a ball?",
+    "Which star is closest to Earth?",
+    "What do plants need to grow?",
 ]
+# Every (question, constraint) pair; `--pass-at-1` measures them, and the benchmark searches PROBLEMS.
+CANDIDATES = {
+    f"q{question}-{constraint}": (question, constraint)
+    for question in range(len(QUESTIONS))
+    for constraint in CONSTRAINTS
+}
 # (question index, constraint) of each problem: the candidates with at most 1 success in 32 samples of the base model
 # in a pilot (2026-11-28; `--pass-at-1` measures them again with 64 samples and another seed).
 PROBLEMS = {
@@ -108,7 +122,7 @@ PROBLEMS = {
 
 
 def problem_prompt(name: str) -> str:
-    question, constraint = PROBLEMS[name]
+    question, constraint = CANDIDATES[name]
     return f"{QUESTIONS[question]} {CONSTRAINTS[constraint].instruction}"
 
 
@@ -116,7 +130,7 @@ class FormReward:
     """Reward 1 for an answer that meets the problem's constraint, else 0 with feedback on its form."""
 
     def __init__(self, problem: str):
-        self.feedback = CHECKS[CONSTRAINTS[PROBLEMS[problem][1]].check]
+        self.feedback = CHECKS[CONSTRAINTS[CANDIDATES[problem][1]].check]
         self.__name__ = "form_reward"
 
     def __call__(self, completions, **kwargs):
@@ -188,8 +202,8 @@ def measure_pass_at_1(problem: str, samples: int, seed: int, max_completion_leng
 
     texts = sample([prompt], samples)
     messages = [feedback(text) for text in texts if feedback(text)]
-    templates = {k: getattr(config, k) for k in ("solution_template", "feedback_template", "reprompt_template")}
-    reprompts = [build_reprompt_text(prompt, TeacherSignal(None, m, None), **templates) for m in messages]
+    settings = config.template_settings()
+    reprompts = [build_reprompt_text(prompt, TeacherSignal(None, m, None), settings) for m in messages]
     retried = sample(reprompts, 1) if reprompts else []
     successes, retried_successes = samples - len(messages), sum(feedback(text) == "" for text in retried)
     return {
@@ -266,7 +280,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="smoke run: one problem, a budget of 8, one seed")
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
-    parser.add_argument("--problems", nargs="+", choices=sorted(PROBLEMS), help="default: every problem")
+    parser.add_argument(
+        "--problems", nargs="+", choices=sorted(CANDIDATES), help="default: PROBLEMS (every candidate with --pass-at-1)"
+    )
     parser.add_argument("--seeds", nargs="+", type=int, help="seeds (default: 0 1 2, or 0 with --quick)")
     parser.add_argument("--jobs", type=int, default=2, help="runs in parallel, one thread each (default 2)")
     parser.add_argument("--results", type=Path, help="results JSON (default: benchmarks/results/test_time.json)")
@@ -275,7 +291,8 @@ def main(argv: list[str] | None = None) -> int:
     options = parser.parse_args(argv)
 
     size = QUICK if options.quick else FULL
-    problems = options.problems or (sorted(PROBLEMS)[:1] if options.quick else sorted(PROBLEMS))
+    default = sorted(CANDIDATES) if options.pass_at_1 else sorted(PROBLEMS)
+    problems = options.problems or (default[:1] if options.quick else default)
     results_path = options.results or RESULTS_DIR / ("test_time_quick.json" if options.quick else "test_time.json")
     results = load_results(results_path, runs=[], pass_at_1={})
     seeds = options.seeds if options.seeds is not None else list(size["seeds"])

@@ -301,6 +301,28 @@ def test_benchmark_feedback_describes_the_form_and_never_accepts_a_wrong_one():
     assert bench.discovery([{"attempts_to_solve": 3}, {"attempts_to_solve": None}], 4) == [0.0, 0.0, 0.5, 0.5]
 
 
+def test_benchmark_pass_at_1_retries_each_failure_with_its_feedback(monkeypatch):
+    from sdpo_rl import evaluation, models
+
+    bench = benchmark_module()
+    calls = []
+
+    def fake_sample(model, tokenizer, prompts, *, samples_per_prompt, **kwargs):
+        calls.append([p[-1]["content"] for p in prompts])
+        if len(calls) == 1:  # the problem: one answer of five words, two failures
+            return [[("It is blue today friend", 5), ("Blue", 2), ("The sky is blue", 5)]]
+        return [[("Clear blue sky above us", 5)], [("Blue", 2)]]  # the retries, one per failure
+
+    monkeypatch.setattr(models, "load_default_model", lambda: (None, None))
+    monkeypatch.setattr(evaluation, "sample_completions", fake_sample)
+    record = bench.measure_pass_at_1("q0-exactly_5", samples=3, seed=0, max_completion_length=8)
+    assert (record["successes"], record["retries_with_feedback"], record["retry_successes"]) == (1, 2, 1)
+    assert abs(record["pass_at_1"] - 1 / 3) < 1e-12 and record["pass_at_1_with_feedback"] == 0.5
+    assert calls[0] == [bench.problem_prompt("q0-exactly_5")]
+    assert "it must have exactly 5" in calls[1][0] and calls[1][0].startswith(calls[0][0])
+    assert set(bench.PROBLEMS) <= set(bench.CANDIDATES)
+
+
 @pytest.mark.slow
 def test_benchmark_quick_mode_writes_every_run_and_skips_them_on_a_rerun(tmp_path):
     results = tmp_path / "quick.json"
