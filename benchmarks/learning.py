@@ -200,6 +200,32 @@ def summarise(results: dict) -> str:
     return "\n".join(lines)
 
 
+# The training metrics the diagnosis table compares, by the name shown for each.
+DIAGNOSED = {
+    "reward": "reward",
+    "length": "completions/mean_length",
+    "student entropy": "self_distillation/student_entropy",
+    "teacher entropy": "self_distillation/teacher_entropy",
+    "distillation loss": "self_distillation/distillation_loss",
+    "routed to SDPO": "self_distillation/routed_sdpo_fraction",
+}
+
+
+def diagnosis(results: dict, window: int = 5) -> str:
+    """A Markdown table: each training metric's mean over the first and the last `window` steps (all seeds), per
+    task and method, as "first → last" ("-" where the method does not log it)."""
+    lines = ["| task | method | " + " | ".join(DIAGNOSED) + " |", "|---|---|" + "---|" * len(DIAGNOSED)]
+    for (task, method), runs in _by_task_and_method(results).items():
+        cells = []
+        for key in DIAGNOSED.values():
+            series = [[v for v in r["train_metrics"].get(key, []) if v is not None] for r in runs]
+            first = [v for values in series for v in values[:window]]
+            last = [v for values in series for v in values[-window:]]
+            cells.append(f"{statistics.mean(first):.3g} → {statistics.mean(last):.3g}" if first and last else "-")
+        lines.append(f"| {task} | {method} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def goal_verdicts(results: dict) -> dict[str, dict]:
     """Per SDPO-family method, the issue's goal: mean final accuracy above GRPO's on at least 2 of the tasks run,
     no seed ending below its step-0 accuracy, and GRPO's final accuracy reached in fewer steps on at least one task.
@@ -296,6 +322,7 @@ def main(argv: list[str] | None = None) -> int:
         print("no results yet", file=sys.stderr)
         return 1
     print(summarise(results))
+    print(diagnosis(results))
     for method, verdict in goal_verdicts(results).items():
         print(
             f"goal, {method}: above GRPO on {verdict['above_grpo'] or 'no task'} of {verdict['tasks']}; never below "

@@ -133,8 +133,9 @@ def test_learning_report_finds_when_a_method_reaches_grpo_and_whether_it_meets_t
     learning = benchmark_module()
 
     def run(method, task, seed, curve):
+        metrics = {"reward": [0.0, 0.5, 1.0], "self_distillation/distillation_loss": [None] * 3}
         return dict(method=method, task=task, seed=seed, eval_steps=[0, 5, 10], heldout_accuracy=curve,
-                    mean_completion_length=[9.0, 8.0, 7.0], seconds_per_step=2.0)  # fmt: skip
+                    mean_completion_length=[9.0, 8.0, 7.0], seconds_per_step=2.0, train_metrics=metrics)  # fmt: skip
 
     results = {
         "runs": [
@@ -156,3 +157,6 @@ def test_learning_report_finds_when_a_method_reaches_grpo_and_whether_it_meets_t
     assert verdicts["new"]["faster_than_grpo"] == ["a"]
     assert not verdicts["risky"]["met"] and not verdicts["risky"]["never_below_start"]
     assert "| a | new | 1 | 20.0% | 80.0 ± 0.0% | +60.0 pts | 5 | 7.0 | 2.0 |" in learning.summarise(results)
+    # the diagnosis: first and last steps' means over seeds; a metric never logged (or absent) is "-"
+    assert "| a | grpo | 0.25 → 0.75 | - | - | - | - | - |" in learning.diagnosis(results, window=2)
+    assert "| a | grpo | 0 → 1 | - |" in learning.diagnosis(results, window=1)
