@@ -112,7 +112,7 @@ def demo_grpo_config(args: argparse.Namespace, use_cuda: bool):
         report_to="none",
         save_strategy="no",
         use_cpu=not use_cuda,
-        bf16=False,
+        bf16=args.bf16,
         seed=args.seed,
         log_completions=False,
     )
@@ -166,17 +166,19 @@ def run_demo(args: argparse.Namespace) -> int:
             f"(temperature {EVAL_TEMPERATURE}) ..."
         )
         start = time.monotonic()
-        result = heldout_accuracy(
-            model,
-            tokenizer,
-            heldout,
-            task,
-            samples_per_prompt=args.eval_samples_per_prompt,
-            temperature=EVAL_TEMPERATURE,
-            max_new_tokens=args.max_completion_length,
-            batch_size=EVAL_BATCH_SIZE,
-            seed=args.seed,
-        )
+        # Under the training precision before and after training alike, so that the two accuracies compare.
+        with torch.autocast("cuda" if use_cuda else "cpu", dtype=torch.bfloat16, enabled=args.bf16):
+            result = heldout_accuracy(
+                model,
+                tokenizer,
+                heldout,
+                task,
+                samples_per_prompt=args.eval_samples_per_prompt,
+                temperature=EVAL_TEMPERATURE,
+                max_new_tokens=args.max_completion_length,
+                batch_size=EVAL_BATCH_SIZE,
+                seed=args.seed,
+            )
         _say(
             f"  accuracy {result['accuracy']:.1%}, mean completion length {result['mean_completion_length']:.1f} "
             f"tokens ({time.monotonic() - start:.0f} s)"
@@ -220,6 +222,7 @@ def run_demo(args: argparse.Namespace) -> int:
         "task": task.name,
         "max_steps": args.max_steps,
         "learning_rate": args.lr,
+        "bf16": args.bf16,
         "seconds_per_step": train_seconds / args.max_steps,
         "total_seconds": time.monotonic() - demo_start,
         "sdpo_config": dataclasses.asdict(sdpo_config),

@@ -142,6 +142,12 @@ def test_the_demo_accumulates_a_step_over_micro_batches(options, expected, tmp_p
     assert not config.activation_checkpointing
 
 
+@pytest.mark.parametrize(("options", "bf16"), [([], False), (["--bf16"], True), (["--bf16", "--no-bf16"], False)])
+def test_the_demo_trains_in_bfloat16_mixed_precision_only_when_asked(options, bf16, tmp_path):
+    args = cli.build_parser().parse_args(["demo", f"--output-dir={tmp_path}", *options])
+    assert demo.demo_grpo_config(args, use_cuda=False).bf16 is bf16
+
+
 @pytest.mark.parametrize(("idle_fraction", "expected"), [(1.0, 2), (0.7, 1), (0.4, 1), (0.0, 1)])
 def test_the_demo_uses_one_thread_per_idle_core(monkeypatch, idle_fraction, expected):
     readings = iter([(0, 0), (1000, round(1000 * idle_fraction))])  # (all, idle) ticks before and after
