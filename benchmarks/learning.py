@@ -262,7 +262,7 @@ def plot(results: dict, path: Path) -> None:
     tasks = sorted({r["task"] for r in results["runs"]})
     figure, axes = plt.subplots(2, len(tasks), figsize=(6 * len(tasks), 7), squeeze=False)
     for column, task in enumerate(tasks):
-        for method in METHODS:
+        for color, method in enumerate(METHODS):  # one colour per method in every panel
             runs = [r for r in results["runs"] if r["task"] == task and r["method"] == method]
             if not runs:
                 continue
@@ -271,7 +271,7 @@ def plot(results: dict, path: Path) -> None:
                 values = [[r[key][i] for r in runs] for i in range(len(steps))]
                 mean = [statistics.mean(v) for v in values]
                 axis = axes[row][column]
-                (line,) = axis.plot(steps, mean, marker="o", label=f"{method} ({len(runs)} seeds)")
+                (line,) = axis.plot(steps, mean, marker="o", color=f"C{color}", label=f"{method} ({len(runs)} seeds)")
                 axis.fill_between(
                     steps, [min(v) for v in values], [max(v) for v in values], alpha=0.2, color=line.get_color()
                 )
