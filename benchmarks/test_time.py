@@ -105,20 +105,24 @@ CANDIDATES = {
     for question in range(len(QUESTIONS))
     for constraint in CONSTRAINTS
 }
-# (question index, constraint) of each problem: the candidates with at most 1 success in 32 samples of the base model
-# in a pilot (2026-11-28; `--pass-at-1` measures them again with 64 samples and another seed).
-PROBLEMS = {
-    f"q{question}-{constraint}": (question, constraint)
-    for question, constraint in [
-        (1, "exactly_5"),
-        (2, "exactly_5"),
-        (5, "exactly_5"),
-        (6, "exactly_5"),
-        (7, "exactly_5"),
-        (5, "one_lowercase_word"),
-        (6, "one_lowercase_word"),
-    ]
-}
+# The candidates whose measured pass@1 is at most 5% (at most 3 successes in 64 samples at temperature 1.0, with
+# `--pass-at-1`'s seed, which no search run uses; measured 2026-12-05, results/test_time.json's "pass_at_1").
+PROBLEMS = (
+    "q0-exactly_3",
+    "q0-one_lowercase_word",
+    "q10-one_lowercase_word",
+    "q12-exactly_3",
+    "q12-exactly_5",
+    "q13-exactly_3",
+    "q13-exactly_5",
+    "q14-exactly_3",
+    "q14-exactly_5",
+    "q15-exactly_5",
+    "q15-one_lowercase_word",
+    "q2-exactly_5",
+    "q5-one_lowercase_word",
+    "q7-exactly_5",
+)
 
 
 def problem_prompt(name: str) -> str:

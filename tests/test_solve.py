@@ -323,6 +323,16 @@ def test_benchmark_pass_at_1_retries_each_failure_with_its_feedback(monkeypatch)
     assert set(bench.PROBLEMS) <= set(bench.CANDIDATES)
 
 
+def test_benchmark_problems_are_the_candidates_measured_hard():
+    bench = benchmark_module()
+    measured = json.loads((ROOT / "benchmarks" / "results" / "test_time.json").read_text())["pass_at_1"]
+    assert len(bench.PROBLEMS) >= 12
+    for name in bench.PROBLEMS:
+        assert measured[name]["samples"] == 64 and measured[name]["pass_at_1"] <= 0.05, name
+    hard = {name for name, record in measured.items() if record["pass_at_1"] <= 0.05}
+    assert hard == set(bench.PROBLEMS), "every candidate measured at 5% or less is a problem, and only those"
+
+
 @pytest.mark.slow
 def test_benchmark_quick_mode_writes_every_run_and_skips_them_on_a_rerun(tmp_path):
     results = tmp_path / "quick.json"
