@@ -19,7 +19,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from harness import machine, run_in_workers, save_report  # noqa: E402
+from harness import machine, run_in_workers, save_results  # noqa: E402
 from learning import EVAL, RESULTS_DIR, SHARED, TASKS  # noqa: E402
 
 TEMPERATURES = (SHARED["temperature"], EVAL["temperature"])
@@ -88,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         report["table"].append(row)
         report["table"].sort(key=lambda r: todo.index((r["task"], r["split"], r["temperature"])))
-        save_report(report, options.json)  # after every measurement, so an interrupted run keeps the finished ones
+        save_results(options.json, report)  # after every measurement, so an interrupted run keeps the finished ones
 
     failed = run_in_workers([(measure, (*row, options.samples)) for row in todo], options.jobs, record)
     if failed:

@@ -37,12 +37,6 @@ def machine() -> dict:
     )
 
 
-def save_report(report: dict, path: Path) -> None:
-    """Write the report as JSON, creating the results folder."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(report, indent=1))
-
-
 def load_results(path: Path, **empty) -> dict:
     """The results JSON at `path`, with the keys of `empty` (name=default) added where missing."""
     results = json.loads(path.read_text()) if path.exists() else {}

@@ -42,7 +42,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from harness import in_fresh_process, machine, save_report  # noqa: E402
+from harness import in_fresh_process, machine, save_results  # noqa: E402
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 TRAINERS = ("grpo", "sdpo", "hybrid", "trl_sdpo")
@@ -380,7 +380,7 @@ def main() -> None:
     report = dict(command=" ".join(["python", "benchmarks/step_time.py", *sys.argv[1:]]), **run(size, setup))
     name = "step_time" + ("_cuda" if args.device == "cuda" else "") + ("_quick" if args.quick else "")
     results_path = args.results or RESULTS_DIR / f"{name}.json"
-    save_report(report, results_path)
+    save_results(results_path, report)
     print_report(report)
     print(f"wrote {results_path} in {report['wall_seconds']} s")
 
