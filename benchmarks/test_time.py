@@ -17,6 +17,7 @@ Runs execute in `--jobs` worker processes with one thread each.
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
 import time
 from dataclasses import dataclass
@@ -230,26 +231,63 @@ def discovery(runs: list[dict], budget: int) -> list[float]:
     return [sum(a is not None and a <= k for a in solved) / len(runs) for k in range(1, budget + 1)]
 
 
-def summarise(results: dict) -> str:
-    """A Markdown table per method: runs, solved, discovery@{8, 32, 128}, median attempts of the solved runs."""
+def benchmark_runs(results: dict, problems: list[str], budget: int) -> dict[str, list[dict]]:
+    """The runs of each method on these problems at this budget (other runs in the file, e.g. a pilot's, are not
+    counted)."""
+    return {
+        method: [
+            r for r in results["runs"] if r["method"] == method and r["problem"] in problems and r["budget"] == budget
+        ]
+        for method in METHODS
+    }
+
+
+def attempts_to_reach(curve: list[float], target: float) -> int | None:
+    """The least k whose discovery@k is at least `target` (None if the curve never gets there)."""
+    return next((k for k, value in enumerate(curve, start=1) if value >= target - 1e-12), None)
+
+
+def summarise(runs: dict[str, list[dict]], budget: int, pass_at_1: dict) -> str:
+    """Markdown: discovery@k per method, the attempts each method needs for best-of-k's discovery@budget (the goal:
+    SDPO within half the budget), and the attempts to solve per problem and seed."""
+    checkpoints = sorted({k for k in (8, 16, 32, 64, 128) if k <= budget} | {budget})
     lines = [
-        "| method | runs | solved | discovery@8 | discovery@32 | discovery@128 | wall s / run |",
-        "|---|---|---|---|---|---|---|",
+        f"| method | runs | solved | {' | '.join(f'discovery@{k}' for k in checkpoints)} | wall s / run |",
+        "|---|---|---|" + "---|" * len(checkpoints) + "---|",
     ]
-    for method in METHODS:
-        runs = [r for r in results["runs"] if r["method"] == method]
-        if not runs:
+    curves = {}
+    for method, method_runs in runs.items():
+        if not method_runs:
             continue
-        budget = max(r["budget"] for r in runs)
-        curve = discovery(runs, budget)
-        at = {k: f"{curve[min(k, budget) - 1]:.2f}" for k in (8, 32, 128)}
-        solved = sum(r["attempts_to_solve"] is not None for r in runs)
-        wall = sum(r["wall_seconds"] for r in runs) / len(runs)
-        lines.append(f"| {method} | {len(runs)} | {solved} | {at[8]} | {at[32]} | {at[128]} | {wall:.0f} |")
+        curves[method] = curve = discovery(method_runs, budget)
+        solved = sum(r["attempts_to_solve"] is not None for r in method_runs)
+        wall = sum(r["wall_seconds"] for r in method_runs) / len(method_runs)
+        at = " | ".join(f"{curve[k - 1]:.2f}" for k in checkpoints)
+        lines.append(f"| {method} | {len(method_runs)} | {solved} | {at} | {wall:.0f} |")
+    if "best_of_k" in curves:
+        target = curves["best_of_k"][-1]
+        lines.append("")
+        lines.append(f"best_of_k's discovery@{budget} = {target:.2f}; attempts each method needs to reach it:")
+        for method, curve in curves.items():
+            needed = attempts_to_reach(curve, target)
+            verdict = f"{needed}" if needed is not None else f"not within {budget}"
+            lines.append(f"- {method}: {verdict}" + (f" (goal: at most {budget // 2})" if method == "sdpo" else ""))
+    problems = sorted({r["problem"] for method_runs in runs.values() for r in method_runs})
+    lines += ["", "| problem | pass@1 | " + " | ".join(curves) + " |", "|---|---|" + "---|" * len(curves)]
+    for problem in problems:
+        cells = []
+        for method in curves:
+            attempts = sorted(
+                ((r["seed"], r["attempts_to_solve"]) for r in runs[method] if r["problem"] == problem),
+            )
+            cells.append(" ".join("-" if a is None else str(a) for _, a in attempts))
+        measured = pass_at_1.get(problem)
+        rate = f"{measured['successes']}/{measured['samples']}" if measured else "?"
+        lines.append(f"| {problem} | {rate} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
-def plot(results: dict, path: Path) -> None:
+def plot(runs: dict[str, list[dict]], path: Path, *, budget: int) -> None:
     """discovery@k per method (fraction of problem x seed runs solved within k attempts)."""
     import matplotlib
 
@@ -257,16 +295,14 @@ def plot(results: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     figure, axis = plt.subplots(figsize=(7, 4.5))
-    for method in METHODS:
-        runs = [r for r in results["runs"] if r["method"] == method]
-        if runs:
-            budget = max(r["budget"] for r in runs)
-            problems = len({r["problem"] for r in runs})
+    for method, method_runs in runs.items():
+        if method_runs:
+            problems = len({r["problem"] for r in method_runs})
             axis.step(
                 range(1, budget + 1),
-                discovery(runs, budget),
+                discovery(method_runs, budget),
                 where="post",
-                label=f"{method} ({problems} problems, {len(runs)} runs)",
+                label=f"{method} ({problems} problems, {len(method_runs)} runs)",
             )
     axis.set_xscale("log", base=2)
     axis.set_xlabel("attempts k")
@@ -338,10 +374,11 @@ def main(argv: list[str] | None = None) -> int:
         )
     if failed:
         print(f"{len(failed)} jobs failed: {[job[:3] for job in failed]}; rerun to retry them", file=sys.stderr)
-    if not results["runs"]:
+    runs = benchmark_runs(results, problems, size["budget"])
+    if not any(runs.values()):
         return 0 if options.pass_at_1 and not failed else 1
-    print(summarise(results))
-    save_plot(plot, results, results_path.with_suffix(".png"))
+    print(summarise(runs, size["budget"], results["pass_at_1"]))
+    save_plot(functools.partial(plot, budget=size["budget"]), runs, results_path.with_suffix(".png"))
     return 0 if not failed else 1
 
 

@@ -301,6 +301,30 @@ def test_benchmark_feedback_describes_the_form_and_never_accepts_a_wrong_one():
     assert bench.discovery([{"attempts_to_solve": 3}, {"attempts_to_solve": None}], 4) == [0.0, 0.0, 0.5, 0.5]
 
 
+def test_benchmark_report_counts_only_the_benchmark_runs_and_states_the_goal():
+    bench = benchmark_module()
+
+    def run(method, problem, seed, attempts, budget=8):
+        return dict(
+            method=method, problem=problem, seed=seed, budget=budget, attempts_to_solve=attempts, wall_seconds=2
+        )
+
+    results = {
+        "runs": [
+            run("best_of_k", "p", 0, 6), run("best_of_k", "p", 1, None), run("sdpo", "p", 0, 2),
+            run("sdpo", "p", 1, 4), run("multi_turn", "p", 0, None), run("multi_turn", "p", 1, 8),
+            run("sdpo", "p", 2, 1, budget=128), run("sdpo", "other", 0, 1),  # a pilot's and an unlisted problem's
+        ]
+    }  # fmt: skip
+    runs = bench.benchmark_runs(results, ["p"], 8)
+    assert [len(runs[m]) for m in bench.METHODS] == [2, 2, 2]
+    assert bench.attempts_to_reach([0.0, 0.5, 0.5, 1.0], 0.5) == 2 and bench.attempts_to_reach([0.0, 0.25], 0.5) is None
+    report = bench.summarise(runs, 8, {"p": {"successes": 1, "samples": 64}})
+    assert "| sdpo | 2 | 2 | 1.00 | 2 |" in report and "| best_of_k | 2 | 1 | 0.50 | 2 |" in report
+    assert "- sdpo: 2 (goal: at most 4)" in report and "- multi_turn: 8" in report
+    assert "| p | 1/64 | 2 4 | 6 - | - 8 |" in report
+
+
 def test_benchmark_pass_at_1_retries_each_failure_with_its_feedback(monkeypatch):
     from sdpo_rl import evaluation, models
 
