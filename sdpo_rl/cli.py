@@ -5,11 +5,14 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import math
 import sys
 
 from .demo import (
-    DEMO_LEARNING_RATE,
+    DEMO_FULL_LEARNING_RATE,
+    DEMO_LORA,
+    DEMO_LORA_LEARNING_RATE,
     DEMO_MAX_COMPLETION_LENGTH,
     DEMO_MAX_STEPS,
     DEMO_MICRO_BATCH,
@@ -61,7 +64,20 @@ def build_parser() -> argparse.ArgumentParser:
         help="capitals: name a country's capital; short_answer: answer an easy question in at most five words; "
         "one_word: answer an easy question in exactly one word",
     )
-    demo.add_argument("--lr", type=float, default=DEMO_LEARNING_RATE, help="learning rate (AdamW)")
+    demo.add_argument(
+        "--lora",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help=f"train a LoRA adapter (rank {DEMO_LORA['r']}, every linear layer; needs peft) with an EMA teacher "
+        "adapter; --no-lora fine-tunes every weight with a full EMA teacher copy (about twice the memory)",
+    )
+    demo.add_argument(
+        "--lr",
+        type=float,
+        default=None,
+        help=f"learning rate (AdamW; default {DEMO_LORA_LEARNING_RATE:g} with LoRA, {DEMO_FULL_LEARNING_RATE:g} with "
+        "--no-lora)",
+    )
     demo.add_argument(
         "--grpo-weight",
         type=float,
@@ -108,7 +124,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="train and evaluate in bfloat16 mixed precision (autocast: weights, gradients and AdamW stay float32); "
         "faster on GPUs and on CPUs with native bfloat16 arithmetic (AMX, AVX512-BF16)",
     )
-    demo.add_argument("--save-model", action="store_true", help="also save the trained model to OUTPUT_DIR/model")
+    demo.add_argument(
+        "--save-model",
+        action="store_true",
+        help="also save the trained model (with LoRA: its adapters) and the tokenizer to OUTPUT_DIR/model",
+    )
     demo.add_argument(
         "--cache-dir",
         default=None,
@@ -128,7 +148,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def check_demo_arguments(args: argparse.Namespace) -> None:
-    """Exit with a message naming the option, its value and the fix when a demo setting is below its minimum."""
+    """Exit with a message naming the option, its value and the fix when a demo setting is out of range or needs a
+    package that is missing."""
     minimums = dict(
         max_steps=1, num_generations=2, prompts_per_step=1, micro_batch=1, max_completion_length=1, threads=1
     )
@@ -138,6 +159,15 @@ def check_demo_arguments(args: argparse.Namespace) -> None:
             option = "--" + name.replace("_", "-")
             why = " (a group needs peers)" if name == "num_generations" else ""
             raise SystemExit(f"sdpo-rl demo: {option}={value} is too small: use {option} {minimum} or more{why}.")
+    if args.lr is not None and not (math.isfinite(args.lr) and args.lr > 0):
+        raise SystemExit(
+            f"sdpo-rl demo: --lr={args.lr} must be a positive number, such as {DEMO_LORA_LEARNING_RATE:g}."
+        )
+    if args.lora and importlib.util.find_spec("peft") is None:
+        raise SystemExit(
+            "sdpo-rl demo: --lora (the default) needs peft, which is not installed: pip install 'sdpo-rl[embedded]' "
+            "(or peft), or pass --no-lora to fine-tune every weight."
+        )
     per_step = args.num_generations * args.prompts_per_step
     if args.micro_batch is not None and per_step % args.micro_batch:
         raise SystemExit(

@@ -27,10 +27,16 @@ from .plotting import plot_metrics
 
 # The demo's settings, in one place: those of `hybrid_0.8` in benchmarks/learning.py, measured to improve this 135M
 # model on both tasks in every seed (benchmarks/README.md): the library's SDPO defaults (JSD, top-100 + tail, EMA
-# teacher at rate 0.05) in the hybrid with grpo_weight=0.8, 10 steps of 4 prompts x 4 completions at learning rate
-# 2e-5. Pure SDPO (`--grpo-weight 0`) degrades this model.
+# teacher at rate 0.05) in the hybrid with grpo_weight=0.8, 10 steps of 4 prompts x 4 completions. Pure SDPO
+# (`--grpo-weight 0`) degrades this model.
 DEMO_SDPO_CONFIG = SDPOConfig(grpo_weight=0.8)
-DEMO_LEARNING_RATE = 2e-5
+# By default the demo trains a LoRA adapter with the `lora_ema` teacher (an EMA copy of the adapter on the shared base
+# model): no full teacher copy, AdamW state or gradient of the 135M weights, so about half the peak memory of full
+# fine-tuning at a held-out accuracy at least as good (docs/results.md#the-demo). `--no-lora` fine-tunes every weight
+# at the learning rate of `hybrid_0.8` with a full EMA teacher.
+DEMO_LORA = dict(r=16, lora_alpha=32, target_modules="all-linear")
+DEMO_LORA_LEARNING_RATE = 3e-4
+DEMO_FULL_LEARNING_RATE = 2e-5
 DEMO_MAX_STEPS = 10
 DEMO_NUM_GENERATIONS = 4
 DEMO_PROMPTS_PER_STEP = 4
@@ -91,6 +97,13 @@ def micro_batch(args: argparse.Namespace) -> int:
     return max(size for size in range(1, DEMO_MICRO_BATCH + 1) if per_step % size == 0)
 
 
+def learning_rate(args: argparse.Namespace) -> float:
+    """`--lr`, or by default the learning rate of the demo's LoRA adapter or, with `--no-lora`, of full fine-tuning."""
+    if args.lr is not None:
+        return args.lr
+    return DEMO_LORA_LEARNING_RATE if args.lora else DEMO_FULL_LEARNING_RATE
+
+
 def demo_grpo_config(args: argparse.Namespace, use_cuda: bool):
     """The demo's `GRPOConfig` for the parsed command line `args`."""
     from trl import GRPOConfig
@@ -99,7 +112,7 @@ def demo_grpo_config(args: argparse.Namespace, use_cuda: bool):
     return GRPOConfig(
         output_dir=str(args.output_dir),
         max_steps=args.max_steps,
-        learning_rate=args.lr,
+        learning_rate=learning_rate(args),
         num_generations=args.num_generations,
         per_device_train_batch_size=size,
         gradient_accumulation_steps=args.num_generations * args.prompts_per_step // size,
@@ -122,13 +135,21 @@ def build_demo_trainer(args: argparse.Namespace, model, tokenizer, task, use_cud
     """The demo's `SDPOTrainer` of `model` on `task`'s training prompts, configured by the parsed `args`."""
     from .trainer import SDPOTrainer
 
+    peft_config = None
+    sdpo_config = dataclasses.replace(DEMO_SDPO_CONFIG, grpo_weight=args.grpo_weight)
+    if args.lora:
+        from peft import LoraConfig
+
+        peft_config = LoraConfig(**DEMO_LORA, task_type="CAUSAL_LM")
+        sdpo_config = dataclasses.replace(sdpo_config, teacher_mode="lora_ema")
     return SDPOTrainer(
         model=model,
         args=demo_grpo_config(args, use_cuda),
-        sdpo_config=dataclasses.replace(DEMO_SDPO_CONFIG, grpo_weight=args.grpo_weight),
+        sdpo_config=sdpo_config,
         processing_class=tokenizer,
         reward_funcs=[task.reward_func()],
         train_dataset=task.train_dataset(),
+        peft_config=peft_config,
     )
 
 
@@ -199,7 +220,8 @@ def run_demo(args: argparse.Namespace) -> int:
 
     _say(
         f"Training with {method_name(sdpo_config.grpo_weight)} for {args.max_steps} steps "
-        f"({args.prompts_per_step} prompts x {args.num_generations} completions per step, learning rate {args.lr:g}) "
+        f"({args.prompts_per_step} prompts x {args.num_generations} completions per step, "
+        f"{'a LoRA adapter' if args.lora else 'every weight'} at learning rate {learning_rate(args):g}) "
         f"on {'GPU' if use_cuda else f'CPU ({torch.get_num_threads()} threads)'} ..."
     )
     start = time.monotonic()
@@ -221,7 +243,8 @@ def run_demo(args: argparse.Namespace) -> int:
     summary = {
         "task": task.name,
         "max_steps": args.max_steps,
-        "learning_rate": args.lr,
+        "learning_rate": learning_rate(args),
+        "lora": DEMO_LORA if args.lora else None,
         "bf16": args.bf16,
         "seconds_per_step": train_seconds / args.max_steps,
         "total_seconds": time.monotonic() - demo_start,

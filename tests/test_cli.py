@@ -164,3 +164,44 @@ def test_the_thread_count_falls_back_to_the_cores_without_proc_stat(monkeypatch)
     monkeypatch.setattr(demo, "_cpu_seconds", unreadable)
     monkeypatch.setattr(demo.os, "sched_getaffinity", lambda pid: {0, 1, 2}, raising=False)
     assert demo.idle_cores(interval=0.0) == 3
+
+
+@pytest.mark.parametrize(
+    ("options", "rate", "teacher_mode"),
+    [
+        ([], demo.DEMO_LORA_LEARNING_RATE, "lora_ema"),
+        (["--no-lora"], demo.DEMO_FULL_LEARNING_RATE, "ema"),
+        (["--lr=1e-3"], 1e-3, "lora_ema"),
+        (["--no-lora", "--lr=1e-3"], 1e-3, "ema"),
+    ],
+)
+def test_the_demo_trains_a_lora_adapter_unless_told_not_to(options, rate, teacher_mode, tmp_path):
+    from tiny import make_model, make_tokenizer
+
+    from sdpo_rl.tasks import get_task
+
+    args = cli.build_parser().parse_args(["demo", f"--output-dir={tmp_path}", *options])
+    cli.check_demo_arguments(args)
+    tokenizer = make_tokenizer()
+    model = make_model(tokenizer)
+    trainer = demo.build_demo_trainer(args, model, tokenizer, get_task("capitals"), use_cuda=False)
+    assert trainer.args.learning_rate == rate and trainer.sdpo_config.teacher_mode == teacher_mode
+    assert trainer.sdpo_config.grpo_weight == 0.8
+    trained = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
+    everything = sum(p.numel() for p in trainer.model.parameters())
+    assert (trained < everything / 2) if teacher_mode == "lora_ema" else (trained == everything)
+
+
+def test_the_demo_names_the_fix_when_peft_is_missing(monkeypatch):
+    real_find_spec = cli.importlib.util.find_spec
+    monkeypatch.setattr(cli.importlib.util, "find_spec", lambda name: None if name == "peft" else real_find_spec(name))
+    with pytest.raises(SystemExit, match=r"needs peft.*pip install 'sdpo-rl\[embedded\]'.*--no-lora"):
+        cli.main(["demo"])
+    args = cli.build_parser().parse_args(["demo", "--no-lora"])
+    cli.check_demo_arguments(args)  # fine-tuning every weight does not need peft
+
+
+@pytest.mark.parametrize("rate", ["0.0", "-0.5", "nan"])
+def test_the_demo_rejects_a_learning_rate_that_is_not_positive(rate):
+    with pytest.raises(SystemExit, match=rf"--lr={rate}.* must be a positive number"):
+        cli.main(["demo", f"--lr={rate}"])
