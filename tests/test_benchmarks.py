@@ -160,3 +160,24 @@ def test_learning_report_finds_when_a_method_reaches_grpo_and_whether_it_meets_t
     # the diagnosis: first and last steps' means over seeds; a metric never logged (or absent) is "-"
     assert "| a | grpo | 0.25 → 0.75 | - | - | - | - | - |" in learning.diagnosis(results, window=2)
     assert "| a | grpo | 0 → 1 | - |" in learning.diagnosis(results, window=1)
+
+
+@pytest.mark.slow
+def test_learning_step_time_quick_mode_times_both_versions_of_each_method(tmp_path):
+    results = tmp_path / "steps.json"
+    command = [sys.executable, str(ROOT / "benchmarks" / "learning_step_time.py"), "--quick"]
+    completed = subprocess.run(
+        [*command, "--before", str(ROOT), "--after", str(ROOT), "--results", str(results)],
+        capture_output=True, text=True, timeout=900,
+    )  # fmt: skip
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    report = json.loads(results.read_text())
+    assert [r["method"] for r in report["runs"]] == ["grpo", "hybrid_0.8"]
+    for run in report["runs"]:
+        for version in ("before", "after"):
+            timing = run[version]
+            assert len(timing["wall"]) == len(timing["cpu"]) == 2 and timing["median_cpu"] > 0
+            assert Path(timing["library"]) == ROOT / "sdpo_rl", "the checkout given must be the one imported"
+    assert "| hybrid_0.8 |" in completed.stdout and report["command"].endswith(str(results))
+    refused = subprocess.run([*command, "--before", str(tmp_path)], capture_output=True, text=True, timeout=300)
+    assert refused.returncode == 2 and f"--before={tmp_path} must be a checkout" in refused.stderr

@@ -1,0 +1,164 @@
+"""Seconds per training step of `learning.py`'s methods, for two versions of this library on the same machine.
+
+Each method trains a few steps with exactly `learning.py`'s settings (its `METHODS`, `SHARED`, a batch of 16
+completions, no evaluation) under each version, the two versions of one method side by side in two fresh processes
+with one thread each, so that they share the machine alike. A version is a checkout of this repository (a `git
+worktree` of an older commit, say); its `sdpo_rl` is imported through `PYTHONPATH`. The first step is a warm-up;
+the report gives the median wall and CPU seconds of the others, and each method's ratio of the two versions.
+
+    git worktree add /tmp/before 70aae25
+    python benchmarks/learning_step_time.py --before /tmp/before --after .      # results/learning_step_time.json
+    python benchmarks/learning_step_time.py --before /tmp/before --after . --quick   # a smoke run: 2 steps, 2 methods
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from harness import machine, save_results  # noqa: E402
+from learning import FULL as LEARNING  # noqa: E402
+from learning import METHODS, SHARED  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results" / "learning_step_time.json"
+FULL = dict(steps=4, methods=("grpo", "sdpo", "hybrid", "hybrid_0.8"), task="capitals")
+QUICK = dict(steps=2, methods=("grpo", "hybrid_0.8"), task="capitals")
+
+
+def time_steps(method: str, task_name: str, steps: int, batch: int) -> dict:
+    """Train `steps` steps of `method` with the `sdpo_rl` on sys.path; each step's wall and CPU seconds."""
+    import torch
+
+    torch.set_num_threads(1)
+    from transformers import TrainerCallback
+    from trl import GRPOConfig
+
+    import sdpo_rl
+    from sdpo_rl import SDPOConfig, SDPOTrainer
+    from sdpo_rl.models import load_default_model
+    from sdpo_rl.tasks import get_task
+
+    class StepClock(TrainerCallback):
+        def __init__(self):
+            self.wall, self.cpu = [], []
+
+        def on_step_begin(self, args, state, control, **kwargs):
+            self.started = (time.perf_counter(), time.process_time())
+
+        def on_step_end(self, args, state, control, **kwargs):
+            self.wall.append(time.perf_counter() - self.started[0])
+            self.cpu.append(time.process_time() - self.started[1])
+
+    task = get_task(task_name)
+    model, tokenizer = load_default_model()
+    clock = StepClock()
+    with tempfile.TemporaryDirectory() as output_dir:
+        args = GRPOConfig(
+            output_dir=output_dir,
+            per_device_train_batch_size=batch,
+            max_steps=steps,
+            beta=0.0,
+            seed=0,
+            use_cpu=True,
+            gradient_checkpointing=False,
+            logging_steps=1,
+            save_strategy="no",
+            report_to="none",
+            disable_tqdm=True,
+            **SHARED,
+        )
+        trainer = SDPOTrainer(
+            model=model,
+            args=args,
+            sdpo_config=SDPOConfig(**METHODS[method]),
+            processing_class=tokenizer,
+            reward_funcs=[task.reward_func()],
+            train_dataset=task.train_dataset(),
+            callbacks=[clock],
+        )
+        trainer.train()
+    return {"library": str(Path(sdpo_rl.__file__).parent), "wall": clock.wall, "cpu": clock.cpu}
+
+
+def run_pair(method: str, versions: dict[str, Path], size: dict) -> dict:
+    """Both versions of one method at once, each in its own process with its checkout first on PYTHONPATH."""
+    processes = {}
+    for label, checkout in versions.items():
+        env = {**os.environ, "PYTHONPATH": str(checkout.resolve())}
+        command = [sys.executable, __file__, "--worker", method, size["task"], str(size["steps"])]
+        processes[label] = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    record = {"method": method, "task": size["task"], "steps": size["steps"]}
+    for label, process in processes.items():
+        out, err = process.communicate()
+        if process.returncode != 0:
+            raise RuntimeError(f"{label} {method} failed:\n{err[-3000:]}")
+        timing = json.loads(out.strip().splitlines()[-1])
+        record[label] = {
+            **timing,
+            "median_wall": statistics.median(timing["wall"][1:]),
+            "median_cpu": statistics.median(timing["cpu"][1:]),
+        }
+    return record
+
+
+def summarise(records: list[dict]) -> str:
+    lines = [
+        "| method | before: wall s | before: CPU s | after: wall s | after: CPU s | after / before (wall) | (CPU) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in records:
+        before, after = r["before"], r["after"]
+        lines.append(
+            f"| {r['method']} | {before['median_wall']:.1f} | {before['median_cpu']:.1f} | {after['median_wall']:.1f}"
+            f" | {after['median_cpu']:.1f} | {after['median_wall'] / before['median_wall']:.2f}x"
+            f" | {after['median_cpu'] / before['median_cpu']:.2f}x |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--before", type=Path, help="checkout of the earlier version")
+    parser.add_argument("--after", type=Path, help="checkout of the later version")
+    parser.add_argument("--quick", action="store_true", help="smoke run: 2 steps of 2 methods")
+    parser.add_argument("--results", type=Path, default=RESULTS, help=f"results JSON (default: {RESULTS})")
+    parser.add_argument("--worker", nargs=3, metavar=("METHOD", "TASK", "STEPS"), help=argparse.SUPPRESS)
+    options = parser.parse_args(argv)
+    if options.worker:
+        method, task, steps = options.worker
+        print(json.dumps(time_steps(method, task, int(steps), LEARNING["batch"])))
+        return 0
+    for name in ("before", "after"):
+        checkout = getattr(options, name)
+        if checkout is None or not (checkout / "sdpo_rl" / "__init__.py").is_file():
+            parser.error(f"--{name}={checkout} must be a checkout of this repository (with sdpo_rl/__init__.py)")
+    size = QUICK if options.quick else FULL
+    versions = {"before": options.before, "after": options.after}
+    records = []
+    for method in size["methods"]:
+        records.append(run_pair(method, versions, size))
+        print(summarise(records).splitlines()[-1], flush=True)
+    commits = {
+        label: subprocess.run(
+            ["git", "-C", str(path), "rev-parse", "--short", "HEAD"], capture_output=True, text=True
+        ).stdout.strip()
+        for label, path in versions.items()
+    }
+    command = " ".join(["python", "benchmarks/learning_step_time.py", *(argv if argv is not None else sys.argv[1:])])
+    report = {"command": command, "machine": machine(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+    save_results(options.results, {**report, "commits": commits, "runs": records})
+    print(summarise(records))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
