@@ -247,6 +247,30 @@ def attempts_to_reach(curve: list[float], target: float) -> int | None:
     return next((k for k, value in enumerate(curve, start=1) if value >= target - 1e-12), None)
 
 
+def goal_margin_interval(
+    sdpo: list[dict], best_of_k: list[dict], budget: int, resamples: int = 2000, seed: int = 0
+) -> tuple[float, float]:
+    """A 95% percentile bootstrap interval of sdpo's discovery@(budget/2) minus best_of_k's discovery@budget,
+    resampling problems (each with all its seeds), since runs on one problem are not independent."""
+    import random
+
+    by_problem = {}
+    for method, method_runs in (("sdpo", sdpo), ("best_of_k", best_of_k)):
+        for run in method_runs:
+            by_problem.setdefault(run["problem"], {"sdpo": [], "best_of_k": []})[method].append(run)
+    problems = sorted(by_problem)
+    generator = random.Random(seed)
+    margins = []
+    for _ in range(resamples):
+        drawn = [by_problem[generator.choice(problems)] for _ in problems]
+        ours = [r for runs in drawn for r in runs["sdpo"]]
+        theirs = [r for runs in drawn for r in runs["best_of_k"]]
+        if ours and theirs:
+            margins.append(discovery(ours, budget)[budget // 2 - 1] - discovery(theirs, budget)[-1])
+    margins.sort()
+    return margins[int(0.025 * (len(margins) - 1))], margins[int(0.975 * (len(margins) - 1))]
+
+
 def summarise(runs: dict[str, list[dict]], budget: int, pass_at_1: dict) -> str:
     """Markdown: discovery@k per method, the attempts each method needs for best-of-k's discovery@budget (the goal:
     SDPO within half the budget), and the attempts to solve per problem and seed."""
@@ -272,6 +296,13 @@ def summarise(runs: dict[str, list[dict]], budget: int, pass_at_1: dict) -> str:
             needed = attempts_to_reach(curve, target)
             verdict = f"{needed}" if needed is not None else f"not within {budget}"
             lines.append(f"- {method}: {verdict}" + (f" (goal: at most {budget // 2})" if method == "sdpo" else ""))
+        if "sdpo" in curves:
+            low, high = goal_margin_interval(runs["sdpo"], runs["best_of_k"], budget)
+            margin = curves["sdpo"][budget // 2 - 1] - target
+            lines.append(
+                f"- sdpo's discovery@{budget // 2} minus best_of_k's discovery@{budget}: {margin:+.2f} (95% bootstrap "
+                f"interval over problems {low:+.2f} to {high:+.2f}; the goal holds where this is at least 0)"
+            )
     problems = sorted({r["problem"] for method_runs in runs.values() for r in method_runs})
     lines += ["", "| problem | pass@1 | " + " | ".join(curves) + " |", "|---|---|" + "---|" * len(curves)]
     for problem in problems:

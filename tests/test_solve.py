@@ -323,6 +323,18 @@ def test_benchmark_report_counts_only_the_benchmark_runs_and_states_the_goal():
     assert "| sdpo | 2 | 2 | 1.00 | 2 |" in report and "| best_of_k | 2 | 1 | 0.50 | 2 |" in report
     assert "- sdpo: 2 (goal: at most 4)" in report and "- multi_turn: 8" in report
     assert "| p | 1/64 | 2 4 | 6 - | - 8 |" in report
+    assert (
+        "sdpo's discovery@4 minus best_of_k's discovery@8: +0.50 (95% bootstrap interval over problems +0.50 to +0.50"
+        in report
+    )
+
+    def solved_at(method, problem, attempts):
+        return [run(method, problem, seed, a) for seed, a in enumerate(attempts)]
+
+    sdpo = solved_at("sdpo", "a", [1, 1]) + solved_at("sdpo", "b", [None, None])
+    best_of_k = solved_at("best_of_k", "a", [8, None]) + solved_at("best_of_k", "b", [1, 1])
+    # resampling problems: a twice (1 - 0.5), b twice (0 - 1) or one of each (0.5 - 0.75)
+    assert bench.goal_margin_interval(sdpo, best_of_k, 8) == (-1.0, 0.5)
 
 
 def test_benchmark_pass_at_1_retries_each_failure_with_its_feedback(monkeypatch):
