@@ -271,9 +271,28 @@ def goal_margin_interval(
     return margins[int(0.025 * (len(margins) - 1))], margins[int(0.975 * (len(margins) - 1))]
 
 
-def summarise(runs: dict[str, list[dict]], budget: int, pass_at_1: dict) -> str:
+def _after_first_round(runs: dict[str, list[dict]], budget: int, first_round: int, checkpoints: list[int]) -> list:
+    """Table lines: per method, the runs not solved in the first round, and the fraction of them solved within k."""
+    lines = [
+        "",
+        f"Runs not solved within the first round ({first_round} attempts of the unchanged model):",
+        "",
+        f"| method | runs left | {' | '.join(f'solved within {k}' for k in checkpoints)} |",
+        "|---|---|" + "---|" * len(checkpoints),
+    ]
+    for method, method_runs in runs.items():
+        left = [r for r in method_runs if r["attempts_to_solve"] is None or r["attempts_to_solve"] > first_round]
+        if left:
+            curve = discovery(left, budget)
+            lines.append(f"| {method} | {len(left)} | " + " | ".join(f"{curve[k - 1]:.2f}" for k in checkpoints) + " |")
+    return lines
+
+
+def summarise(runs: dict[str, list[dict]], budget: int, pass_at_1: dict, first_round: int) -> str:
     """Markdown: discovery@k per method, the attempts each method needs for best-of-k's discovery@budget (the goal:
-    SDPO within half the budget), and the attempts to solve per problem and seed."""
+    SDPO within half the budget), discovery of the runs the first round left unsolved (the first `first_round`
+    attempts sample the unchanged model in every method; only later rounds can differ), and the attempts to solve per
+    problem and seed."""
     checkpoints = sorted({k for k in (8, 16, 32, 64, 128) if k <= budget} | {budget})
     lines = [
         f"| method | runs | solved | {' | '.join(f'discovery@{k}' for k in checkpoints)} | wall s / run |",
@@ -303,6 +322,7 @@ def summarise(runs: dict[str, list[dict]], budget: int, pass_at_1: dict) -> str:
                 f"- sdpo's discovery@{budget // 2} minus best_of_k's discovery@{budget}: {margin:+.2f} (95% bootstrap "
                 f"interval over problems {low:+.2f} to {high:+.2f}; the goal holds where this is at least 0)"
             )
+    lines += _after_first_round(runs, budget, first_round, [k for k in checkpoints if k > first_round])
     problems = sorted({r["problem"] for method_runs in runs.values() for r in method_runs})
     lines += ["", "| problem | pass@1 | " + " | ".join(curves) + " |", "|---|---|" + "---|" * len(curves)]
     for problem in problems:
@@ -408,7 +428,7 @@ def main(argv: list[str] | None = None) -> int:
     runs = benchmark_runs(results, problems, size["budget"])
     if not any(runs.values()):
         return 0 if options.pass_at_1 and not failed else 1
-    print(summarise(runs, size["budget"], results["pass_at_1"]))
+    print(summarise(runs, size["budget"], results["pass_at_1"], size["attempts_per_round"]))
     save_plot(functools.partial(plot, budget=size["budget"]), runs, results_path.with_suffix(".png"))
     return 0 if not failed else 1
 

@@ -3,6 +3,8 @@
 import importlib.util
 import json
 import math
+import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -181,3 +183,22 @@ def test_learning_step_time_quick_mode_times_both_versions_of_each_method(tmp_pa
     assert "| hybrid_0.8 |" in completed.stdout and report["command"].endswith(str(results))
     refused = subprocess.run([*command, "--before", str(tmp_path)], capture_output=True, text=True, timeout=300)
     assert refused.returncode == 2 and f"--before={tmp_path} must be a checkout" in refused.stderr
+
+
+@pytest.mark.slow
+def test_gpu_check_runs_every_step_on_the_cpu_without_a_gpu(tmp_path):
+    """The CPU fallback of benchmarks/gpu_check.sh: the same steps at the quick sizes, everything under $OUT."""
+    out = tmp_path / "gpu_check"
+    env = {**os.environ, "OUT": str(out), "PYTHON": sys.executable, "CUDA_VISIBLE_DEVICES": ""}
+    completed = subprocess.run(
+        ["bash", str(ROOT / "benchmarks" / "gpu_check.sh")], cwd=ROOT, env=env, capture_output=True, text=True,
+        timeout=1800,
+    )  # fmt: skip
+    summary = (out / "summary.txt").read_text()
+    assert completed.returncode == 0, summary + completed.stdout[-2000:]
+    for step in ("environment", "loss_tests", "loss_memory", "step_time"):
+        assert re.search(rf"^{step}: exit 0 in \d+ s$", summary, re.MULTILINE), summary
+    assert "device: cpu" in (out / "environment.log").read_text()
+    assert json.loads((out / "loss_memory.json").read_text())["table"]
+    assert json.loads((out / "step_time.json").read_text())["table"]
+    assert 'failures="0"' in (out / "loss_tests.xml").read_text()

@@ -319,10 +319,12 @@ def test_benchmark_report_counts_only_the_benchmark_runs_and_states_the_goal():
     runs = bench.benchmark_runs(results, ["p"], 8)
     assert [len(runs[m]) for m in bench.METHODS] == [2, 2, 2]
     assert bench.attempts_to_reach([0.0, 0.5, 0.5, 1.0], 0.5) == 2 and bench.attempts_to_reach([0.0, 0.25], 0.5) is None
-    report = bench.summarise(runs, 8, {"p": {"successes": 1, "samples": 64}})
+    report = bench.summarise(runs, 8, {"p": {"successes": 1, "samples": 64}}, first_round=4)
     assert "| sdpo | 2 | 2 | 1.00 | 2 |" in report and "| best_of_k | 2 | 1 | 0.50 | 2 |" in report
     assert "- sdpo: 2 (goal: at most 4)" in report and "- multi_turn: 8" in report
     assert "| p | 1/64 | 2 4 | 6 - | - 8 |" in report
+    assert "| best_of_k | 2 | 0.50 |" in report and "| multi_turn | 2 | 0.50 |" in report  # left after 4: 6 -, - 8
+    assert "| sdpo | 0 |" not in report, "sdpo solved both runs within the first round"
     assert (
         "sdpo's discovery@4 minus best_of_k's discovery@8: +0.50 (95% bootstrap interval over problems +0.50 to +0.50"
         in report
