@@ -91,6 +91,7 @@ def test_demo_smoke_run_one_step_on_the_real_model(tmp_path, capsys):
             "--max-completion-length=8",
             "--eval-samples-per-prompt=1",
             "--eval-prompts=2",
+            "--save-model",
         ]
     )
     print(f"demo smoke run took {time.monotonic() - start:.1f} s")
@@ -106,6 +107,9 @@ def test_demo_smoke_run_one_step_on_the_real_model(tmp_path, capsys):
     assert step["step"] == 1 and "self_distillation/distillation_loss" in step
     state = json.loads((tmp_path / "trainer_state.json").read_text())
     assert state["global_step"] == 1
+    saved = tmp_path / "model"
+    assert (saved / "adapter_config.json").is_file() and (saved / "tokenizer_config.json").is_file()
+    assert not list(saved.rglob("*sdpo_teacher*")), "the saved model is the student's adapter only, not the teacher's"
     try:
         import matplotlib  # noqa: F401
     except ImportError:
