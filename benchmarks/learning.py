@@ -48,15 +48,45 @@ SHARED = dict(learning_rate=2e-5, num_generations=4, max_completion_length=24, t
 EVAL = dict(temperature=0.7, max_new_tokens=24)
 
 
+def make_trainer(method, task, model, tokenizer, output_dir: str, size: dict, seed: int, callbacks: list):
+    """The benchmark's `SDPOTrainer` for `method` on `task`: `SHARED` settings, `size`'s batch and steps, one process
+    on the CPU, no gradient checkpointing, nothing saved."""
+    from trl import GRPOConfig
+
+    from sdpo_rl import SDPOConfig, SDPOTrainer
+
+    args = GRPOConfig(
+        output_dir=output_dir,
+        per_device_train_batch_size=size["batch"],
+        max_steps=size["steps"],
+        beta=0.0,
+        seed=seed,
+        use_cpu=True,
+        gradient_checkpointing=False,
+        logging_steps=1,
+        save_strategy="no",
+        report_to="none",
+        disable_tqdm=True,
+        **SHARED,
+    )
+    return SDPOTrainer(
+        model=model,
+        args=args,
+        sdpo_config=SDPOConfig(**METHODS[method]),
+        processing_class=tokenizer,
+        reward_funcs=[task.reward_func()],
+        train_dataset=task.train_dataset(),
+        callbacks=callbacks,
+    )
+
+
 def run_one(method: str, task_name: str, seed: int, size: dict, output_dir: str) -> dict:
     """Train one (method, task, seed) and return its record for the results JSON."""
     import torch
 
     torch.set_num_threads(1)
     from transformers import TrainerCallback
-    from trl import GRPOConfig
 
-    from sdpo_rl import SDPOConfig, SDPOTrainer
     from sdpo_rl import metrics as m
     from sdpo_rl.evaluation import heldout_accuracy
     from sdpo_rl.models import load_default_model
@@ -83,31 +113,8 @@ def run_one(method: str, task_name: str, seed: int, size: dict, output_dir: str)
             if state.global_step % size["eval_every"] == 0:
                 evaluate(state.global_step)
 
-    args = GRPOConfig(
-        output_dir=output_dir,
-        per_device_train_batch_size=size["batch"],
-        max_steps=size["steps"],
-        beta=0.0,
-        seed=seed,
-        use_cpu=True,
-        gradient_checkpointing=False,
-        logging_steps=1,
-        save_strategy="no",
-        report_to="none",
-        disable_tqdm=True,
-        **SHARED,
-    )
-    sdpo_config = SDPOConfig(**METHODS[method])
     evaluate(0)
-    trainer = SDPOTrainer(
-        model=model,
-        args=args,
-        sdpo_config=sdpo_config,
-        processing_class=tokenizer,
-        reward_funcs=[task.reward_func()],
-        train_dataset=task.train_dataset(),
-        callbacks=[EvaluateEvery()],
-    )
+    trainer = make_trainer(method, task, model, tokenizer, output_dir, size, seed, [EvaluateEvery()])
     start = time.perf_counter()
     trainer.train()
     wall = time.perf_counter() - start

@@ -27,23 +27,21 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from harness import machine, save_results  # noqa: E402
 from learning import FULL as LEARNING  # noqa: E402
-from learning import METHODS, SHARED  # noqa: E402
+from learning import make_trainer  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "learning_step_time.json"
 FULL = dict(steps=4, methods=("grpo", "sdpo", "hybrid", "hybrid_0.8"), task="capitals")
 QUICK = dict(steps=2, methods=("grpo", "hybrid_0.8"), task="capitals")
 
 
-def time_steps(method: str, task_name: str, steps: int, batch: int) -> dict:
+def time_steps(method: str, task_name: str, steps: int) -> dict:
     """Train `steps` steps of `method` with the `sdpo_rl` on sys.path; each step's wall and CPU seconds."""
     import torch
 
     torch.set_num_threads(1)
     from transformers import TrainerCallback
-    from trl import GRPOConfig
 
     import sdpo_rl
-    from sdpo_rl import SDPOConfig, SDPOTrainer
     from sdpo_rl.models import load_default_model
     from sdpo_rl.tasks import get_task
 
@@ -62,29 +60,7 @@ def time_steps(method: str, task_name: str, steps: int, batch: int) -> dict:
     model, tokenizer = load_default_model()
     clock = StepClock()
     with tempfile.TemporaryDirectory() as output_dir:
-        args = GRPOConfig(
-            output_dir=output_dir,
-            per_device_train_batch_size=batch,
-            max_steps=steps,
-            beta=0.0,
-            seed=0,
-            use_cpu=True,
-            gradient_checkpointing=False,
-            logging_steps=1,
-            save_strategy="no",
-            report_to="none",
-            disable_tqdm=True,
-            **SHARED,
-        )
-        trainer = SDPOTrainer(
-            model=model,
-            args=args,
-            sdpo_config=SDPOConfig(**METHODS[method]),
-            processing_class=tokenizer,
-            reward_funcs=[task.reward_func()],
-            train_dataset=task.train_dataset(),
-            callbacks=[clock],
-        )
+        trainer = make_trainer(method, task, model, tokenizer, output_dir, {**LEARNING, "steps": steps}, 0, [clock])
         trainer.train()
     return {"library": str(Path(sdpo_rl.__file__).parent), "wall": clock.wall, "cpu": clock.cpu}
 
@@ -135,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     options = parser.parse_args(argv)
     if options.worker:
         method, task, steps = options.worker
-        print(json.dumps(time_steps(method, task, int(steps), LEARNING["batch"])))
+        print(json.dumps(time_steps(method, task, int(steps))))
         return 0
     for name in ("before", "after"):
         checkout = getattr(options, name)
