@@ -32,7 +32,7 @@ from .plotting import plot_metrics
 DEMO_SDPO_CONFIG = SDPOConfig(grpo_weight=0.8)
 # By default the demo trains a LoRA adapter with the `lora_ema` teacher (an EMA copy of the adapter on the shared base
 # model): no full teacher copy, AdamW state or gradient of the 135M weights, so about half the peak memory of full
-# fine-tuning at a held-out accuracy at least as good (docs/results.md#the-demo). `--no-lora` fine-tunes every weight
+# fine-tuning at the same held-out accuracy (three seeds, docs/results.md#the-demo). `--no-lora` fine-tunes every weight
 # at the learning rate of `hybrid_0.8` with a full EMA teacher.
 DEMO_LORA = dict(r=16, lora_alpha=32, target_modules="all-linear")
 DEMO_LORA_LEARNING_RATE = 3e-4
