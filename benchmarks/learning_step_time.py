@@ -87,6 +87,7 @@ def run_pair(method: str, versions: dict[str, Path], size: dict) -> dict:
 
 
 def summarise(records: list[dict]) -> str:
+    """A Markdown table: each method's median seconds per step under both versions, and their ratios."""
     lines = [
         "| method | before: wall s | before: CPU s | after: wall s | after: CPU s | after / before (wall) | (CPU) |",
         "|---|---|---|---|---|---|---|",

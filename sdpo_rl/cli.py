@@ -127,7 +127,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument(
         "--save-model",
         action="store_true",
-        help="also save the trained model (with LoRA: its adapters) and the tokenizer to OUTPUT_DIR/model",
+        help="also save the trained model (with LoRA: the student's adapter, not the teacher's) and the tokenizer to "
+        "OUTPUT_DIR/model",
     )
     demo.add_argument(
         "--cache-dir",
