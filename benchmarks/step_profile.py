@@ -2,8 +2,9 @@
 
 Builds the trainer exactly as `sdpo-rl demo` does (`sdpo_rl.demo.demo_grpo_config`, the demo's options after `--`),
 trains `--steps` steps after one warm-up step, and times each phase of a step: generation, rewards, teacher prompts,
-TRL's GRPO forward (the hybrid's GRPO term), the distillation forward (student and teacher), backward, the optimizer
-step and the teacher update. CPU seconds (`time.process_time`, all threads of the process) do not grow when other
+TRL's GRPO forward (GRPO, and the hybrid of a model without a plain linear head), the hybrid's one forward for both
+terms (student, teacher and the shared head pass), the distillation forward (student and teacher), backward, the
+optimizer step and the teacher update. CPU seconds (`time.process_time`, all threads of the process) do not grow when other
 programs share the cores, so they compare runs on a busy machine; with `--threads 1` they are also the wall time of
 an idle core. A phase's peak is the process's resident high-water mark during it (reset at its start).
 
@@ -24,6 +25,7 @@ PHASES = (  # (module, class, method, label); a method a version lacks is report
     ("sdpo_rl.trainer", "SDPOTrainer", "_calculate_rewards", "rewards"),
     ("sdpo_rl.trainer", "SDPOTrainer", "_build_teacher_batch", "teacher prompts"),
     ("trl", "GRPOTrainer", "_get_per_token_logps_and_entropies", "GRPO forward (TRL)"),
+    ("sdpo_rl.trainer", "SDPOTrainer", "_one_pass_hybrid", "hybrid forward"),
     ("sdpo_rl.trainer", "SDPOTrainer", "_self_distillation_loss", "distillation forward"),
     ("accelerate", "Accelerator", "backward", "backward"),
     ("accelerate.optimizer", "AcceleratedOptimizer", "step", "optimizer step"),

@@ -14,6 +14,7 @@ import trl
 from packaging.version import Version
 from transformers import Trainer
 from trl import GRPOConfig, GRPOTrainer
+from trl import kernels as trl_kernels
 from trl.trainer import utils as trl_utils
 
 SUPPORTED_TRL = (Version("1.16.0"), Version("1.17.0"))  # [low, high)
@@ -24,6 +25,7 @@ GRPO_METHODS = {
     "_generate_and_score_completions": ("self", "inputs"),
     "_calculate_rewards": ("self", "inputs", "prompts", "completions", "completion_ids_list"),
     "_compute_loss": ("self", "model", "inputs"),
+    "_get_per_token_logps_and_entropies": ("self", "model", "input_ids", "attention_mask", "logits_to_keep"),
 }
 TRAINER_METHODS = {
     "_get_grad_norm": ("self", "model", "grad_norm"),
@@ -33,7 +35,21 @@ TRAINER_METHODS = {
     "_get_output_dir": ("self", "trial"),
 }
 # Helpers of trl.trainer.utils that sdpo_rl imports.
-TRL_UTILS = ("pad", "is_async_callable")
+TRL_UTILS = ("pad", "is_async_callable", "_CHUNKED_LOGPROB_CHUNK_SIZE")
+# TRL's chunked log-prob kernel (what its fused LM head runs), which scores the hybrid's tokens that are not distilled:
+# its forward's parameters, in order.
+LOGPROB_KERNEL = (
+    "ctx",
+    "hidden",
+    "weight",
+    "bias",
+    "targets",
+    "temperature",
+    "chunk_size",
+    "final_logit_softcapping",
+    "logit_scale",
+    "outputs",
+)
 # Attributes GRPOTrainer.__init__ sets and SDPOTrainer reads; checked on each new trainer (they only exist then).
 GRPO_ATTRIBUTES = (
     "accelerator",
@@ -51,6 +67,15 @@ GRPO_ATTRIBUTES = (
     "_tokenizer",
     "_metrics",
     "_logs",
+    "loss_type",
+    "epsilon_high",
+    "importance_sampling_level",
+    "off_policy_mask_threshold",
+    "use_vllm",
+    "vllm_importance_sampling_correction",
+    "beta",
+    "top_entropy_quantile",
+    "_entropy_bonus_enabled",
 )
 # Keys of the batch dict produced by `_generate_and_score_completions` that SDPO reads.
 BATCH_KEYS = ("prompt_ids", "prompt_mask", "completion_ids", "completion_mask")
@@ -67,6 +92,8 @@ GRPO_CONFIG_FIELDS = (
     "loss_type",
     "steps_per_generation",
     "per_device_train_batch_size",
+    "max_completion_length",
+    "cast_lm_head_to_fp32",
 )
 
 
@@ -112,6 +139,10 @@ def check_trl() -> None:
     if missing_utils:
         _fail(f"trl.trainer.utils no longer has {', '.join(missing_utils)}")
     _check_methods(Trainer, TRAINER_METHODS)
+    kernel = getattr(trl_kernels, "ChunkedLogProbFunction", None)
+    if kernel is None:
+        _fail("trl.kernels no longer has ChunkedLogProbFunction")
+    _check_methods(kernel, {"forward": LOGPROB_KERNEL})
     _check_optional_batch_keys()
     missing_fields = [name for name in GRPO_CONFIG_FIELDS if name not in GRPOConfig.__dataclass_fields__]
     if missing_fields:

@@ -119,24 +119,3 @@ def no_grad_head_inputs(model: nn.Module, input_ids, attention_mask, logits_to_k
     with torch.no_grad(), eval_mode(model):
         hidden = completion_hidden(model, head, input_ids, attention_mask, logits_to_keep)
     return HeadInputs((hidden,), (head.weight,))
-
-
-def _backbone(model: nn.Module) -> nn.Module:
-    """The module that returns a causal LM's final hidden states (after the last norm), under any PEFT wrapper."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return base.base_model
-
-
-@contextmanager
-def captured_final_hidden(model: nn.Module) -> Iterator[list[torch.Tensor]]:
-    """Collect the final hidden states ``[B, L, H]`` of every forward of `model`'s backbone run inside the block.
-
-    They keep their autograd graph, so a second loss can be computed from the forward another loss already ran
-    (TRL's GRPO loss calls the model with a fused LM head that never returns the hidden states).
-    """
-    captured: list[torch.Tensor] = []
-    handle = _backbone(model).register_forward_hook(lambda module, args, output: captured.append(output[0]))
-    try:
-        yield captured
-    finally:
-        handle.remove()

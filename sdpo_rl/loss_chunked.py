@@ -6,12 +6,16 @@ section 4).
 projected, ``chunk_size`` of them at a time, through :func:`sdpo_rl.loss.per_token_loss`, and each chunk's gradient
 is finished before the next chunk is projected. Notation as in :mod:`sdpo_rl.loss`, plus ``H`` the hidden size and
 ``N`` the number of distilled tokens.
+
+With a :class:`PolicyGradient` the same pass also returns the student's log-probabilities of the completion tokens,
+for a second loss on them (TRL's GRPO loss in the hybrid), and folds that loss's gradient into each chunk's: the two
+losses share one projection of the head.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, replace
 
 import torch
 from torch.autograd.function import once_differentiable
@@ -74,15 +78,30 @@ class _DistilledTokens:
     old_per_token_logps: torch.Tensor | None
     per_token_weight: torch.Tensor | None
     loss_weight: torch.Tensor  # c_t: the weight of each token's loss in the aggregated loss
+    logp_gradient: torch.Tensor | None  # g_t: the gradient w.r.t. the student's log-prob of the token (PolicyGradient)
 
     def rows(self, rows: slice) -> _DistilledTokens:
         return _DistilledTokens(
-            tuple(h[rows] for h in self.teacher_hidden),
-            self.completion_ids[rows],
-            None if self.old_per_token_logps is None else self.old_per_token_logps[rows],
-            None if self.per_token_weight is None else self.per_token_weight[rows],
-            self.loss_weight[rows],
+            *(
+                tuple(h[rows] for h in value) if isinstance(value, tuple) else None if value is None else value[rows]
+                for value in (getattr(self, field.name) for field in fields(self))
+            )
         )
+
+
+@dataclass
+class PolicyGradient:
+    """A second loss on the student's log-probabilities of the distilled tokens, sharing the chunk pass.
+
+    ``expected`` (``[B, T]``) is that loss's gradient w.r.t. each log-probability, relative to this loss's weight in
+    the caller's total: ``d total / d logp_t`` divided by ``d total / d loss``. The pass adds it to each chunk's
+    gradient, so the head is projected once for both losses. If the gradient that arrives in backward differs (by
+    more than a relative 1e-5), the chunks are projected again with it, so the result is always the true gradient;
+    ``recomputed`` then says so. ``expected=None`` always recomputes.
+    """
+
+    expected: torch.Tensor | None
+    recomputed: bool = False
 
 
 @dataclass(frozen=True)
@@ -144,63 +163,116 @@ class _ChunkedHeadLoss(torch.autograd.Function):
     The loss is linear in the per-token losses, so a chunk's gradient w.r.t. the student's hidden states and head
     weight is final as soon as the chunk is done: it is computed in the forward pass and only scaled in backward. No
     logits are kept and none is projected twice; the weight's gradient is accumulated in place (float32 or wider).
-    Returns the loss and the ``[N]`` student and teacher entropies (None without ``return_entropy``).
+    Returns the loss, the ``[N]`` student and teacher entropies (None without ``return_entropy``) and the ``[N]``
+    student log-probabilities of the tokens (None without a `PolicyGradient`).
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, tokens: _DistilledTokens, settings: _ChunkSettings):
-        wants_hidden_grad = settings.grad_enabled and ctx.needs_input_grad[0]
-        wants_weight_grad = settings.grad_enabled and ctx.needs_input_grad[1]
-        grad_hidden = torch.zeros_like(hidden) if wants_hidden_grad else None
-        grad_weight = torch.zeros_like(weight, dtype=loss_dtype(weight)) if wants_weight_grad else None
-        loss = hidden.new_zeros((), dtype=settings.dtype)
-        no_tokens = hidden.new_zeros(0, dtype=torch.float32)
-        entropies = [(no_tokens, no_tokens)]  # (student, teacher) per chunk
-        buffers = _ChunkBuffers.allocate(
-            min(settings.chunk_size, hidden.shape[0]), weight.shape[0], hidden, settings.dtype
-        )
-        for start in range(0, hidden.shape[0], settings.chunk_size):
-            rows = slice(start, start + settings.chunk_size)
-            chunk_loss, chunk_entropies = _chunk_step(
-                hidden[rows],
-                weight,
-                tokens.rows(rows),
-                settings,
-                buffers.rows(hidden[rows].shape[0]),
-                None if grad_hidden is None else grad_hidden[rows],
-                grad_weight,
-            )
-            loss += chunk_loss
-            entropies += chunk_entropies
-        ctx.gradients = (grad_hidden, grad_weight)
+    def forward(ctx, hidden, weight, tokens: _DistilledTokens, settings: _ChunkSettings, policy: PolicyGradient | None):
+        grad_enabled = settings.grad_enabled and any(ctx.needs_input_grad[:2])
+        gradients = _zero_gradients(ctx.needs_input_grad, hidden, weight) if grad_enabled else (None, None)
+        loss, student_entropy, teacher_entropy, logps = _chunk_pass(hidden, weight, tokens, settings, *gradients)
+        ctx.gradients = gradients
         ctx.weight_dtype = weight.dtype
-        if not settings.return_entropy:
-            return loss, None, None
-        student_entropy, teacher_entropy = (torch.cat(side) for side in zip(*entropies, strict=True))
-        ctx.mark_non_differentiable(student_entropy, teacher_entropy)
-        return loss, student_entropy, teacher_entropy
+        if policy is not None and grad_enabled:
+            ctx.policy, ctx.tokens, ctx.settings = policy, tokens, settings
+            ctx.save_for_backward(hidden, weight)
+        if settings.return_entropy:
+            ctx.mark_non_differentiable(student_entropy, teacher_entropy)
+        else:
+            student_entropy = teacher_entropy = None
+        return loss, student_entropy, teacher_entropy, None if policy is None else logps
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, grad_loss, *_entropy_grads):
+    def backward(ctx, grad_loss, _student_entropy_grad, _teacher_entropy_grad, grad_logps):
         grad_hidden, grad_weight = ctx.gradients
         del ctx.gradients  # scaled in place below: a second backward must fail, not scale them again
-        if grad_hidden is not None:
-            grad_hidden.mul_(grad_loss)
+        policy = getattr(ctx, "policy", None)
+        if policy is not None and not _matches(grad_logps, ctx.tokens.logp_gradient, grad_loss):
+            policy.recomputed = True
+            hidden, weight = ctx.saved_tensors
+            for gradient in (grad_hidden, grad_weight):
+                if gradient is not None:
+                    gradient.zero_()
+            tokens = replace(ctx.tokens, loss_weight=ctx.tokens.loss_weight * grad_loss, logp_gradient=grad_logps)
+            _chunk_pass(hidden, weight, tokens, replace(ctx.settings, return_entropy=False), grad_hidden, grad_weight)
+        elif grad_hidden is not None or grad_weight is not None:
+            for gradient in (grad_hidden, grad_weight):
+                if gradient is not None:
+                    gradient.mul_(grad_loss)
         if grad_weight is not None:
-            grad_weight = grad_weight.mul_(grad_loss).to(ctx.weight_dtype)
-        return grad_hidden, grad_weight, None, None
+            grad_weight = grad_weight.to(ctx.weight_dtype)
+        return grad_hidden, grad_weight, None, None, None
+
+
+def _zero_gradients(needs_input_grad, hidden, weight) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """Zeroed gradient accumulators for the student's hidden states and head weight (float32 or wider), if wanted."""
+    return (
+        torch.zeros_like(hidden) if needs_input_grad[0] else None,
+        torch.zeros_like(weight, dtype=loss_dtype(weight)) if needs_input_grad[1] else None,
+    )
+
+
+def _matches(actual: torch.Tensor | None, expected: torch.Tensor | None, scale: torch.Tensor) -> bool:
+    """Whether the log-probabilities' gradient that arrived is ``scale * expected`` (relative 1e-5)."""
+    if expected is None:
+        return False
+    if actual is None:
+        return not expected.any()
+    expected = expected * scale
+    if expected.numel() == 0:
+        return True
+    tolerance = 1e-5 * expected.abs().max().clamp(min=torch.finfo(expected.dtype).tiny)
+    return bool(((actual - expected).abs() <= tolerance).all())
+
+
+def _chunk_pass(hidden, weight, tokens: _DistilledTokens, settings: _ChunkSettings, grad_hidden, grad_weight):
+    """All chunks of `_ChunkedHeadLoss`: ``(loss, [N] student entropy, [N] teacher entropy, [N] student logps)``.
+
+    Adds the gradients into ``grad_hidden`` and ``grad_weight`` where given; the entropies are empty without
+    ``settings.return_entropy``.
+    """
+    loss = hidden.new_zeros((), dtype=settings.dtype)
+    no_tokens = hidden.new_zeros(0, dtype=torch.float32)
+    entropies = [(no_tokens, no_tokens)]  # (student, teacher) per chunk
+    logps = hidden.new_empty(hidden.shape[0], dtype=settings.dtype)
+    buffers = _ChunkBuffers.allocate(min(settings.chunk_size, hidden.shape[0]), weight.shape[0], hidden, settings.dtype)
+    for start in range(0, hidden.shape[0], settings.chunk_size):
+        rows = slice(start, start + settings.chunk_size)
+        chunk_loss, chunk_entropies = _chunk_step(
+            hidden[rows],
+            weight,
+            tokens.rows(rows),
+            settings,
+            buffers.rows(hidden[rows].shape[0]),
+            None if grad_hidden is None else grad_hidden[rows],
+            grad_weight,
+            logps[rows],
+        )
+        loss += chunk_loss
+        entropies += chunk_entropies
+    student_entropy, teacher_entropy = (torch.cat(side) for side in zip(*entropies, strict=True))
+    return loss, student_entropy, teacher_entropy, logps
 
 
 def _chunk_step(
-    hidden, weight, chunk: _DistilledTokens, settings: _ChunkSettings, buffers: _ChunkBuffers, grad_hidden, grad_weight
+    hidden,
+    weight,
+    chunk: _DistilledTokens,
+    settings: _ChunkSettings,
+    buffers: _ChunkBuffers,
+    grad_hidden,
+    grad_weight,
+    logps_out,
 ):
     """One chunk: its ``sum_t c_t l_t`` and ``[n]`` (student, teacher) entropies in a list (empty if not wanted).
 
-    Adds the chunk's gradients into ``grad_hidden`` (its rows) and ``grad_weight`` when they are given. The two
-    ``[n, V]`` buffers are the only tensors that size (the full-vocabulary divergence's autograd adds its own):
-    the student's holds its logits, then its log-probabilities; the teacher's its logits, its log-probabilities,
-    then the student's probabilities and finally the gradient w.r.t. the student's logits.
+    Writes the student's log-probabilities of the chunk's tokens into ``logps_out`` and adds the chunk's gradients
+    into ``grad_hidden`` (its rows) and ``grad_weight`` when they are given. The two ``[n, V]`` buffers are the only
+    tensors that size (the full-vocabulary divergence's autograd adds its own): the student's holds its logits, then
+    its log-probabilities; the teacher's its logits, its log-probabilities, then the student's probabilities and
+    finally the gradient w.r.t. the student's logits.
     """
     student, teacher = buffers.student_logits, buffers.teacher_logits
     _project([hidden], [weight], student)
@@ -214,7 +286,8 @@ def _chunk_step(
 
     # The loss reads the log-probabilities at the support only: its gradient w.r.t. them is [n, N], and autograd
     # never sees a [n, V] tensor (unless N = V).
-    student_logps = student.gather(-1, chunk.completion_ids.unsqueeze(-1)).squeeze(-1)
+    student_logps = torch.gather(student, -1, chunk.completion_ids.unsqueeze(-1), out=logps_out.unsqueeze(-1))
+    student_logps = student_logps.squeeze(-1)
     s, q = (student, teacher) if indices is None else (student.gather(-1, indices), teacher.gather(-1, indices))
     wants_grad = grad_hidden is not None or grad_weight is not None
     with torch.enable_grad():
@@ -229,6 +302,12 @@ def _chunk_step(
     probs = torch.exp(student, out=teacher)  # the teacher's log-probabilities are no longer needed
     entropies = [(_dot_rows(probs, student).neg_().float(), teacher_entropy)] if settings.return_entropy else []
     if wants_grad:
+        if chunk.logp_gradient is not None:  # the second loss's gradient w.r.t. the sampled tokens' log-probs
+            ids, grad_logp = chunk.completion_ids.unsqueeze(-1), chunk.logp_gradient.unsqueeze(-1).to(grad_s.dtype)
+            if indices is None:
+                grad_s = grad_s.scatter_add(-1, ids, grad_logp)
+            else:
+                indices, grad_s = torch.cat([indices, ids], dim=-1), torch.cat([grad_s, grad_logp], dim=-1)
         grad_logits = _softmax_backward_(probs, grad_s, indices, settings.temperature)
         if grad_hidden is not None:
             grad_hidden.copy_(grad_logits.to(weight.dtype) @ weight)
@@ -289,7 +368,8 @@ def self_distillation_loss_from_hidden(
     normalizer: torch.Tensor | float | None = None,
     chunk_size: int | None = None,
     return_entropy: bool = False,
-) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    policy_gradient: PolicyGradient | None = None,
+) -> torch.Tensor | tuple[torch.Tensor, ...]:
     """``self_distillation_loss`` of the logits ``hidden @ weight.T / temperature``, without ``[B, T, V]`` logits.
 
     Only the distilled tokens (``completion_mask * self_distillation_mask``) are projected, ``chunk_size`` at a time,
@@ -307,10 +387,13 @@ def self_distillation_loss_from_hidden(
         chunk_size: tokens projected at a time; any value gives the same loss. None: :func:`default_chunk_size`.
         return_entropy: also return the ``[B, T]`` entropies of the student's and the teacher's next-token
             distributions (nats, no gradient, 0 where no token is distilled), which cost one more pass per chunk.
+        policy_gradient: also return the student's ``[B, T]`` log-probabilities of ``completion_ids`` (0 where no
+            token is distilled), with gradient, for a second loss whose expected gradient it gives.
         The other arguments are those of :func:`sdpo_rl.loss.self_distillation_loss`.
 
     Returns:
-        The loss, or ``(loss, student_entropy, teacher_entropy)`` with ``return_entropy``.
+        The loss, followed by ``student_entropy, teacher_entropy`` with ``return_entropy`` and by the
+        log-probabilities with ``policy_gradient``; the loss alone without either.
     """
     if chunk_size is not None and not (isinstance(chunk_size, int) and chunk_size >= 1):
         raise ValueError(f"chunk_size={chunk_size!r} must be None or an int >= 1")
@@ -325,6 +408,7 @@ def self_distillation_loss_from_hidden(
         self_distillation_mask=self_distillation_mask,
         old_per_token_logps=old_per_token_logps,
         per_token_weight=per_token_weight,
+        expected_logp_gradient=None if policy_gradient is None else policy_gradient.expected,
     )
     dtype = loss_dtype(student_hidden, student_lm_head_weight, *teacher_hidden, *teacher_weight)
     mask = distillation_mask(completion_mask, self_distillation_mask, dtype)
@@ -335,6 +419,9 @@ def self_distillation_loss_from_hidden(
         old_per_token_logps=None if old_per_token_logps is None else old_per_token_logps[active].to(dtype),
         per_token_weight=None if per_token_weight is None else per_token_weight[active].to(dtype),
         loss_weight=_aggregation_weights(mask, settings.loss_agg_mode, normalizer)[active],
+        logp_gradient=None
+        if policy_gradient is None or policy_gradient.expected is None
+        else (policy_gradient.expected[active].to(dtype)),
     )
     chunk_settings = _ChunkSettings(
         teacher_weight=tuple(w.detach() for w in teacher_weight),
@@ -346,9 +433,10 @@ def self_distillation_loss_from_hidden(
         loss=settings,
     )
     with torch.autocast(student_hidden.device.type, enabled=False):  # the dtypes above hold under autocast too
-        loss, student_entropy, teacher_entropy = _ChunkedHeadLoss.apply(
-            student_hidden[active], student_lm_head_weight, tokens, chunk_settings
+        loss, student_entropy, teacher_entropy, logps = _ChunkedHeadLoss.apply(
+            student_hidden[active], student_lm_head_weight, tokens, chunk_settings, policy_gradient
         )
-    if not return_entropy:
-        return loss
-    return loss, _scatter(student_entropy, active), _scatter(teacher_entropy, active)
+    outputs = (_scatter(student_entropy, active), _scatter(teacher_entropy, active)) if return_entropy else ()
+    if policy_gradient is not None:
+        outputs += (_scatter(logps, active),)
+    return (loss, *outputs) if outputs else loss

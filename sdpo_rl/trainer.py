@@ -38,14 +38,17 @@ from transformers import TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from trl import GRPOTrainer
 from trl.data_utils import is_conversational
+from trl.kernels import ChunkedLogProbFunction
+from trl.trainer.utils import _CHUNKED_LOGPROB_CHUNK_SIZE as TRL_LOGPROB_VOCAB_CHUNK
 from trl.trainer.utils import pad
 
 from . import _trl_compat
 from .config import SDPOConfig
 from .feedback import FEEDBACK_COLUMN, ReturnRecorder, collect_feedback, record_returns, snapshot_feedback
-from .forward import HeadInputs, captured_final_hidden, completion_hidden, completion_logits, linear_head
+from .forward import HeadInputs, completion_hidden, completion_logits, linear_head
+from .grpo_gradient import GRPOLossSettings, on_policy_logp_gradient
 from .loss import self_distillation_loss, token_entropy
-from .loss_chunked import default_chunk_size, self_distillation_loss_from_hidden
+from .loss_chunked import PolicyGradient, default_chunk_size, self_distillation_loss_from_hidden
 from .metrics import (
     DISTILLATION_LOSS,
     GRPO_LOSS,
@@ -94,6 +97,16 @@ class _Rollout:
     feedback: list[str]
 
 
+@dataclass
+class _Distillation:
+    """The distillation term of a micro-batch, and what it computed on the way, ``[B, T]`` over every row."""
+
+    loss: torch.Tensor
+    scored: torch.Tensor  # the distilled tokens: the only ones `student_entropy` and `logps` hold (0 elsewhere)
+    student_entropy: torch.Tensor
+    logps: torch.Tensor | None  # the student's log-probs of the completion tokens, with gradient (with a policy)
+
+
 class _TeacherUpdateCallback(TrainerCallback):
     """Updates the teacher after every optimizer step (docs/teachers.md)."""
 
@@ -126,6 +139,7 @@ class SDPOTrainer(GRPOTrainer):
         self._sdpo_rollout: _Rollout | None = None
         self._last_grad_norm_finite = True
         self._collapse_warned = False
+        self._scored_completions: tuple[torch.Tensor, torch.Tensor] | None = None  # see `_one_pass_hybrid`
         super().__init__(*arguments.args[1:], **arguments.kwargs)
         _trl_compat.check_trainer_attributes(self)
         self._check_chat_template()
@@ -356,34 +370,118 @@ class SDPOTrainer(GRPOTrainer):
     def _compute_loss(self, model, inputs):
         """The SDPO loss; or, with TRL's GRPO loss as a second term, the routed sum or the `grpo_weight` blend.
 
-        With both terms, one student forward serves both when the model's head is a plain linear layer: TRL's loss
-        runs the forward, and the distillation loss reads the final hidden states it produced.
+        With both terms and a model whose head is a plain linear layer, one student forward serves both, and the
+        head projects each completion token once for both (`_one_pass_hybrid`).
         """
         if self.teacher is None:
             return super()._compute_loss(model, inputs)
         config = self.sdpo_config
         if not _uses_grpo_term(config):
-            return self._self_distillation_loss(model, inputs)
+            return self._self_distillation_loss(model, inputs).loss
         grpo_inputs = inputs
         if config.sample_routing:  # GRPO's loss masks the distilled rows; they keep attending, as tool outputs do
             routed_to_grpo = (1.0 - inputs["self_distillation_mask"]).unsqueeze(1)
             grpo_inputs = {**inputs, "tool_mask": inputs.get("tool_mask", 1) * routed_to_grpo}
-        student = self.accelerator.unwrap_model(model)
-        if linear_head(student) is None:
+        # Both terms' weights in the total: routing adds two sums over one shared token count.
+        grpo_weight, distillation_weight = (
+            (1.0, 1.0) if config.sample_routing else (config.grpo_weight, 1.0 - config.grpo_weight)
+        )
+        head = linear_head(self.accelerator.unwrap_model(model))
+        if head is None or self.aux_loss_enabled or self._entropy_bonus_enabled:
+            # TRL's forward runs the head, returns the MoE aux loss, and the entropies with their gradient
             grpo_loss = super()._compute_loss(model, grpo_inputs)
-            distillation_loss = self._self_distillation_loss(model, inputs)
+            distillation_loss = self._self_distillation_loss(model, inputs).loss
         else:
-            with captured_final_hidden(student) as captured:
-                grpo_loss = super()._compute_loss(model, grpo_inputs)
-            if len(captured) != 1:
-                raise RuntimeError(f"TRL's GRPO loss ran the student's backbone {len(captured)} times, expected once.")
-            logits_to_keep = inputs["completion_ids"].size(1)
-            student_hidden = captured[0][:, -(logits_to_keep + 1) : -1]
-            distillation_loss = self._self_distillation_loss(model, inputs, student_hidden)
+            grpo_loss, distillation_loss = self._one_pass_hybrid(
+                model, inputs, grpo_inputs, head, grpo_weight / distillation_weight
+            )
         self._log_loss_metric(GRPO_LOSS, grpo_loss)
-        if config.sample_routing:  # both terms are already sums over one shared token count
-            return grpo_loss + distillation_loss
-        return config.grpo_weight * grpo_loss + (1.0 - config.grpo_weight) * distillation_loss
+        return grpo_weight * grpo_loss + distillation_weight * distillation_loss
+
+    def _one_pass_hybrid(self, model, inputs, grpo_inputs, head: nn.Linear, relative_grpo_weight: float):
+        """``(GRPO loss, distillation loss)`` from one student forward, the head projecting each token once.
+
+        The distillation's chunk pass also returns the student's log-probs of the distilled tokens and folds TRL's
+        GRPO gradient w.r.t. them into its own (`sdpo_rl.grpo_gradient`); the other completion tokens are scored by
+        TRL's chunked log-prob kernel, compact. TRL's `_compute_loss` then computes its loss and metrics from these
+        log-probs and entropies instead of running its own forward.
+        """
+        completion_ids, completion_mask = inputs["completion_ids"], inputs["completion_mask"]
+        every_row = torch.arange(completion_ids.size(0), device=completion_ids.device)
+        student_hidden = self._student_outputs(model, inputs, every_row, head)
+        expected = self._expected_grpo_logp_gradient(grpo_inputs)
+        rows = _distilled_rows(inputs)
+        policy = PolicyGradient(None if expected is None else relative_grpo_weight * expected[rows])
+        distillation = self._self_distillation_loss(model, inputs, student_hidden, policy)
+        others = (completion_mask > 0) & ~distillation.scored
+        logps, entropies = distillation.logps, distillation.student_entropy
+        if others.any():
+            other_logps, other_entropies = self._sampled_token_logps(
+                student_hidden[others], head, completion_ids[others]
+            )
+            logps = logps + torch.zeros_like(logps).masked_scatter(others, other_logps.to(logps.dtype))
+            entropies = entropies + torch.zeros_like(entropies).masked_scatter(
+                others, other_entropies.to(entropies.dtype)
+            )
+        self._scored_completions = (logps, entropies)
+        try:
+            grpo_loss = super()._compute_loss(model, grpo_inputs)
+        finally:
+            self._scored_completions = None
+        if policy.recomputed:
+            logger.debug("TRL's GRPO gradient was not the on-policy one expected: the chunk pass ran twice.")
+        return grpo_loss, distillation.loss
+
+    def _expected_grpo_logp_gradient(self, grpo_inputs) -> torch.Tensor | None:
+        """TRL's GRPO gradient w.r.t. the per-token log-probs when it is known in advance (on policy), else None."""
+        unknown = (
+            grpo_inputs.get("old_per_token_logps") is not None
+            or self.importance_sampling_level != "token"
+            or self.off_policy_mask_threshold is not None
+            or (self.use_vllm and self.vllm_importance_sampling_correction)
+            or self.beta != 0.0  # the KL term's gradient depends on the log-probs
+            or self.top_entropy_quantile < 1.0  # the entropy mask zeroes some tokens' gradient
+        )
+        if unknown:
+            return None
+        training = self.model.training
+        mask = grpo_inputs["completion_mask"] * grpo_inputs.get("tool_mask", 1)
+        settings = GRPOLossSettings(
+            loss_type=self.loss_type,
+            epsilon_high=self.epsilon_high,
+            max_completion_length=self.args.max_completion_length,
+            accumulation_steps=self.current_gradient_accumulation_steps if training else 1,
+            steps_per_generation=self.args.steps_per_generation if training else 1,
+            num_processes=self.accelerator.num_processes,
+        )
+        return on_policy_logp_gradient(grpo_inputs["advantages"], mask, grpo_inputs.get("num_items_in_batch"), settings)
+
+    def _sampled_token_logps(self, hidden: torch.Tensor, head: nn.Linear, token_ids: torch.Tensor):
+        """``(logps, entropies)`` ``[N]`` of `token_ids` under ``head(hidden) / temperature``, by TRL's chunked kernel
+        with TRL's precision settings, as its fused head computes them."""
+        cast_to_float32 = self.args.cast_lm_head_to_fp32
+        with torch.autocast(hidden.device.type, enabled=False) if cast_to_float32 else self.accelerator.autocast():
+            logps, entropies, *_ = ChunkedLogProbFunction.apply(
+                hidden.float() if cast_to_float32 else hidden,
+                head.weight,
+                None,
+                token_ids,
+                self.temperature,
+                TRL_LOGPROB_VOCAB_CHUNK,
+                None,
+                1.0,
+                ("entropy",),
+            )
+        return logps, entropies
+
+    def _get_per_token_logps_and_entropies(self, model, input_ids, attention_mask, logits_to_keep, *args, **kwargs):
+        """TRL's, unless `_one_pass_hybrid` already scored the completions: then those log-probs and entropies."""
+        if self._scored_completions is None:
+            return super()._get_per_token_logps_and_entropies(
+                model, input_ids, attention_mask, logits_to_keep, *args, **kwargs
+            )
+        logps, entropies = self._scored_completions
+        return logps, entropies, None
 
     def _log_loss_metric(self, name: str, loss: torch.Tensor) -> None:
         """Log a loss term as its value for the whole optimizer step (not this micro-batch's share of it)."""
@@ -398,23 +496,22 @@ class SDPOTrainer(GRPOTrainer):
         totals = self.accelerator.reduce(torch.stack([(values * mask).sum(), mask.sum()]).float(), reduction="sum")
         self._metrics[mode][name].append((totals[0] / totals[1]).item() if totals[1] > 0 else math.nan)
 
-    def _self_distillation_loss(self, model, inputs, student_hidden: torch.Tensor | None = None) -> torch.Tensor:
+    def _self_distillation_loss(
+        self, model, inputs, student_hidden: torch.Tensor | None = None, policy: PolicyGradient | None = None
+    ) -> _Distillation:
         """The distillation loss of the distilled completions (docs/how-it-works.md section 4).
 
         For a model whose output head is a plain linear layer (`linear_head`) the loss projects final hidden states a
         chunk of tokens at a time, so that no `[B, T, V]` logits are materialised; other models go through their
         logits. `student_hidden` (``[B, T, H]``, at the completion positions of every row) comes from a forward that
-        already ran; without it the student runs its own forward on the distilled rows.
+        already ran; without it the student runs its own forward on the distilled rows. With `policy` (over the
+        `_distilled_rows`, and a linear head), the pass also returns the student's log-probs of the distilled tokens,
+        for TRL's GRPO loss.
         """
         config = self.sdpo_config
         mode = "train" if self.model.training else "eval"
-        # Only distilled completions are forwarded (deviation D3 in docs/deviations.md). Without any, one row still
-        # runs through the student so the loss is a zero connected to the model (every process must take part in
-        # backward), and the teacher does not run at all.
-        rows = inputs["self_distillation_mask"].nonzero().squeeze(1)
-        has_signal = rows.numel() > 0
-        if not has_signal:
-            rows = rows.new_zeros(1)
+        rows = _distilled_rows(inputs)
+        has_signal = bool(inputs["self_distillation_mask"][rows].any())
         student = self.accelerator.unwrap_model(model)
         head = linear_head(student)
         completion_ids, completion_mask = inputs["completion_ids"][rows], inputs["completion_mask"][rows]
@@ -441,8 +538,11 @@ class SDPOTrainer(GRPOTrainer):
             per_token_weight=self._per_token_weight(inputs, rows, completion_ids.shape),
             normalizer=self._loss_normalizer(inputs) if mode == "train" else None,
         )
+        logps = None
         if head is not None:
-            loss, student_entropy, teacher_entropy = self_distillation_loss_from_hidden(
+            if policy is not None:
+                options["policy_gradient"] = policy
+            loss, student_entropy, teacher_entropy, *logps = self_distillation_loss_from_hidden(
                 student_out,
                 head.weight,
                 teacher.hidden,
@@ -460,7 +560,15 @@ class SDPOTrainer(GRPOTrainer):
         self._log_masked_mean(mode, STUDENT_ENTROPY, student_entropy, distilled)
         self._log_masked_mean(mode, TEACHER_ENTROPY, teacher_entropy, distilled)
         self._log_loss_metric(DISTILLATION_LOSS, loss)
-        return loss
+        def on_every_row(values: torch.Tensor) -> torch.Tensor:  # [len(rows), T] -> [B, T], 0 on the other rows
+            return torch.zeros_like(inputs["completion_mask"], dtype=values.dtype).index_copy(0, rows, values)
+
+        return _Distillation(
+            loss=loss,
+            scored=on_every_row(distilled) > 0,
+            student_entropy=on_every_row(student_entropy * distilled),
+            logps=on_every_row(logps[0]) if logps else None,
+        )
 
     def _student_outputs(self, model, inputs, rows: torch.Tensor, head: nn.Linear | None) -> torch.Tensor:
         """The student's forward on the prompts and completions of `rows`, with gradient: the final hidden states
@@ -592,6 +700,16 @@ class SDPOTrainer(GRPOTrainer):
         """Save the student only: a `lora_ema` teacher adapter is kept out of the saved PEFT model."""
         with hidden_teacher_adapter(self.accelerator.unwrap_model(self.model)):
             super()._save(output_dir, state_dict)
+
+
+def _distilled_rows(inputs) -> torch.Tensor:
+    """The rows the distillation loss forwards: the distilled completions (deviation D3 in docs/deviations.md).
+
+    Without any, the first row still runs through the student so that the loss is a zero connected to the model
+    (every process must take part in backward); its distillation mask keeps it out of the loss.
+    """
+    rows = inputs["self_distillation_mask"].nonzero().squeeze(1)
+    return rows if rows.numel() > 0 else rows.new_zeros(1)
 
 
 def _uses_grpo_term(config: SDPOConfig) -> bool:

@@ -107,7 +107,7 @@ def test_step_profile_reports_every_phase_of_the_demo_step():
     completed = subprocess.run(command, capture_output=True, text=True, timeout=1800)
     assert completed.returncode == 0, completed.stderr[-3000:]
     rows = {line.split("|")[1].strip(): line for line in completed.stdout.splitlines() if line.startswith("| ")}
-    for phase in ("generation", "GRPO forward (TRL)", "distillation forward", "backward", "optimizer step"):
+    for phase in ("generation", "hybrid forward", "backward", "optimizer step"):
         assert phase in rows, phase
         assert float(rows[phase].split("|")[2]) > 0, phase
     assert "**step**" in rows

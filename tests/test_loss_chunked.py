@@ -13,8 +13,13 @@ from safetensors.torch import load_file
 
 from sdpo_rl import SDPOConfig, SDPOTrainer
 from sdpo_rl import trainer as trainer_module
-from sdpo_rl.loss import LOSS_AGG_MODES, LossSettings, self_distillation_loss, token_entropy
-from sdpo_rl.loss_chunked import CHUNK_BYTES, default_chunk_size, self_distillation_loss_from_hidden
+from sdpo_rl.loss import LOSS_AGG_MODES, LossSettings, sampled_token_logps, self_distillation_loss, token_entropy
+from sdpo_rl.loss_chunked import (
+    CHUNK_BYTES,
+    PolicyGradient,
+    default_chunk_size,
+    self_distillation_loss_from_hidden,
+)
 
 GOLDEN_DIR = Path(__file__).parent / "data" / "golden" / "sdpo_loss"
 GOLDEN_CASES = json.loads((GOLDEN_DIR / "manifest.json").read_text())["cases"]
@@ -255,6 +260,66 @@ def test_ambient_autocast_does_not_lower_the_projection_precision():
     with torch.autocast(DEVICE.type, dtype=torch.bfloat16):
         under_autocast = chunked(*positional(batch)[:6], **options)
     assert_same(under_autocast, chunked(*positional(batch)[:6], **options))
+
+
+def blended_gradients(batch, sd_mask, options, second_loss, expected_gradient=None, use_chunks=True):
+    """Gradients of ``0.3 * distillation + 0.7 * second_loss(student logps)`` (hidden, weight) and the logps, through
+    the chunked loss with a `PolicyGradient` (returned too) or through materialised logits."""
+    hidden, weight = leaf(batch["student_hidden"]), leaf(batch["student_weight"])
+    args = (batch["teacher_hidden"], batch["teacher_weight"], batch["completion_ids"], batch["completion_mask"])
+    if use_chunks:
+        policy = PolicyGradient(expected_gradient)
+        loss, logps = self_distillation_loss_from_hidden(
+            hidden, weight, *args, sd_mask, policy_gradient=policy, **options
+        )
+    else:
+        policy, temperature = None, options.get("temperature", 1.0)
+        student_logits = hidden @ weight.T / temperature
+        teacher_logits = args[0] @ args[1].T / temperature
+        options = {k: v for k, v in options.items() if k not in ("chunk_size", "temperature")}
+        loss = self_distillation_loss(student_logits, teacher_logits, *args[2:], sd_mask, **options)
+        distilled = batch["completion_mask"] * sd_mask[:, None]
+        logps = torch.where(distilled.bool(), sampled_token_logps(student_logits, batch["completion_ids"]), 0.0)
+    total = 0.3 * loss + 0.7 * second_loss(logps)
+    return (logps.detach(), *torch.autograd.grad(total, (hidden, weight))), policy
+
+
+@pytest.mark.parametrize("name", ["jsd_full_vocab", "jsd_top5_tail", "sampled_token"])
+def test_a_second_loss_on_the_logps_shares_the_pass_when_its_gradient_is_expected(name):
+    """A loss linear in the log-probs (GRPO's on policy) with its gradient given: one pass, the exact gradients."""
+    batch, sd_mask = random_batch(seed=10), torch.tensor([1.0, 0.0, 1.0], dtype=torch.float64)
+    coefficients = torch.randn(3, 7, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    options = dict(settings=settings(name), chunk_size=4, temperature=0.7)
+    second_loss = lambda logps: (coefficients * logps).sum()  # noqa: E731
+    fused, policy = blended_gradients(batch, sd_mask, options, second_loss, 0.7 / 0.3 * coefficients)
+    expected, _ = blended_gradients(batch, sd_mask, options, second_loss, use_chunks=False)
+    assert_same(fused, expected)
+    assert not policy.recomputed
+    assert fused[0][1].abs().max() == 0 and fused[0][0].abs().min() > 0  # 0 where not distilled
+
+
+@pytest.mark.parametrize("expected_gradient", [None, "wrong"])
+def test_a_second_loss_with_another_gradient_is_recomputed_exactly(expected_gradient):
+    batch, sd_mask = random_batch(seed=11), torch.tensor([1.0, 1.0, 1.0], dtype=torch.float64)
+    options = dict(settings=settings("jsd_top5_tail", is_clip=2.0), chunk_size=3)
+    second_loss = lambda logps: (logps.exp() * torch.linspace(-1, 1, 7, dtype=torch.float64)).sum()  # noqa: E731
+    guess = None if expected_gradient is None else torch.ones(3, 7, dtype=torch.float64)
+    fused, policy = blended_gradients(batch, sd_mask, options, second_loss, guess)
+    expected, _ = blended_gradients(batch, sd_mask, options, second_loss, use_chunks=False)
+    assert_same(fused, expected)
+    assert policy.recomputed
+
+
+def test_logps_come_without_gradient_in_no_grad_mode():
+    batch = random_batch(seed=12)
+    with torch.no_grad():
+        loss, logps = self_distillation_loss_from_hidden(
+            *positional(batch)[:6], settings=settings("jsd_top5_tail"), policy_gradient=PolicyGradient(None)
+        )
+    logits = batch["student_hidden"] @ batch["student_weight"].T
+    expected = sampled_token_logps(logits, batch["completion_ids"]) * batch["completion_mask"]
+    torch.testing.assert_close(logps, expected)
+    assert not logps.requires_grad and not loss.requires_grad
 
 
 def test_gradient_scales_with_the_upstream_gradient():

@@ -9,6 +9,7 @@ from trl import GRPOTrainer
 
 import sdpo_rl.trainer as trainer_module
 from sdpo_rl import SDPOConfig, SDPOTrainer
+from sdpo_rl.loss_chunked import PolicyGradient
 from sdpo_rl.reprompt import select_teacher_signals
 from sdpo_rl.stabilisers import (
     group_pass_rates,
@@ -125,31 +126,76 @@ def test_routing_loss_is_grpo_on_the_other_rows_plus_distillation_on_the_routed_
     assert 0 < batch["self_distillation_mask"].sum() < 8
     routed = batch["self_distillation_mask"].unsqueeze(1)
     grpo_only = GRPOTrainer._compute_loss(trainer, trainer.model, {**batch, "tool_mask": 1 - routed})
-    expected = grpo_only + trainer._self_distillation_loss(trainer.model, batch)
+    expected = grpo_only + trainer._self_distillation_loss(trainer.model, batch).loss
     torch.testing.assert_close(trainer._compute_loss(trainer.model, batch), expected)
 
 
-@pytest.mark.parametrize("sdpo_config", [SDPOConfig(grpo_weight=0.5), SDPOConfig(sample_routing=True)])
-def test_one_forward_gives_the_gradients_of_two_forwards(tmp_path, sdpo_config):
-    trainer = build(tmp_path, sdpo_config)
+@pytest.mark.parametrize(
+    "sdpo_config, grpo_settings, off_policy",
+    [
+        (SDPOConfig(grpo_weight=0.5), {}, False),
+        (SDPOConfig(grpo_weight=0.3), dict(loss_type="grpo"), False),
+        (SDPOConfig(sample_routing=True), {}, False),
+        (SDPOConfig(grpo_weight=0.5), {}, True),
+        (SDPOConfig(grpo_weight=0.5), dict(top_entropy_quantile=0.5), False),
+    ],
+)
+def test_one_forward_gives_the_gradients_of_two_forwards(tmp_path, monkeypatch, sdpo_config, grpo_settings, off_policy):
+    """The hybrid's one pass (one student forward, one head projection per token) against TRL's loss and the
+    distillation loss computed apart. On policy without an entropy mask, TRL's gradient is known in advance and the pass
+    runs once; otherwise the distilled tokens' chunks run again in backward."""
+    trainer = build(tmp_path, sdpo_config, **grpo_settings)
     trainer.model.train()
     batch = batch_of(trainer)
+    if off_policy:  # old log-probs 0.1 below the current ones: ratios of e^0.1, some clipped
+        with torch.no_grad():
+            current, _, _ = GRPOTrainer._get_per_token_logps_and_entropies(
+                trainer,
+                trainer.model,
+                torch.cat([batch["prompt_ids"], batch["completion_ids"]], 1),
+                torch.cat([batch["prompt_mask"], batch["completion_mask"]], 1),
+                batch["completion_ids"].size(1),
+            )
+        batch["old_per_token_logps"] = current - 0.1
+    policies = []
+    monkeypatch.setattr(
+        trainer_module, "PolicyGradient", lambda *args: policies.append(PolicyGradient(*args)) or policies[-1]
+    )
     calls = []
     handle = trainer.model.model.register_forward_hook(lambda *args: calls.append(1))
     one_forward = grads(trainer, trainer._compute_loss(trainer.model, batch))
     handle.remove()
     assert len(calls) == 1  # the backbone ran once for both terms
+    recomputed = off_policy or "top_entropy_quantile" in grpo_settings
+    assert policies and all(policy.recomputed == recomputed for policy in policies)
 
     grpo_inputs = batch
     if sdpo_config.sample_routing:
         grpo_inputs = {**batch, "tool_mask": 1 - batch["self_distillation_mask"].unsqueeze(1)}
     weight = 1.0 if sdpo_config.sample_routing else sdpo_config.grpo_weight
     grpo_loss = GRPOTrainer._compute_loss(trainer, trainer.model, grpo_inputs)
-    distillation_loss = trainer._self_distillation_loss(trainer.model, batch)
+    distillation_loss = trainer._self_distillation_loss(trainer.model, batch).loss
     two_forwards = grads(trainer, weight * grpo_loss + (1.0 - weight if weight < 1 else 1.0) * distillation_loss)
     assert one_forward.keys() == two_forwards.keys() and one_forward
     for name in one_forward:
         torch.testing.assert_close(one_forward[name], two_forwards[name], rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("loss_type", ["grpo", "bnpo", "dr_grpo", "dapo", "luspo", "sapo", "cispo", "vespo"])
+@pytest.mark.parametrize("training", [True, False])
+def test_the_expected_grpo_gradient_is_trls_on_policy(tmp_path, loss_type, training):
+    settings = dict(loss_type=loss_type, gradient_accumulation_steps=2, steps_per_generation=2)
+    trainer = build(tmp_path, SDPOConfig(grpo_weight=0.5), **settings)
+    batch = batch_of(trainer)
+    assert batch.get("old_per_token_logps") is None  # on policy: TRL's ratio is 1
+    trainer.current_gradient_accumulation_steps = 2
+    trainer.model.train(training)
+    logps = torch.randn(batch["completion_ids"].shape).requires_grad_()
+    trainer._scored_completions = (logps, torch.zeros_like(logps))
+    loss = GRPOTrainer._compute_loss(trainer, trainer.model, batch)
+    actual = torch.autograd.grad(loss, logps)[0]
+    assert actual.abs().max() > 0
+    torch.testing.assert_close(trainer._expected_grpo_logp_gradient(batch), actual)
 
 
 @pytest.mark.parametrize(

@@ -56,3 +56,11 @@ def test_a_missing_grpo_config_field_is_named(monkeypatch):
     monkeypatch.setattr(GRPOConfig, "__dataclass_fields__", fields)
     with pytest.raises(IncompatibleTRLError, match="GRPOConfig no longer has top_entropy_quantile"):
         check_trl()
+
+
+def test_a_changed_logprob_kernel_is_named(monkeypatch):
+    from trl import kernels
+
+    monkeypatch.setattr(kernels.ChunkedLogProbFunction, "forward", staticmethod(lambda ctx, hidden, weight: None))
+    with pytest.raises(IncompatibleTRLError, match="ChunkedLogProbFunction.forward takes"):
+        check_trl()
