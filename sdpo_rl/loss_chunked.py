@@ -37,6 +37,12 @@ from .loss import (
 CHUNK_BYTES = 36 * 2**20
 # Vocabulary columns `_project` computes at a time on the CPU.
 CPU_PROJECTION_COLUMNS = 32_768
+# (tokens, vocabulary columns) `_teacher_pass` projects at a time: a 4 MiB float32 buffer.
+TEACHER_PASS_SHAPE = (256, 4096)
+# Tokens whose support's head rows `_logits_at` gathers at a time (8 x 100 x 896 float32: under 3 MiB).
+GATHER_ROWS = 8
+# Vocabulary columns `_exp_with_entropy_` exponentiates at a time (a 1 MiB temporary at 62 tokens).
+ENTROPY_COLUMNS = 4096
 
 
 def _check_hidden_shapes(
@@ -79,6 +85,9 @@ class _DistilledTokens:
     per_token_weight: torch.Tensor | None
     loss_weight: torch.Tensor  # c_t: the weight of each token's loss in the aggregated loss
     logp_gradient: torch.Tensor | None  # g_t: the gradient w.r.t. the student's log-prob of the token (PolicyGradient)
+    # With a sparse support (top-K or the sampled token): the teacher's log-normaliser and entropy, from `_teacher_pass`
+    teacher_log_normaliser: torch.Tensor | None = None
+    teacher_entropy: torch.Tensor | None = None
 
     def rows(self, rows: slice) -> _DistilledTokens:
         return _DistilledTokens(
@@ -117,18 +126,20 @@ class _ChunkSettings:
 
 @dataclass(frozen=True)
 class _ChunkBuffers:
-    """The two ``[chunk, V]`` tensors every chunk reuses (see `_chunk_step`): a fresh block that large is mapped and
-    page-faulted each time."""
+    """The ``[chunk, V]`` tensors every chunk reuses (see `_chunk_step`): a fresh block that large is mapped and
+    page-faulted each time. The teacher's only with the full vocabulary as support."""
 
     student_logits: torch.Tensor
-    teacher_logits: torch.Tensor
+    teacher_logits: torch.Tensor | None
 
     @classmethod
-    def allocate(cls, rows: int, vocab_size: int, like: torch.Tensor, dtype: torch.dtype) -> _ChunkBuffers:
-        return cls(*(like.new_empty(rows, vocab_size, dtype=dtype) for _ in range(2)))
+    def allocate(cls, rows: int, vocab_size: int, like: torch.Tensor, dtype: torch.dtype, sparse: bool):
+        student = like.new_empty(rows, vocab_size, dtype=dtype)
+        return cls(student, None if sparse else like.new_empty(rows, vocab_size, dtype=dtype))
 
     def rows(self, count: int) -> _ChunkBuffers:
-        return _ChunkBuffers(self.student_logits[:count], self.teacher_logits[:count])
+        teacher = None if self.teacher_logits is None else self.teacher_logits[:count]
+        return _ChunkBuffers(self.student_logits[:count], teacher)
 
 
 def _project(hidden: Sequence[torch.Tensor], weight: Sequence[torch.Tensor], out: torch.Tensor) -> torch.Tensor:
@@ -171,6 +182,8 @@ class _ChunkedHeadLoss(torch.autograd.Function):
     def forward(ctx, hidden, weight, tokens: _DistilledTokens, settings: _ChunkSettings, policy: PolicyGradient | None):
         grad_enabled = settings.grad_enabled and any(ctx.needs_input_grad[:2])
         gradients = _zero_gradients(ctx.needs_input_grad, hidden, weight) if grad_enabled else (None, None)
+        if _sparse_support(settings.loss):
+            tokens = replace(tokens, **_teacher_pass(tokens.teacher_hidden, settings))
         loss, student_entropy, teacher_entropy, logps = _chunk_pass(hidden, weight, tokens, settings, *gradients)
         ctx.gradients = gradients
         ctx.weight_dtype = weight.dtype
@@ -237,10 +250,13 @@ def _chunk_pass(hidden, weight, tokens: _DistilledTokens, settings: _ChunkSettin
     no_tokens = hidden.new_zeros(0, dtype=torch.float32)
     entropies = [(no_tokens, no_tokens)]  # (student, teacher) per chunk
     logps = hidden.new_empty(hidden.shape[0], dtype=settings.dtype)
-    buffers = _ChunkBuffers.allocate(min(settings.chunk_size, hidden.shape[0]), weight.shape[0], hidden, settings.dtype)
+    sparse = _sparse_support(settings.loss)
+    rows = min(settings.chunk_size, hidden.shape[0])
+    buffers = _ChunkBuffers.allocate(rows, weight.shape[0], hidden, settings.dtype, sparse)
+    step = _sparse_chunk_step if sparse else _chunk_step
     for start in range(0, hidden.shape[0], settings.chunk_size):
         rows = slice(start, start + settings.chunk_size)
-        chunk_loss, chunk_entropies = _chunk_step(
+        chunk_loss, chunk_entropies = step(
             hidden[rows],
             weight,
             tokens.rows(rows),
@@ -302,18 +318,146 @@ def _chunk_step(
     probs = torch.exp(student, out=teacher)  # the teacher's log-probabilities are no longer needed
     entropies = [(_dot_rows(probs, student).neg_().float(), teacher_entropy)] if settings.return_entropy else []
     if wants_grad:
-        if chunk.logp_gradient is not None:  # the second loss's gradient w.r.t. the sampled tokens' log-probs
-            ids, grad_logp = chunk.completion_ids.unsqueeze(-1), chunk.logp_gradient.unsqueeze(-1).to(grad_s.dtype)
-            if indices is None:
-                grad_s = grad_s.scatter_add(-1, ids, grad_logp)
-            else:
-                indices, grad_s = torch.cat([indices, ids], dim=-1), torch.cat([grad_s, grad_logp], dim=-1)
-        grad_logits = _softmax_backward_(probs, grad_s, indices, settings.temperature)
-        if grad_hidden is not None:
-            grad_hidden.copy_(grad_logits.to(weight.dtype) @ weight)
-        if grad_weight is not None:
-            grad_weight.addmm_(grad_logits.T.to(grad_weight.dtype), hidden.to(grad_weight.dtype))
+        _add_gradients(probs, grad_s, indices, hidden, weight, chunk, settings, grad_hidden, grad_weight)
     return chunk_loss.detach(), entropies
+
+
+def _sparse_chunk_step(
+    hidden,
+    weight,
+    chunk: _DistilledTokens,
+    settings: _ChunkSettings,
+    buffers: _ChunkBuffers,
+    grad_hidden,
+    grad_weight,
+    logps_out,
+):
+    """`_chunk_step` for a sparse support (top-K or the sampled token), with one ``[n, V]`` buffer.
+
+    The teacher's logits are only needed at the support: they are computed there from its hidden states and the
+    gathered rows of its head, and normalised by the log-normaliser `_teacher_pass` computed for every token at once.
+    The buffer holds the student's logits, its log-probabilities, its probabilities, then the gradient w.r.t. its
+    logits.
+    """
+    student = buffers.student_logits
+    _project([hidden], [weight], student)
+    if settings.temperature != 1.0:
+        student.div_(settings.temperature)
+    indices = support_indices(student, chunk.completion_ids, settings.loss)
+    torch.log_softmax(student, dim=-1, out=student)
+    student_logps = torch.gather(student, -1, chunk.completion_ids.unsqueeze(-1), out=logps_out.unsqueeze(-1))
+    student_logps = student_logps.squeeze(-1)
+    teacher_logits = _logits_at(chunk.teacher_hidden, settings.teacher_weight, indices, settings.dtype)
+    q = teacher_logits.div_(settings.temperature).sub_(chunk.teacher_log_normaliser.unsqueeze(-1))
+    wants_grad = grad_hidden is not None or grad_weight is not None
+    with torch.enable_grad():
+        s = student.gather(-1, indices).requires_grad_(wants_grad)
+        per_token = support_loss(s, q, student_logps, chunk.old_per_token_logps, chunk.per_token_weight, settings.loss)
+        chunk_loss = (chunk.loss_weight * per_token).sum()
+    entropies = []
+    if settings.return_entropy:
+        entropies = [(_exp_with_entropy_(student), chunk.teacher_entropy.float())]
+    if wants_grad:
+        grad_s = torch.autograd.grad(chunk_loss, s)[0]
+        probs = student if settings.return_entropy else student.exp_()
+        _add_gradients(probs, grad_s, indices, hidden, weight, chunk, settings, grad_hidden, grad_weight)
+    return chunk_loss.detach(), entropies
+
+
+def _add_gradients(probs, grad_s, indices, hidden, weight, chunk, settings, grad_hidden, grad_weight) -> None:
+    """Turn ``probs`` ``[n, V]`` into the gradient w.r.t. the chunk's logits, from the loss's gradient ``grad_s``
+    w.r.t. the student's log-probabilities at ``indices`` (and the `PolicyGradient`'s at the sampled tokens), and add
+    the gradients w.r.t. the hidden states (their rows) and the head weight."""
+    if chunk.logp_gradient is not None:  # the second loss's gradient w.r.t. the sampled tokens' log-probs
+        ids, grad_logp = chunk.completion_ids.unsqueeze(-1), chunk.logp_gradient.unsqueeze(-1).to(grad_s.dtype)
+        if indices is None:
+            grad_s = grad_s.scatter_add(-1, ids, grad_logp)
+        else:
+            indices, grad_s = torch.cat([indices, ids], dim=-1), torch.cat([grad_s, grad_logp], dim=-1)
+    grad_logits = _softmax_backward_(probs, grad_s, indices, settings.temperature)
+    if grad_hidden is not None:
+        grad_hidden.copy_(grad_logits.to(weight.dtype) @ weight)
+    if grad_weight is not None:
+        grad_weight.addmm_(grad_logits.T.to(grad_weight.dtype), hidden.to(grad_weight.dtype))
+
+
+def _sparse_support(settings: LossSettings) -> bool:
+    """Whether the loss reads the log-probabilities at a few tokens per position (top-K or the sampled token)."""
+    return not settings.full_logit_distillation or settings.distillation_topk is not None
+
+
+def _logits_at(hidden: Sequence[torch.Tensor], weight: Sequence[torch.Tensor], indices: torch.Tensor, dtype):
+    """``sum_i hidden_i @ weight_i.T`` at ``indices`` only: ``[n, H_i]``, ``[V, H_i]``, ``[n, K]`` -> ``[n, K]``.
+
+    A few rows at a time, so that the gathered head rows (``[rows, K, H_i]``) stay small.
+    """
+    out = indices.new_zeros(indices.shape, dtype=dtype)
+    for start in range(0, indices.shape[0], GATHER_ROWS):
+        rows = slice(start, start + GATHER_ROWS)
+        for h, w in zip(hidden, weight, strict=True):
+            product = torch.bmm(w[indices[rows]], h[rows].to(w.dtype).unsqueeze(-1)).squeeze(-1)
+            out[rows] += product
+    return out
+
+
+def _teacher_pass(teacher_hidden: tuple[torch.Tensor, ...], settings: _ChunkSettings) -> dict[str, torch.Tensor]:
+    """The teacher's log-normaliser ``logsumexp_v z_v / temperature`` of every token (and, with ``return_entropy``,
+    its entropy), as ``teacher_log_normaliser`` and ``teacher_entropy`` ``[N]``.
+
+    Many tokens against a slice of the vocabulary at a time (`TEACHER_PASS_SHAPE`), with running sums rescaled as
+    the running maximum grows: the teacher's head is read a few times in all, not once per chunk, and its products
+    have enough rows to run at full speed. With ``m`` the running maximum, it keeps ``S = sum e^(z - m)`` and
+    ``U = sum e^(z - m) (z - m)``; then ``logsumexp = m + log S`` and the entropy is ``log S - U / S``.
+    """
+    tokens, vocab = teacher_hidden[0].shape[0], settings.teacher_weight[0].shape[0]
+    block_rows, block_columns = TEACHER_PASS_SHAPE
+    buffer = teacher_hidden[0].new_empty(min(block_rows, tokens), min(block_columns, vocab), dtype=settings.dtype)
+    normaliser = teacher_hidden[0].new_empty(tokens, dtype=settings.dtype)
+    entropy = teacher_hidden[0].new_empty(tokens, dtype=settings.dtype) if settings.return_entropy else None
+    for start in range(0, tokens, block_rows):
+        rows = slice(start, start + block_rows)
+        hidden = [h[rows] for h in teacher_hidden]
+        n = hidden[0].shape[0]
+        maximum = buffer.new_full((n,), torch.finfo(settings.dtype).min)
+        total, spread = buffer.new_zeros(n), buffer.new_zeros(n)
+        for first in range(0, vocab, block_columns):
+            columns = slice(first, first + block_columns)
+            logits = _project(
+                hidden, [w[columns] for w in settings.teacher_weight], buffer[:n, : min(block_columns, vocab - first)]
+            )
+            if settings.temperature != 1.0:
+                logits.div_(settings.temperature)
+            new_maximum = torch.maximum(maximum, logits.amax(-1))
+            rescale = (maximum - new_maximum).exp_()
+            spread = rescale * (spread + (maximum - new_maximum) * total)
+            total = rescale * total
+            shifted = logits.sub_(new_maximum.unsqueeze(-1))
+            if entropy is None:
+                total += shifted.exp_().sum(-1)
+            else:
+                exponentials = shifted.exp()
+                total += exponentials.sum(-1)
+                spread += shifted.mul_(exponentials).sum(-1)
+            maximum = new_maximum
+        normaliser[rows] = maximum + total.log()
+        if entropy is not None:
+            entropy[rows] = total.log() - spread / total
+    return dict(teacher_log_normaliser=normaliser, teacher_entropy=entropy)
+
+
+def _exp_with_entropy_(log_probs: torch.Tensor) -> torch.Tensor:
+    """Turn log-probabilities ``[n, V]`` into probabilities in place; return their entropies ``[n]`` float32.
+
+    A slice of columns at a time, with one small temporary: ``-sum_v p_v log p_v`` comes with the exponential the
+    gradient needs anyway.
+    """
+    entropy = log_probs.new_zeros(log_probs.shape[0])
+    for start in range(0, log_probs.shape[1], ENTROPY_COLUMNS):
+        part = log_probs[:, start : start + ENTROPY_COLUMNS]
+        probs = part.exp()
+        entropy -= part.mul_(probs).sum(-1)
+        part.copy_(probs)
+    return entropy.float()
 
 
 def _entropy_in_place(log_probs: torch.Tensor) -> torch.Tensor:

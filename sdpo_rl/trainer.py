@@ -560,6 +560,7 @@ class SDPOTrainer(GRPOTrainer):
         self._log_masked_mean(mode, STUDENT_ENTROPY, student_entropy, distilled)
         self._log_masked_mean(mode, TEACHER_ENTROPY, teacher_entropy, distilled)
         self._log_loss_metric(DISTILLATION_LOSS, loss)
+
         def on_every_row(values: torch.Tensor) -> torch.Tensor:  # [len(rows), T] -> [B, T], 0 on the other rows
             return torch.zeros_like(inputs["completion_mask"], dtype=values.dtype).index_copy(0, rows, values)
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from sdpo_rl import SDPOConfig, SDPOTrainer
+from sdpo_rl import SDPOConfig, SDPOTrainer, loss_chunked
 from sdpo_rl import trainer as trainer_module
 from sdpo_rl.loss import LOSS_AGG_MODES, LossSettings, sampled_token_logps, self_distillation_loss, token_entropy
 from sdpo_rl.loss_chunked import (
@@ -158,6 +158,42 @@ def test_equals_the_loss_from_logits(name, loss_agg_mode, chunk_size):
     expected = reference(*args, **options)
     assert expected[0].abs() > 1e-3 and expected[2].abs().max() > 1e-3, "the case must have a loss and a gradient"
     assert_same(chunked(*args, chunk_size=chunk_size, **options), expected)
+
+
+@pytest.mark.parametrize("name", ["jsd_top5_tail", "reverse_top3_renorm", "sampled_token"])
+def test_a_sparse_support_streams_the_teacher_in_blocks(monkeypatch, name):
+    """With a top-K or sampled-token support the teacher is normalised by a pass over blocks of tokens x vocabulary
+    and read at the support only; small blocks (several per row and column) change nothing."""
+    monkeypatch.setattr(loss_chunked, "TEACHER_PASS_SHAPE", (2, 3))
+    monkeypatch.setattr(loss_chunked, "GATHER_ROWS", 3)
+    monkeypatch.setattr(loss_chunked, "ENTROPY_COLUMNS", 4)
+    batch, other = random_batch(seed=13), random_batch(seed=14)
+    batch["teacher_hidden"] = batch["teacher_hidden"] * 4  # spread logits: the running maximum moves between blocks
+    options = dict(settings=settings(name, is_clip=2.0), temperature=0.7)
+    args = positional(batch)
+    assert_same(chunked(*args, chunk_size=4, **options), reference(*args, **options))
+
+    teacher = (
+        (0.7 * batch["teacher_hidden"], 0.3 * other["teacher_hidden"]),
+        (batch["teacher_weight"], other["teacher_weight"]),
+    )
+    _, student_entropy, teacher_entropy = self_distillation_loss_from_hidden(
+        batch["student_hidden"],
+        batch["student_weight"],
+        *teacher,
+        *args[4:6],
+        chunk_size=4,
+        return_entropy=True,
+        **options,
+    )
+    mixed_logits = (
+        0.7 * batch["teacher_hidden"] @ batch["teacher_weight"].T
+        + 0.3 * other["teacher_hidden"] @ other["teacher_weight"].T
+    )
+    distilled = batch["completion_mask"].bool()
+    torch.testing.assert_close(teacher_entropy, torch.where(distilled, token_entropy(mixed_logits / 0.7), 0.0))
+    student_logits = batch["student_hidden"] @ batch["student_weight"].T
+    torch.testing.assert_close(student_entropy, torch.where(distilled, token_entropy(student_logits / 0.7), 0.0))
 
 
 @pytest.mark.parametrize("normalizer", [17.0, torch.tensor(5.0)])
