@@ -7,6 +7,10 @@ projected, ``chunk_size`` of them at a time, through :func:`sdpo_rl.loss.per_tok
 is finished before the next chunk is projected. Notation as in :mod:`sdpo_rl.loss`, plus ``H`` the hidden size and
 ``N`` the number of distilled tokens.
 
+With the full vocabulary as support, a chunk projects both models into two ``[chunk, V]`` buffers (`_chunk_step`).
+With a sparse support (the default top-K, or the sampled token), the teacher is only read at the support: one pass
+over all tokens computes its log-normaliser (`_teacher_pass`), and a chunk needs one buffer (`_sparse_chunk_step`).
+
 With a :class:`PolicyGradient` the same pass also returns the student's log-probabilities of the completion tokens,
 for a second loss on them (TRL's GRPO loss in the hybrid), and folds that loss's gradient into each chunk's: the two
 losses share one projection of the head.
@@ -31,7 +35,7 @@ from .loss import (
 )
 
 # `self_distillation_loss_from_hidden` projects as many tokens at a time as keep one [chunk, V] tensor under this size
-# (62 tokens with a 151,936-token vocabulary in float32); a chunk's loss and gradient hold two of them. Just
+# (62 tokens with a 151,936-token vocabulary in float32); a chunk's loss and gradient hold one or two of them. Just
 # above 32 MiB, glibc's largest heap block, each is mapped on allocation and returned when freed, so the resident
 # memory is what is alive; smaller ones are carved from the heap, which fragments (measured: up to twice the peak).
 CHUNK_BYTES = 36 * 2**20
