@@ -9,7 +9,7 @@ is finished before the next chunk is projected. Notation as in :mod:`sdpo_rl.los
 
 With the full vocabulary as support, a chunk projects both models into two ``[chunk, V]`` buffers (`_chunk_step`).
 With a sparse support (the default top-K, or the sampled token), the teacher is only read at the support: one pass
-over all tokens computes its log-normaliser (`_teacher_pass`), and a chunk needs one buffer (`_sparse_chunk_step`).
+over all tokens computes its log-normaliser (`_teacher_pass`), and a chunk needs one buffer.
 
 With a :class:`PolicyGradient` the same pass also returns the student's log-probabilities of the completion tokens,
 for a second loss on them (TRL's GRPO loss in the hybrid), and folds that loss's gradient into each chunk's: the two
@@ -254,13 +254,11 @@ def _chunk_pass(hidden, weight, tokens: _DistilledTokens, settings: _ChunkSettin
     no_tokens = hidden.new_zeros(0, dtype=torch.float32)
     entropies = [(no_tokens, no_tokens)]  # (student, teacher) per chunk
     logps = hidden.new_empty(hidden.shape[0], dtype=settings.dtype)
-    sparse = _sparse_support(settings.loss)
     rows = min(settings.chunk_size, hidden.shape[0])
-    buffers = _ChunkBuffers.allocate(rows, weight.shape[0], hidden, settings.dtype, sparse)
-    step = _sparse_chunk_step if sparse else _chunk_step
+    buffers = _ChunkBuffers.allocate(rows, weight.shape[0], hidden, settings.dtype, _sparse_support(settings.loss))
     for start in range(0, hidden.shape[0], settings.chunk_size):
         rows = slice(start, start + settings.chunk_size)
-        chunk_loss, chunk_entropies = step(
+        chunk_loss, chunk_entropies = _chunk_step(
             hidden[rows],
             weight,
             tokens.rows(rows),
@@ -289,26 +287,25 @@ def _chunk_step(
     """One chunk: its ``sum_t c_t l_t`` and ``[n]`` (student, teacher) entropies in a list (empty if not wanted).
 
     Writes the student's log-probabilities of the chunk's tokens into ``logps_out`` and adds the chunk's gradients
-    into ``grad_hidden`` (its rows) and ``grad_weight`` when they are given. The two ``[n, V]`` buffers are the only
-    tensors that size (the full-vocabulary divergence's autograd adds its own): the student's holds its logits, then
-    its log-probabilities; the teacher's its logits, its log-probabilities, then the student's probabilities and
-    finally the gradient w.r.t. the student's logits.
+    into ``grad_hidden`` (its rows) and ``grad_weight`` when they are given. The ``[n, V]`` buffers are the only
+    tensors that size (the full-vocabulary divergence's autograd adds its own). The student's holds its logits, then
+    its log-probabilities. With the full vocabulary as support, the teacher's holds its logits, its
+    log-probabilities, then the student's probabilities and finally the gradient w.r.t. the student's logits; with a
+    sparse support there is no teacher buffer, and the student's takes those last two.
     """
-    student, teacher = buffers.student_logits, buffers.teacher_logits
+    student = buffers.student_logits
     _project([hidden], [weight], student)
-    _project(chunk.teacher_hidden, settings.teacher_weight, teacher)
     if settings.temperature != 1.0:
         student.div_(settings.temperature)
-        teacher.div_(settings.temperature)
     indices = support_indices(student, chunk.completion_ids, settings.loss)
     torch.log_softmax(student, dim=-1, out=student)
-    torch.log_softmax(teacher, dim=-1, out=teacher)
+    q = _teacher_log_probs(chunk, settings, buffers.teacher_logits, indices)
 
     # The loss reads the log-probabilities at the support only: its gradient w.r.t. them is [n, N], and autograd
     # never sees a [n, V] tensor (unless N = V).
     student_logps = torch.gather(student, -1, chunk.completion_ids.unsqueeze(-1), out=logps_out.unsqueeze(-1))
     student_logps = student_logps.squeeze(-1)
-    s, q = (student, teacher) if indices is None else (student.gather(-1, indices), teacher.gather(-1, indices))
+    s = student if indices is None else student.gather(-1, indices)
     wants_grad = grad_hidden is not None or grad_weight is not None
     with torch.enable_grad():
         s = s.detach().requires_grad_(wants_grad)
@@ -318,54 +315,40 @@ def _chunk_step(
 
     if not (wants_grad or settings.return_entropy):
         return chunk_loss.detach(), []
-    teacher_entropy = _entropy_in_place(teacher) if settings.return_entropy else None
-    probs = torch.exp(student, out=teacher)  # the teacher's log-probabilities are no longer needed
-    entropies = [(_dot_rows(probs, student).neg_().float(), teacher_entropy)] if settings.return_entropy else []
+    probs, entropies = _probabilities(student, buffers.teacher_logits, chunk, settings)
     if wants_grad:
         _add_gradients(probs, grad_s, indices, hidden, weight, chunk, settings, grad_hidden, grad_weight)
     return chunk_loss.detach(), entropies
 
 
-def _sparse_chunk_step(
-    hidden,
-    weight,
-    chunk: _DistilledTokens,
-    settings: _ChunkSettings,
-    buffers: _ChunkBuffers,
-    grad_hidden,
-    grad_weight,
-    logps_out,
-):
-    """`_chunk_step` for a sparse support (top-K or the sampled token), with one ``[n, V]`` buffer.
+def _teacher_log_probs(chunk: _DistilledTokens, settings: _ChunkSettings, buffer, indices) -> torch.Tensor:
+    """The teacher's log-probabilities at the support ``[n, N]`` (``indices``), or ``[n, V]`` in ``buffer`` when the
+    support is the whole vocabulary.
 
-    The teacher's logits are only needed at the support: they are computed there from its hidden states and the
-    gathered rows of its head, and normalised by the log-normaliser `_teacher_pass` computed for every token at once.
-    The buffer holds the student's logits, its log-probabilities, its probabilities, then the gradient w.r.t. its
-    logits.
+    With a sparse support there is no buffer: its logits are computed at the support only, from its hidden states
+    and the gathered rows of its head, and normalised by the log-normaliser `_teacher_pass` computed for every token.
     """
-    student = buffers.student_logits
-    _project([hidden], [weight], student)
+    if buffer is None:
+        logits = _logits_at(chunk.teacher_hidden, settings.teacher_weight, indices, settings.dtype)
+        return logits.div_(settings.temperature).sub_(chunk.teacher_log_normaliser.unsqueeze(-1))
+    _project(chunk.teacher_hidden, settings.teacher_weight, buffer)
     if settings.temperature != 1.0:
-        student.div_(settings.temperature)
-    indices = support_indices(student, chunk.completion_ids, settings.loss)
-    torch.log_softmax(student, dim=-1, out=student)
-    student_logps = torch.gather(student, -1, chunk.completion_ids.unsqueeze(-1), out=logps_out.unsqueeze(-1))
-    student_logps = student_logps.squeeze(-1)
-    teacher_logits = _logits_at(chunk.teacher_hidden, settings.teacher_weight, indices, settings.dtype)
-    q = teacher_logits.div_(settings.temperature).sub_(chunk.teacher_log_normaliser.unsqueeze(-1))
-    wants_grad = grad_hidden is not None or grad_weight is not None
-    with torch.enable_grad():
-        s = student.gather(-1, indices).requires_grad_(wants_grad)
-        per_token = support_loss(s, q, student_logps, chunk.old_per_token_logps, chunk.per_token_weight, settings.loss)
-        chunk_loss = (chunk.loss_weight * per_token).sum()
-    entropies = []
-    if settings.return_entropy:
-        entropies = [(_exp_with_entropy_(student), chunk.teacher_entropy.float())]
-    if wants_grad:
-        grad_s = torch.autograd.grad(chunk_loss, s)[0]
-        probs = student if settings.return_entropy else student.exp_()
-        _add_gradients(probs, grad_s, indices, hidden, weight, chunk, settings, grad_hidden, grad_weight)
-    return chunk_loss.detach(), entropies
+        buffer.div_(settings.temperature)
+    torch.log_softmax(buffer, dim=-1, out=buffer)
+    return buffer if indices is None else buffer.gather(-1, indices)
+
+
+def _probabilities(student: torch.Tensor, teacher: torch.Tensor | None, chunk: _DistilledTokens, settings):
+    """The student's probabilities ``[n, V]`` from its log-probabilities, in the teacher's buffer if there is one
+    (its log-probabilities are no longer needed), else in place; and the chunk's entropies, if wanted."""
+    if teacher is None:
+        if not settings.return_entropy:
+            return student.exp_(), []
+        return student, [(_exp_with_entropy_(student), chunk.teacher_entropy.float())]
+    teacher_entropy = _entropy_in_place(teacher) if settings.return_entropy else None
+    probs = torch.exp(student, out=teacher)
+    entropies = [(_dot_rows(probs, student).neg_().float(), teacher_entropy)] if settings.return_entropy else []
+    return probs, entropies
 
 
 def _add_gradients(probs, grad_s, indices, hidden, weight, chunk, settings, grad_hidden, grad_weight) -> None:
