@@ -4,9 +4,9 @@ Builds the trainer exactly as `sdpo-rl demo` does (`sdpo_rl.demo.demo_grpo_confi
 trains `--steps` steps after one warm-up step, and times each phase of a step: generation, rewards, teacher prompts,
 TRL's GRPO forward (GRPO, and the hybrid of a model without a plain linear head), the hybrid's one forward for both
 terms (student, teacher and the shared head pass), the distillation forward (student and teacher), backward, the
-optimizer step and the teacher update. CPU seconds (`time.process_time`, all threads of the process) do not grow when other
-programs share the cores, so they compare runs on a busy machine; with `--threads 1` they are also the wall time of
-an idle core. A phase's peak is the process's resident high-water mark during it (reset at its start).
+optimizer step and the teacher update. CPU seconds (`time.process_time`, all threads of the process) do not grow
+when other programs share the cores, so they compare runs on a busy machine; with `--threads 1` they are also the
+wall time of an idle core. A phase's peak is the process's resident high-water mark during it (reset at its start).
 
     python benchmarks/step_profile.py                                   # the demo's defaults, 1 thread
     python benchmarks/step_profile.py --steps 2 -- --grpo-weight 1      # GRPO only, options as for sdpo-rl demo
