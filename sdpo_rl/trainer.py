@@ -415,21 +415,17 @@ class SDPOTrainer(GRPOTrainer):
         distillation = self._self_distillation_loss(model, inputs, student_hidden, policy)
         others = (completion_mask > 0) & ~distillation.scored
         logps, entropies = distillation.logps, distillation.student_entropy
-        if others.any():
+        if others.any():  # the distillation left them 0
             other_logps, other_entropies = self._sampled_token_logps(
                 student_hidden[others], head, completion_ids[others]
             )
-            logps = logps + torch.zeros_like(logps).masked_scatter(others, other_logps.to(logps.dtype))
-            entropies = entropies + torch.zeros_like(entropies).masked_scatter(
-                others, other_entropies.to(entropies.dtype)
-            )
+            logps = logps.masked_scatter(others, other_logps.to(logps.dtype))
+            entropies = entropies.masked_scatter(others, other_entropies.to(entropies.dtype))
         self._scored_completions = (logps, entropies)
         try:
             grpo_loss = super()._compute_loss(model, grpo_inputs)
         finally:
             self._scored_completions = None
-        if policy.recomputed:
-            logger.debug("TRL's GRPO gradient was not the on-policy one expected: the chunk pass ran twice.")
         return grpo_loss, distillation.loss
 
     def _expected_grpo_logp_gradient(self, grpo_inputs) -> torch.Tensor | None:
