@@ -7,6 +7,7 @@ import os
 import platform
 import subprocess
 import sys
+import time
 import traceback
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -21,6 +22,33 @@ def in_fresh_process(script: str, task: dict) -> dict:
     if completed.returncode != 0:
         raise RuntimeError(f"worker {task} failed:\n{completed.stderr[-3000:]}")
     return json.loads(completed.stdout.strip().splitlines()[-1])
+
+
+def step_clock(synchronize: Callable[[], None] = lambda: None, after_step: Callable[[object], None] | None = None):
+    """A `TrainerCallback` that records each training step's wall and CPU seconds in its lists `wall` and `cpu`, from
+    `on_step_begin` to `on_step_end` (generation, rewards, forwards, backward, optimizer step and the callbacks').
+
+    `synchronize` runs before each reading (on a GPU: wait for its queued work); `after_step(state)` runs after each
+    step's reading.
+    """
+    from transformers import TrainerCallback
+
+    class StepClock(TrainerCallback):
+        def __init__(self):
+            self.wall, self.cpu = [], []
+
+        def on_step_begin(self, args, state, control, **kwargs):
+            synchronize()
+            self.started = (time.perf_counter(), time.process_time())
+
+        def on_step_end(self, args, state, control, **kwargs):
+            synchronize()
+            self.wall.append(time.perf_counter() - self.started[0])
+            self.cpu.append(time.process_time() - self.started[1])
+            if after_step is not None:
+                after_step(state)
+
+    return StepClock()
 
 
 def machine() -> dict:

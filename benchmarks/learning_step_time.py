@@ -25,7 +25,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from harness import machine, save_results  # noqa: E402
+from harness import machine, save_results, step_clock  # noqa: E402
 from learning import FULL as LEARNING  # noqa: E402
 from learning import make_trainer  # noqa: E402
 
@@ -39,26 +39,13 @@ def time_steps(method: str, task_name: str, steps: int) -> dict:
     import torch
 
     torch.set_num_threads(1)
-    from transformers import TrainerCallback
-
     import sdpo_rl
     from sdpo_rl.models import load_default_model
     from sdpo_rl.tasks import get_task
 
-    class StepClock(TrainerCallback):
-        def __init__(self):
-            self.wall, self.cpu = [], []
-
-        def on_step_begin(self, args, state, control, **kwargs):
-            self.started = (time.perf_counter(), time.process_time())
-
-        def on_step_end(self, args, state, control, **kwargs):
-            self.wall.append(time.perf_counter() - self.started[0])
-            self.cpu.append(time.process_time() - self.started[1])
-
     task = get_task(task_name)
     model, tokenizer = load_default_model()
-    clock = StepClock()
+    clock = step_clock()
     with tempfile.TemporaryDirectory() as output_dir:
         trainer = make_trainer(method, task, model, tokenizer, output_dir, {**LEARNING, "steps": steps}, 0, [clock])
         trainer.train()

@@ -19,6 +19,11 @@ import collections
 import functools
 import sys
 import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from harness import step_clock  # noqa: E402
 
 PHASES = (  # (module, class, method, label); a method a version lacks is reported as absent
     ("trl", "GRPOTrainer", "_generate", "generation"),
@@ -92,7 +97,6 @@ def main(argv: list[str] | None = None) -> int:
     options = parser.parse_args(argv)
 
     import torch
-    from transformers import TrainerCallback
 
     from sdpo_rl import cli
     from sdpo_rl.demo import build_demo_trainer
@@ -108,21 +112,11 @@ def main(argv: list[str] | None = None) -> int:
     task = get_task(args.task)
     model, tokenizer = load_default_model()
     trainer = build_demo_trainer(args, model, tokenizer, task, use_cuda=False)
-    step_cpu = []
-
-    class StepClock(TrainerCallback):
-        def on_step_begin(self, args, state, control, **kwargs):
-            self.start = time.process_time()
-
-        def on_step_end(self, args, state, control, **kwargs):
-            step_cpu.append(time.process_time() - self.start)
-            if state.global_step == 1:  # the warm-up step is not counted
-                timer.reset()
-
-    trainer.add_callback(StepClock())
+    clock = step_clock(after_step=lambda state: timer.reset() if state.global_step == 1 else None)  # warm-up
+    trainer.add_callback(clock)
     trainer.train()
 
-    timed = step_cpu[1:]
+    timed = clock.cpu[1:]
     per_step = sum(timed) / len(timed)
     shown = " ".join(options.demo_options) or "the demo's defaults"
     print(f"{len(timed)} steps after a warm-up, {options.threads} thread(s), {shown}")

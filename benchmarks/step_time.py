@@ -42,7 +42,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from harness import in_fresh_process, machine, save_results  # noqa: E402
+from harness import in_fresh_process, machine, save_results, step_clock  # noqa: E402
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 TRAINERS = ("grpo", "sdpo", "hybrid", "trl_sdpo")
@@ -228,19 +228,6 @@ def build_trainer(name: str, task: dict, steps: int, output_dir: str):
 def step_seconds(task: dict) -> dict:
     """Run in a fresh process: train one warm-up and `timed_steps` steps, timing each step with a callback."""
     import torch
-    from transformers import TrainerCallback
-
-    class StepTimer(TrainerCallback):
-        def __init__(self):
-            self.seconds, self.started = [], None
-
-        def on_step_begin(self, args, state, control, **kwargs):
-            synchronize()
-            self.started = time.perf_counter()
-
-        def on_step_end(self, args, state, control, **kwargs):
-            synchronize()
-            self.seconds.append(time.perf_counter() - self.started)
 
     def synchronize():
         if task["device"] == "cuda":
@@ -249,7 +236,7 @@ def step_seconds(task: dict) -> dict:
     name = task["trainer"]
     with tempfile.TemporaryDirectory() as output_dir:
         trainer = build_trainer(name, task, 1 + task["timed_steps"], output_dir)
-        timer = StepTimer()
+        timer = step_clock(synchronize)
         trainer.add_callback(timer)
         trainer.train()
     history = trainer.state.log_history
@@ -257,9 +244,9 @@ def step_seconds(task: dict) -> dict:
         trainer=name,
         vocab_size=task["vocab_size"],
         reward=task["reward"],
-        warmup_seconds=timer.seconds[0],
-        seconds=timer.seconds[1:],
-        median_seconds=statistics.median(timer.seconds[1:]),
+        warmup_seconds=timer.wall[0],
+        seconds=timer.wall[1:],
+        median_seconds=statistics.median(timer.wall[1:]),
         reprompt_sample_fraction=logged(history, "self_distillation/reprompt_sample_fraction"),
         mean_completion_length=logged(history, "completions/mean_length"),
         torch_threads=torch.get_num_threads(),
