@@ -2,7 +2,7 @@
 
 Builds the trainer exactly as `sdpo-rl demo` does (`sdpo_rl.demo.demo_grpo_config`, the demo's options after `--`),
 trains `--steps` steps after one warm-up step, and times each phase of a step: generation, rewards, teacher prompts,
-TRL's GRPO forward (GRPO, and the hybrid of a model without a plain linear head), the hybrid's one forward for both
+the GRPO forward (GRPO, and the hybrid of a model without a plain linear head), the hybrid's one forward for both
 terms (student, teacher and the shared head pass), the distillation forward (student and teacher), backward, the
 optimizer step and the teacher update. CPU seconds (`time.process_time`, all threads of the process) do not grow
 when other programs share the cores, so they compare runs on a busy machine; with `--threads 1` they are also the
@@ -29,7 +29,8 @@ PHASES = (  # (module, class, method, label); a method a version lacks is report
     ("trl", "GRPOTrainer", "_generate", "generation"),
     ("sdpo_rl.trainer", "SDPOTrainer", "_calculate_rewards", "rewards"),
     ("sdpo_rl.trainer", "SDPOTrainer", "_build_teacher_batch", "teacher prompts"),
-    ("trl", "GRPOTrainer", "_get_per_token_logps_and_entropies", "GRPO forward (TRL)"),
+    ("trl", "GRPOTrainer", "_get_per_token_logps_and_entropies", "GRPO forward"),
+    ("sdpo_rl.trainer", "SDPOTrainer", "_get_per_token_logps_and_entropies", "GRPO forward"),
     ("sdpo_rl.trainer", "SDPOTrainer", "_one_pass_hybrid", "hybrid forward"),
     ("sdpo_rl.trainer", "SDPOTrainer", "_self_distillation_loss", "distillation forward"),
     ("accelerate", "Accelerator", "backward", "backward"),
@@ -121,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
     shown = " ".join(options.demo_options) or "the demo's defaults"
     print(f"{len(timed)} steps after a warm-up, {options.threads} thread(s), {shown}")
     print("| phase | CPU s per step | peak resident MiB |\n|---|---|---|")
-    for label in (phase[3] for phase in PHASES):
+    for label in dict.fromkeys(phase[3] for phase in PHASES):
         if label in timer.absent:
             print(f"| {label} | absent | |")
         elif label in timer.cpu:

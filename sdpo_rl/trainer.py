@@ -413,15 +413,10 @@ class SDPOTrainer(GRPOTrainer):
         rows = _distilled_rows(inputs)
         policy = PolicyGradient(None if expected is None else relative_grpo_weight * expected[rows])
         distillation = self._self_distillation_loss(model, inputs, student_hidden, policy)
-        others = (completion_mask > 0) & ~distillation.scored
-        logps, entropies = distillation.logps, distillation.student_entropy
-        if others.any():  # the distillation left them 0
-            other_logps, other_entropies = self._sampled_token_logps(
-                student_hidden[others], head, completion_ids[others]
-            )
-            logps = logps.masked_scatter(others, other_logps.to(logps.dtype))
-            entropies = entropies.masked_scatter(others, other_entropies.to(entropies.dtype))
-        self._scored_completions = (logps, entropies)
+        others = (completion_mask > 0) & ~distillation.scored  # the distillation left them 0
+        self._scored_completions = self._score_completion_tokens(
+            student_hidden, head, completion_ids, others, distillation.logps, distillation.student_entropy
+        )
         try:
             grpo_loss = super()._compute_loss(model, grpo_inputs)
         finally:
@@ -452,32 +447,81 @@ class SDPOTrainer(GRPOTrainer):
         )
         return on_policy_logp_gradient(grpo_inputs["advantages"], mask, grpo_inputs.get("num_items_in_batch"), settings)
 
-    def _sampled_token_logps(self, hidden: torch.Tensor, head: nn.Linear, token_ids: torch.Tensor):
-        """``(logps, entropies)`` ``[N]`` of `token_ids` under ``head(hidden) / temperature``, by TRL's chunked kernel
-        with TRL's precision settings, as its fused head computes them."""
+    def _score_completion_tokens(self, hidden, head: nn.Linear, completion_ids, where, logps, entropies=None):
+        """`logps` and `entropies` ``[B, T]`` with the tokens `where` set to their log-probs and entropies under
+        ``head(hidden) / temperature``; `entropies` None: not computed.
+
+        TRL's chunked kernel with TRL's precision settings computes them, as its fused head does; `masked_scatter`
+        keeps the result connected to the model when `where` is empty, as TRL's own compact scoring does.
+        """
         cast_to_float32 = self.args.cast_lm_head_to_fp32
+        outputs = ("entropy",) if entropies is not None else ()
         with torch.autocast(hidden.device.type, enabled=False) if cast_to_float32 else self.accelerator.autocast():
-            logps, entropies, *_ = ChunkedLogProbFunction.apply(
-                hidden.float() if cast_to_float32 else hidden,
+            token_logps, token_entropies, *_ = ChunkedLogProbFunction.apply(
+                hidden[where].float() if cast_to_float32 else hidden[where],
                 head.weight,
                 None,
-                token_ids,
+                completion_ids[where],
                 self.temperature,
                 TRL_LOGPROB_VOCAB_CHUNK,
                 None,
                 1.0,
-                ("entropy",),
+                outputs,
             )
+        logps = logps.masked_scatter(where, token_logps.to(logps.dtype))
+        if entropies is not None:
+            entropies = entropies.masked_scatter(where, token_entropies.to(entropies.dtype))
         return logps, entropies
 
-    def _get_per_token_logps_and_entropies(self, model, input_ids, attention_mask, logits_to_keep, *args, **kwargs):
-        """TRL's, unless `_one_pass_hybrid` already scored the completions: then those log-probs and entropies."""
-        if self._scored_completions is None:
+    def _get_per_token_logps_and_entropies(
+        self,
+        model,
+        input_ids,
+        attention_mask,
+        logits_to_keep,
+        batch_size=None,
+        compute_entropy=False,
+        compute_aux_loss=False,
+        **model_inputs,
+    ):
+        """TRL's per-token log-probs and entropies of the completions: those `_one_pass_hybrid` already computed;
+        else, on a CPU, of the completion tokens only; else TRL's.
+
+        TRL's fused head projects the prompt positions too where it has no Triton kernel (a CPU among them), so that
+        compiled backends see one tile shape; a CPU compiles nothing, and skipping the prompt positions skips most
+        of the head's work, with the same values. Images, an MoE aux loss or a head that is not a plain linear layer
+        go to TRL's.
+        """
+        if self._scored_completions is not None:
+            logps, entropies = self._scored_completions
+            return logps, entropies, None
+        head = linear_head(self.accelerator.unwrap_model(model))
+        text_only = all(value is None for value in model_inputs.values())
+        if head is None or compute_aux_loss or not text_only or input_ids.device.type != "cpu":
             return super()._get_per_token_logps_and_entropies(
-                model, input_ids, attention_mask, logits_to_keep, *args, **kwargs
+                model,
+                input_ids,
+                attention_mask,
+                logits_to_keep,
+                batch_size,
+                compute_entropy,
+                compute_aux_loss,
+                **model_inputs,
             )
-        logps, entropies = self._scored_completions
-        return logps, entropies, None
+        batch_size = batch_size or input_ids.size(0)
+        all_logps, all_entropies = [], []
+        for start in range(0, input_ids.size(0), batch_size):
+            ids, mask = input_ids[start : start + batch_size], attention_mask[start : start + batch_size]
+            with self.accelerator.autocast():
+                hidden = completion_hidden(model, head, ids, mask, logits_to_keep)
+            scored = mask[:, -logits_to_keep:] > 0
+            zeros = hidden.new_zeros(scored.shape, dtype=torch.float32)
+            logps, entropies = self._score_completion_tokens(
+                hidden, head, ids[:, -logits_to_keep:], scored, zeros, zeros if compute_entropy else None
+            )
+            all_logps.append(logps)
+            all_entropies.append(entropies)
+        return torch.cat(all_logps), torch.cat(all_entropies) if compute_entropy else None, None
 
     def _log_loss_metric(self, name: str, loss: torch.Tensor) -> None:
         """Log a loss term as its value for the whole optimizer step (not this micro-batch's share of it)."""

@@ -1,6 +1,7 @@
 """The stabilised variants: sample routing, teacher-entropy and pass-rate weights, hindsight contrast, one forward."""
 
 import math
+from functools import partial
 
 import pytest
 import torch
@@ -173,6 +174,8 @@ def test_one_forward_gives_the_gradients_of_two_forwards(tmp_path, monkeypatch, 
     if sdpo_config.sample_routing:
         grpo_inputs = {**batch, "tool_mask": 1 - batch["self_distillation_mask"].unsqueeze(1)}
     weight = 1.0 if sdpo_config.sample_routing else sdpo_config.grpo_weight
+    trls_scoring = partial(GRPOTrainer._get_per_token_logps_and_entropies, trainer)  # every position, TRL's forward
+    monkeypatch.setattr(trainer, "_get_per_token_logps_and_entropies", trls_scoring)
     grpo_loss = GRPOTrainer._compute_loss(trainer, trainer.model, grpo_inputs)
     distillation_loss = trainer._self_distillation_loss(trainer.model, batch).loss
     two_forwards = grads(trainer, weight * grpo_loss + (1.0 - weight if weight < 1 else 1.0) * distillation_loss)

@@ -3,6 +3,7 @@
 import copy
 import glob
 import os
+from functools import partial
 
 import pandas as pd
 import pytest
@@ -11,6 +12,7 @@ from tiny import ParityReward, grpo_args, make_dataset, make_model, make_tokeniz
 from trl import GRPOTrainer
 from trl.trainer.utils import split_tensor_dict
 
+import sdpo_rl.trainer as trainer_module
 from sdpo_rl import SDPOConfig, SDPOTrainer
 
 
@@ -192,6 +194,65 @@ def test_disabled_or_pure_grpo_weight_is_exactly_grpo(tmp_path, sdpo_config):
         assert torch.equal(a, b), name
     assert logged(sdpo, "loss") == logged(grpo, "loss")
     assert not logged(sdpo, "self_distillation/distillation_loss")
+
+
+class _ProjectedRows:
+    """Stands in for `ChunkedLogProbFunction` in `sdpo_rl.trainer` and counts the rows the head projects."""
+
+    def __init__(self, kernel):
+        self.kernel, self.rows = kernel, []
+
+    def apply(self, hidden, *args):
+        self.rows.append(hidden.size(0))
+        return self.kernel.apply(hidden, *args)
+
+
+@pytest.mark.parametrize("compute_entropy, batch_size", [(True, None), (False, 3)])
+def test_cpu_scoring_projects_only_completion_tokens_with_trls_values(
+    tmp_path, monkeypatch, compute_entropy, batch_size
+):
+    """On a CPU, TRL's fused head projects every position; ours the completion tokens only, with TRL's log-probs,
+    entropies and gradients, in `batch_size` chunks as TRL's."""
+    trainer = build(
+        tmp_path, sdpo_config=SDPOConfig(enabled=False), max_completion_length=8, gradient_checkpointing=False
+    )
+    trainer.model.train()
+    torch.manual_seed(0)
+    batch = trainer._generate_and_score_completions([trainer.train_dataset[i] for i in range(2) for _ in range(4)])
+    batch["completion_mask"][0, -3:] = batch["completion_mask"][5, -6:] = 0  # as if they had ended early
+    ids = torch.cat([batch["prompt_ids"], batch["completion_ids"]], 1)
+    mask = torch.cat([batch["prompt_mask"], batch["completion_mask"]], 1)
+    length = batch["completion_ids"].size(1)
+    weights = torch.randn(2, *batch["completion_ids"].shape)
+
+    def scored(method):
+        logps, entropies, _ = method(trainer.model, ids, mask, length, batch_size, compute_entropy)
+        trainer.model.zero_grad()
+        ((logps * weights[0]).sum() + (0 if entropies is None else (entropies * weights[1]).sum())).backward()
+        return logps, entropies, {n: p.grad.clone() for n, p in trainer.model.named_parameters() if p.grad is not None}
+
+    projected = _ProjectedRows(trainer_module.ChunkedLogProbFunction)
+    monkeypatch.setattr(trainer_module, "ChunkedLogProbFunction", projected)
+    ours = scored(trainer._get_per_token_logps_and_entropies)
+    trls = scored(partial(GRPOTrainer._get_per_token_logps_and_entropies, trainer))
+    assert sum(projected.rows) == batch["completion_mask"].sum() and len(projected.rows) == (3 if batch_size else 1)
+    torch.testing.assert_close(ours[0], trls[0])
+    assert (ours[1] is None) == (trls[1] is None) == (not compute_entropy)
+    if compute_entropy:
+        torch.testing.assert_close(ours[1], trls[1])
+    assert ours[2].keys() == trls[2].keys() and ours[2]
+    for name in ours[2]:
+        torch.testing.assert_close(ours[2][name], trls[2][name], rtol=1e-5, atol=1e-7)
+
+
+def test_scoring_goes_to_trl_for_a_head_that_is_not_plain_linear(tmp_path, monkeypatch):
+    trainer = build(tmp_path, sdpo_config=SDPOConfig(enabled=False))
+    calls = []
+    monkeypatch.setattr(trainer_module, "linear_head", lambda model: None)
+    monkeypatch.setattr(GRPOTrainer, "_get_per_token_logps_and_entropies", lambda *args, **kwargs: calls.append(1))
+    ids = torch.ones(2, 5, dtype=torch.long)
+    trainer._get_per_token_logps_and_entropies(trainer.model, ids, torch.ones_like(ids), 2)
+    assert calls == [1]
 
 
 def test_callers_objects_are_not_mutated(tmp_path):
