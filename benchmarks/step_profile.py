@@ -1,15 +1,17 @@
 """Where the demo's training step spends its time and memory: CPU seconds and peak resident memory per phase.
 
 Builds the trainer exactly as `sdpo-rl demo` does (`sdpo_rl.demo.demo_grpo_config`, the demo's options after `--`),
-trains `--steps` steps after one warm-up step, and times each phase of a step: generation, rewards, teacher prompts,
-the GRPO forward (GRPO, and the hybrid of a model without a plain linear head), the hybrid's one forward for both
-terms (student, teacher and the shared head pass), the distillation forward (student and teacher), backward, the
-optimizer step and the teacher update. CPU seconds (`time.process_time`, all threads of the process) do not grow
-when other programs share the cores, so they compare runs on a busy machine; with `--threads 1` they are also the
-wall time of an idle core. A phase's peak is the process's resident high-water mark during it (reset at its start).
+or with `--learning METHOD` as `learning.py` does for that method (its settings and batch, `capitals`), trains
+`--steps` steps after one warm-up step, and times each phase of a step: generation, rewards, teacher prompts, the
+GRPO forward (GRPO, and the hybrid of a model without a plain linear head), the hybrid's one forward for both terms
+(student, teacher and the shared head pass), the distillation forward (student and teacher), backward, the optimizer
+step and the teacher update. CPU seconds (`time.process_time`, all threads of the process) do not grow when other
+programs share the cores, so they compare runs on a busy machine; with `--threads 1` they are also the wall time of
+an idle core. A phase's peak is the process's resident high-water mark during it (reset at its start).
 
     python benchmarks/step_profile.py                                   # the demo's defaults, 1 thread
     python benchmarks/step_profile.py --steps 2 -- --grpo-weight 1      # GRPO only, options as for sdpo-rl demo
+    python benchmarks/step_profile.py --learning sdpo                   # learning.py's sdpo, on its settings
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import learning  # noqa: E402
 from harness import step_clock  # noqa: E402
 
 PHASES = (  # (module, class, method, label); a method a version lacks is reported as absent
@@ -94,6 +97,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=2, help="timed steps, after one warm-up step")
     parser.add_argument("--threads", type=int, default=1, help="torch threads")
+    parser.add_argument(
+        "--learning", metavar="METHOD", help="profile a method of learning.py on its settings instead of the demo"
+    )
     parser.add_argument("demo_options", nargs="*", help="options of `sdpo-rl demo`, after --")
     options = parser.parse_args(argv)
 
@@ -104,22 +110,34 @@ def main(argv: list[str] | None = None) -> int:
     from sdpo_rl.models import load_default_model
     from sdpo_rl.tasks import get_task
 
+    if options.learning and options.demo_options:
+        parser.error("--learning profiles learning.py's settings: give no demo options with it")
+    if options.learning and options.learning not in learning.METHODS:
+        parser.error(
+            f"--learning={options.learning!r} is not a method of learning.py; choose from {list(learning.METHODS)}"
+        )
+    output_dir = "/tmp/sdpo-rl-step-profile"
     args = cli.build_parser().parse_args(
-        ["demo", f"--max-steps={options.steps + 1}", "--output-dir=/tmp/sdpo-rl-step-profile", *options.demo_options]
+        ["demo", f"--max-steps={options.steps + 1}", f"--output-dir={output_dir}", *options.demo_options]
     )
     torch.set_num_threads(options.threads)
     timer = PhaseTimer()
     timer.install()
     task = get_task(args.task)
     model, tokenizer = load_default_model()
-    trainer = build_demo_trainer(args, model, tokenizer, task, use_cuda=False)
+    if options.learning:
+        size = {**learning.FULL, "steps": options.steps + 1}
+        trainer = learning.make_trainer(options.learning, task, model, tokenizer, output_dir, size, 0, [])
+        shown = f"learning.py's {options.learning} on {args.task}"
+    else:
+        trainer = build_demo_trainer(args, model, tokenizer, task, use_cuda=False)
+        shown = " ".join(options.demo_options) or "the demo's defaults"
     clock = step_clock(after_step=lambda state: timer.reset() if state.global_step == 1 else None)  # warm-up
     trainer.add_callback(clock)
     trainer.train()
 
     timed = clock.cpu[1:]
     per_step = sum(timed) / len(timed)
-    shown = " ".join(options.demo_options) or "the demo's defaults"
     print(f"{len(timed)} steps after a warm-up, {options.threads} thread(s), {shown}")
     print("| phase | CPU s per step | peak resident MiB |\n|---|---|---|")
     for label in dict.fromkeys(phase[3] for phase in PHASES):

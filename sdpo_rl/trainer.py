@@ -121,7 +121,8 @@ class SDPOTrainer(GRPOTrainer):
     """Self-Distilled Policy Optimization on top of `trl.GRPOTrainer`.
 
     Accepts every argument of `GRPOTrainer`, plus `sdpo_config` (an `SDPOConfig`, default `SDPOConfig()`). With
-    `SDPOConfig(enabled=False)` it is exactly GRPOTrainer.
+    `SDPOConfig(enabled=False)` it trains as GRPOTrainer does; only, on a CPU, its GRPO forward projects the
+    completion tokens alone (`_get_per_token_logps_and_entropies`), with the same log-probs and gradients.
     """
 
     _tag_names = ["trl", "grpo", "sdpo"]

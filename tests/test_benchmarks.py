@@ -113,6 +113,28 @@ def test_step_profile_reports_every_phase_of_the_demo_step():
     assert "**step**" in rows
 
 
+@pytest.mark.slow
+def test_step_profile_of_a_learning_method_times_its_grpo_forward():
+    command = [sys.executable, str(ROOT / "benchmarks" / "step_profile.py"), "--steps=1", "--learning=grpo"]
+    completed = subprocess.run(command, capture_output=True, text=True, timeout=1800)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    assert "learning.py's grpo on capitals" in completed.stdout
+    rows = {line.split("|")[1].strip(): line for line in completed.stdout.splitlines() if line.startswith("| ")}
+    for phase in ("generation", "GRPO forward", "backward"):
+        assert float(rows[phase].split("|")[2]) > 0, phase
+    assert "hybrid forward" not in rows and "distillation forward" not in rows
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [(["--learning=sgd"], "not a method of learning.py"), (["--learning=sdpo", "--", "--no-lora"], "no demo options")],
+)
+def test_step_profile_refuses_a_learning_method_it_cannot_profile(options, message):
+    command = [sys.executable, str(ROOT / "benchmarks" / "step_profile.py"), *options]
+    completed = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert completed.returncode == 2 and message in completed.stderr
+
+
 def test_a_failed_benchmark_job_is_reported_and_the_others_still_land():
     harness = benchmark_module("harness")
     landed = []
