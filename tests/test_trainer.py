@@ -207,14 +207,27 @@ class _ProjectedRows:
         return self.kernel.apply(hidden, *args)
 
 
-@pytest.mark.parametrize("compute_entropy, batch_size", [(True, None), (False, 3)])
+@pytest.mark.parametrize(
+    "compute_entropy, batch_size, precision",
+    [
+        (True, None, {}),
+        (False, 3, {}),
+        (True, None, dict(bf16=True)),
+        (True, 3, dict(bf16=True, cast_lm_head_to_fp32=True)),
+    ],
+    ids=["entropy", "chunked", "bf16", "bf16-head-fp32"],
+)
 def test_cpu_scoring_projects_only_completion_tokens_with_trls_values(
-    tmp_path, monkeypatch, compute_entropy, batch_size
+    tmp_path, monkeypatch, compute_entropy, batch_size, precision
 ):
     """On a CPU, TRL's fused head projects every position; ours the completion tokens only, with TRL's log-probs,
-    entropies and gradients, in `batch_size` chunks as TRL's."""
+    entropies and gradients, in `batch_size` chunks as TRL's, and its precision settings."""
     trainer = build(
-        tmp_path, sdpo_config=SDPOConfig(enabled=False), max_completion_length=8, gradient_checkpointing=False
+        tmp_path,
+        sdpo_config=SDPOConfig(enabled=False),
+        max_completion_length=8,
+        gradient_checkpointing=False,
+        **precision,
     )
     trainer.model.train()
     torch.manual_seed(0)
