@@ -25,7 +25,16 @@ GRPO_METHODS = {
     "_generate_and_score_completions": ("self", "inputs"),
     "_calculate_rewards": ("self", "inputs", "prompts", "completions", "completion_ids_list"),
     "_compute_loss": ("self", "model", "inputs"),
-    "_get_per_token_logps_and_entropies": ("self", "model", "input_ids", "attention_mask", "logits_to_keep"),
+    "_get_per_token_logps_and_entropies": (
+        "self",
+        "model",
+        "input_ids",
+        "attention_mask",
+        "logits_to_keep",
+        "batch_size",
+        "compute_entropy",
+        "compute_aux_loss",
+    ),
 }
 TRAINER_METHODS = {
     "_get_grad_norm": ("self", "model", "grad_norm"),
@@ -36,8 +45,8 @@ TRAINER_METHODS = {
 }
 # Helpers of trl.trainer.utils that sdpo_rl imports.
 TRL_UTILS = ("pad", "is_async_callable", "_CHUNKED_LOGPROB_CHUNK_SIZE")
-# TRL's chunked log-prob kernel (what its fused LM head runs), which scores the hybrid's tokens that are not distilled:
-# its forward's parameters, in order.
+# TRL's chunked log-prob kernel (what its fused LM head runs), which scores the completion tokens that the distillation
+# does not: its forward's parameters, in order.
 LOGPROB_KERNEL = (
     "ctx",
     "hidden",
