@@ -1,13 +1,14 @@
 """Where the demo's training step spends its time and memory: CPU seconds and peak resident memory per phase.
 
 Builds the trainer exactly as `sdpo-rl demo` does (`sdpo_rl.demo.demo_grpo_config`, the demo's options after `--`),
-or with `--learning METHOD` as `learning.py` does for that method (its settings and batch, `capitals`), trains
-`--steps` steps after one warm-up step, and times each phase of a step: generation, rewards, teacher prompts, the
-GRPO forward (GRPO, and the hybrid of a model without a plain linear head), the hybrid's one forward for both terms
-(student, teacher and the shared head pass), the distillation forward (student and teacher), backward, the optimizer
-step and the teacher update. CPU seconds (`time.process_time`, all threads of the process) do not grow when other
-programs share the cores, so they compare runs on a busy machine; with `--threads 1` they are also the wall time of
-an idle core. A phase's peak is the process's resident high-water mark during it (reset at its start).
+or with `--learning METHOD` as `learning.py` does for that method (its settings and batch, on the task that
+`learning_step_time.py` times), trains `--steps` steps after one warm-up step, and times each phase of a step:
+generation, rewards, teacher prompts, the GRPO forward (GRPO, and the hybrid of a model without a plain linear
+head), the hybrid's one forward for both terms (student, teacher and the shared head pass), the distillation forward
+(student and teacher), backward, the optimizer step and the teacher update. CPU seconds (`time.process_time`, all
+threads of the process) do not grow when other programs share the cores, so they compare runs on a busy machine;
+with `--threads 1` they are also the wall time of an idle core. A phase's peak is the process's resident high-water
+mark during it (reset at its start).
 
     python benchmarks/step_profile.py                                   # the demo's defaults, 1 thread
     python benchmarks/step_profile.py --steps 2 -- --grpo-weight 1      # GRPO only, options as for sdpo-rl demo
@@ -27,6 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import learning  # noqa: E402
 from harness import step_clock  # noqa: E402
+from learning_step_time import FULL as LEARNING_STEP  # noqa: E402  (the task learning_step_time.py times)
 
 PHASES = (  # (module, class, method, label); a method a version lacks is reported as absent
     ("trl", "GRPOTrainer", "_generate", "generation"),
@@ -102,6 +104,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("demo_options", nargs="*", help="options of `sdpo-rl demo`, after --")
     options = parser.parse_args(argv)
+    if options.learning and options.demo_options:
+        parser.error("--learning profiles learning.py's settings: give no demo options with it")
+    if options.learning and options.learning not in learning.METHODS:
+        parser.error(
+            f"--learning={options.learning!r} is not a method of learning.py; choose from {list(learning.METHODS)}"
+        )
 
     import torch
 
@@ -110,12 +118,6 @@ def main(argv: list[str] | None = None) -> int:
     from sdpo_rl.models import load_default_model
     from sdpo_rl.tasks import get_task
 
-    if options.learning and options.demo_options:
-        parser.error("--learning profiles learning.py's settings: give no demo options with it")
-    if options.learning and options.learning not in learning.METHODS:
-        parser.error(
-            f"--learning={options.learning!r} is not a method of learning.py; choose from {list(learning.METHODS)}"
-        )
     output_dir = "/tmp/sdpo-rl-step-profile"
     args = cli.build_parser().parse_args(
         ["demo", f"--max-steps={options.steps + 1}", f"--output-dir={output_dir}", *options.demo_options]
@@ -123,12 +125,13 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(options.threads)
     timer = PhaseTimer()
     timer.install()
-    task = get_task(args.task)
+    task_name = LEARNING_STEP["task"] if options.learning else args.task
+    task = get_task(task_name)
     model, tokenizer = load_default_model()
     if options.learning:
         size = {**learning.FULL, "steps": options.steps + 1}
         trainer = learning.make_trainer(options.learning, task, model, tokenizer, output_dir, size, 0, [])
-        shown = f"learning.py's {options.learning} on {args.task}"
+        shown = f"learning.py's {options.learning} on {task_name}"
     else:
         trainer = build_demo_trainer(args, model, tokenizer, task, use_cuda=False)
         shown = " ".join(options.demo_options) or "the demo's defaults"
