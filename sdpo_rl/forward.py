@@ -8,9 +8,11 @@ at a time (`sdpo_rl.loss_chunked`).
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -71,13 +73,87 @@ def linear_head(model: nn.Module) -> nn.Linear | None:
 
 
 def completion_hidden(
-    model: nn.Module, head: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, logits_to_keep: int
+    model: nn.Module,
+    head: nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    logits_to_keep: int,
+    share_prompts: bool = False,
 ) -> torch.Tensor:
     """Final hidden states ``[B, logits_to_keep, H]`` whose projection by `head` is `completion_logits`.
 
     Runs `model`'s own forward, so that its wrappers (DDP, PEFT, gradient checkpointing) still apply, with a pre-hook
-    on `head` that keeps the head's input and hands it an empty slice instead: no position is projected.
+    on `head` that keeps the head's input and hands it an empty slice instead: no position is projected. With
+    `share_prompts`, rows whose prompts (the first ``L - logits_to_keep`` columns, ids and mask) are equal, as a
+    group's G completions are, run their prompt once (`_shared_prompt_hidden`).
     """
+    if share_prompts:
+        prompt_length = input_ids.size(1) - logits_to_keep
+        prompts = torch.cat([input_ids[:, :prompt_length], attention_mask[:, :prompt_length]], dim=1)
+        unique_prompts, group = torch.unique(prompts, dim=0, return_inverse=True)
+        if unique_prompts.size(0) < input_ids.size(0):
+            return _shared_prompt_hidden(model, head, input_ids, attention_mask, logits_to_keep, group)
+    hidden, _ = _head_input(
+        model,
+        head,
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        logits_to_keep=logits_to_keep + 1,
+        use_cache=False,
+    )
+    return hidden[:, -(logits_to_keep + 1) : -1]
+
+
+def _shared_prompt_hidden(model, head, input_ids, attention_mask, logits_to_keep: int, group: torch.Tensor):
+    """`completion_hidden` of rows whose prompts are equal within each `group` (its index per row): one forward of
+    each group's prompt, whose key/value cache every row of the group then extends with its completion.
+
+    Causal attention makes the prompt's states independent of what follows, so this is the same function as the full
+    forward (the last bits may round differently), with the gradient of a shared prompt summed over its rows.
+    """
+    prompt_length = input_ids.size(1) - logits_to_keep
+    rows = torch.arange(group.size(0), device=group.device)
+    first_row = group.new_full((int(group.max()) + 1,), group.size(0)).scatter_reduce(0, group, rows, "amin")
+    cache_keyword = _cache_keyword(model)
+    last_prompt_hidden, outputs = _head_input(
+        model,
+        head,
+        input_ids=input_ids[first_row, :prompt_length],
+        attention_mask=attention_mask[first_row, :prompt_length],
+        logits_to_keep=1,
+        use_cache=True,
+    )
+    cache = getattr(outputs, cache_keyword, None)
+    if cache is None:
+        raise RuntimeError(f"{type(model).__name__} returned no `{cache_keyword}` for its prompts with use_cache=True.")
+    hidden = [last_prompt_hidden[group]]  # the last prompt position predicts the first completion token
+    if logits_to_keep > 1:
+        cache.reorder_cache(group)  # each row starts from its group's prompt states
+        completion_hidden, _ = _head_input(
+            model,
+            head,
+            input_ids=input_ids[:, prompt_length:-1],
+            attention_mask=attention_mask[:, :-1],
+            logits_to_keep=0,  # all positions
+            use_cache=True,
+            **{cache_keyword: cache},
+        )
+        hidden.append(completion_hidden)
+    return torch.cat(hidden, dim=1)
+
+
+def _cache_keyword(model: nn.Module) -> str:
+    """The name under which `model`'s forward takes and returns its key/value cache (transformers renamed it)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    parameters = inspect.signature(base.forward).parameters
+    for keyword in ("cache", "past_key_values"):
+        if keyword in parameters:
+            return keyword
+    raise ValueError(f"{type(base).__name__}.forward takes no key/value cache (`cache` or `past_key_values`).")
+
+
+def _head_input(model: nn.Module, head: nn.Module, **model_inputs) -> tuple[torch.Tensor, Any]:
+    """``(the input of head, model's outputs)`` of one forward of `model` in which `head` projects no position."""
     inputs = []
 
     def keep_input(module, args):
@@ -86,12 +162,12 @@ def completion_hidden(
 
     handle = head.register_forward_pre_hook(keep_input)
     try:
-        model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=logits_to_keep + 1, use_cache=False)
+        outputs = model(**model_inputs)
     finally:
         handle.remove()
     if len(inputs) != 1:
         raise RuntimeError(f"The output head ran {len(inputs)} times in one forward of {type(model).__name__}.")
-    return inputs[0][:, -(logits_to_keep + 1) : -1]
+    return inputs[0], outputs
 
 
 @contextmanager

@@ -490,8 +490,8 @@ class SDPOTrainer(GRPOTrainer):
 
         TRL's fused head projects the prompt positions too where it has no Triton kernel (a CPU among them), so that
         compiled backends see one tile shape; a CPU compiles nothing, and skipping the prompt positions skips most
-        of the head's work, with the same values. Images, an MoE aux loss or a head that is not a plain linear layer
-        go to TRL's.
+        of the head's work, with the same values. The backbone runs each group's prompt once where `_shares_prompts`.
+        Images, an MoE aux loss or a head that is not a plain linear layer go to TRL's.
         """
         if self._scored_completions is not None:
             logps, entropies = self._scored_completions
@@ -514,7 +514,7 @@ class SDPOTrainer(GRPOTrainer):
         for start in range(0, input_ids.size(0), batch_size):
             ids, mask = input_ids[start : start + batch_size], attention_mask[start : start + batch_size]
             with self.accelerator.autocast():
-                hidden = completion_hidden(model, head, ids, mask, logits_to_keep)
+                hidden = completion_hidden(model, head, ids, mask, logits_to_keep, self._shares_prompts(model))
             scored = mask[:, -logits_to_keep:] > 0
             zeros = hidden.new_zeros(scored.shape, dtype=torch.float32)
             logps, entropies = self._score_completion_tokens(
@@ -618,9 +618,25 @@ class SDPOTrainer(GRPOTrainer):
         completion_ids = inputs["completion_ids"][rows]
         ids = torch.cat([inputs["prompt_ids"][rows], completion_ids], dim=1)
         mask = torch.cat([inputs["prompt_mask"][rows], inputs["completion_mask"][rows]], dim=1)
-        forward = completion_logits if head is None else partial(completion_hidden, head=head)
+        forward = (
+            completion_logits
+            if head is None
+            else partial(completion_hidden, head=head, share_prompts=self._shares_prompts(model))
+        )
         with self.accelerator.autocast():
             return forward(model, input_ids=ids, attention_mask=mask, logits_to_keep=completion_ids.size(1))
+
+    def _shares_prompts(self, model) -> bool:
+        """Whether the student's forwards run each distinct prompt once (`forward.completion_hidden`): on a CPU in
+        one process, where it is measured; not under gradient checkpointing, which turns the key/value cache off, nor
+        with a prompt-learning adapter, which brings a cache of its own."""
+        student = self.accelerator.unwrap_model(model)
+        return (
+            self.accelerator.device.type == "cpu"
+            and self.accelerator.num_processes == 1
+            and not any(getattr(module, "gradient_checkpointing", False) for module in student.modules())
+            and not getattr(getattr(student, "active_peft_config", None), "is_prompt_learning", False)
+        )
 
     def _teacher_outputs(self, student, inputs, rows: torch.Tensor, prompt: str = "teacher_prompt"):
         """``(completion_ids, completion_mask, teacher)`` of `rows`: the teacher's `HeadInputs` or logits.

@@ -221,7 +221,8 @@ def test_cpu_scoring_projects_only_completion_tokens_with_trls_values(
     tmp_path, monkeypatch, compute_entropy, batch_size, precision
 ):
     """On a CPU, TRL's fused head projects every position; ours the completion tokens only, with TRL's log-probs,
-    entropies and gradients, in `batch_size` chunks as TRL's, and its precision settings."""
+    entropies and gradients, in `batch_size` chunks as TRL's, and its precision settings. Each prompt runs once per
+    row here, as in TRL's forward; sharing it across its group is the next test's."""
     trainer = build(
         tmp_path,
         sdpo_config=SDPOConfig(enabled=False),
@@ -244,6 +245,7 @@ def test_cpu_scoring_projects_only_completion_tokens_with_trls_values(
         ((logps * weights[0]).sum() + (0 if entropies is None else (entropies * weights[1]).sum())).backward()
         return logps, entropies, {n: p.grad.clone() for n, p in trainer.model.named_parameters() if p.grad is not None}
 
+    monkeypatch.setattr(trainer, "_shares_prompts", lambda model: False)
     projected = _ProjectedRows(trainer_module.ChunkedLogProbFunction)
     monkeypatch.setattr(trainer_module, "ChunkedLogProbFunction", projected)
     ours = scored(trainer._get_per_token_logps_and_entropies)
@@ -256,6 +258,50 @@ def test_cpu_scoring_projects_only_completion_tokens_with_trls_values(
     assert ours[2].keys() == trls[2].keys() and ours[2]
     for name in ours[2]:
         torch.testing.assert_close(ours[2][name], trls[2][name], rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("gradient_checkpointing", [False, True])
+def test_cpu_scoring_runs_each_groups_prompt_once(tmp_path, gradient_checkpointing):
+    """Without gradient checkpointing (which turns the key/value cache off) the 4 rows of a group share one forward of
+    their prompt, with TRL's log-probs and gradients up to rounding (to the gradient's scale: tests/test_forward.py)."""
+    trainer = build(
+        tmp_path,
+        sdpo_config=SDPOConfig(enabled=False),
+        max_completion_length=8,
+        gradient_checkpointing=gradient_checkpointing,
+    )
+    if gradient_checkpointing:  # as `train()` does
+        trainer.model.gradient_checkpointing_enable(trainer.args.gradient_checkpointing_kwargs)
+    trainer.model.train()
+    torch.manual_seed(0)
+    batch = trainer._generate_and_score_completions([trainer.train_dataset[i] for i in range(2) for _ in range(4)])
+    ids = torch.cat([batch["prompt_ids"], batch["completion_ids"]], 1)
+    mask = torch.cat([batch["prompt_mask"], batch["completion_mask"]], 1)
+    length = batch["completion_ids"].size(1)
+    weights = torch.randn(batch["completion_ids"].shape)
+
+    def scored(method):
+        embedded = []
+        embeddings = trainer.model.get_input_embeddings()
+        handle = embeddings.register_forward_hook(lambda module, args, out: embedded.append(out.shape[:2].numel()))
+        try:
+            logps = method(trainer.model, ids, mask, length)[0]
+        finally:
+            handle.remove()
+        trainer.model.zero_grad()
+        (logps * weights).sum().backward()
+        return logps, {n: p.grad.clone() for n, p in trainer.model.named_parameters()}, sum(embedded)
+
+    ours = scored(trainer._get_per_token_logps_and_entropies)
+    trls = scored(partial(GRPOTrainer._get_per_token_logps_and_entropies, trainer))
+    assert trainer._shares_prompts(trainer.model) is not gradient_checkpointing
+    prompt_length = batch["prompt_ids"].size(1)
+    shared_positions = 2 * prompt_length + 8 * (length - 1)
+    assert trls[2] == 8 * (prompt_length + length)
+    assert ours[2] == (trls[2] if gradient_checkpointing else shared_positions)
+    torch.testing.assert_close(ours[0], trls[0])
+    for name, gradient in trls[1].items():
+        torch.testing.assert_close(ours[1][name], gradient, rtol=0, atol=1e-5 * float(gradient.abs().max()))
 
 
 def test_scoring_goes_to_trl_for_a_head_that_is_not_plain_linear(tmp_path, monkeypatch):

@@ -1,0 +1,99 @@
+"""`sdpo_rl.forward.completion_hidden` with each distinct prompt run once: the full forward's values and gradients."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+from torch import nn
+from tiny import make_model, make_tokenizer
+
+from sdpo_rl.forward import _cache_keyword, completion_hidden, linear_head
+
+PROMPT, COMPLETION = 7, 5
+GROUP_OF_ROW = [2, 0, 0, 1, 2, 1, 0]  # 7 rows, 3 distinct prompts, in no particular order
+
+
+def grouped_batch(vocab_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-padded prompts (each group its own padding) repeated per `GROUP_OF_ROW`, then completions, some ended."""
+    generator = torch.Generator().manual_seed(0)
+    prompts = torch.randint(3, vocab_size, (3, PROMPT), generator=generator)
+    prompt_mask = torch.ones(3, PROMPT, dtype=torch.long)
+    prompt_mask[1, :2] = prompt_mask[2, :1] = 0
+    group = torch.tensor(GROUP_OF_ROW)
+    completions = torch.randint(3, vocab_size, (len(group), COMPLETION), generator=generator)
+    completion_mask = torch.ones_like(completions)
+    completion_mask[3, -2:] = completion_mask[6, -1:] = 0
+    return torch.cat([prompts[group], completions], 1), torch.cat([prompt_mask[group], completion_mask], 1)
+
+
+def hidden_and_gradients(model, ids, mask, logits_to_keep, share_prompts):
+    """The head's inputs at the completion positions, the gradients of a weighted sum of them, and how many token
+    positions the model embedded."""
+    embedded = []
+    handle = model.get_input_embeddings().register_forward_hook(lambda m, args, out: embedded.append(out.shape[:2]))
+    try:
+        hidden = completion_hidden(model, linear_head(model), ids, mask, logits_to_keep, share_prompts)
+    finally:
+        handle.remove()
+    weights = torch.randn(hidden.shape, generator=torch.Generator().manual_seed(1))
+    parameters = [p for p in model.parameters() if p.requires_grad]
+    gradients = torch.autograd.grad((hidden * weights).sum(), parameters, allow_unused=True, materialize_grads=True)
+    return hidden, gradients, sum(rows * length for rows, length in embedded)
+
+
+@pytest.mark.parametrize(
+    "variant, logits_to_keep",
+    [("plain", COMPLETION), ("plain", 1), ("lora", COMPLETION), ("sliding_window", COMPLETION)],
+)
+def test_shared_prompts_give_the_full_forwards_values_and_gradients(variant, logits_to_keep):
+    tokenizer = make_tokenizer()
+    if variant == "sliding_window":  # the cache of a sliding layer keeps only the last 3 positions
+        model = make_model(
+            tokenizer, use_sliding_window=True, sliding_window=3, layer_types=["sliding_attention", "full_attention"]
+        )
+    else:
+        model = make_model(tokenizer)
+    if variant == "lora":
+        model = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    model.train()
+    ids, mask = grouped_batch(len(tokenizer))
+    ids, mask = ids[:, : PROMPT + logits_to_keep], mask[:, : PROMPT + logits_to_keep]
+    full, full_gradients, full_positions = hidden_and_gradients(model, ids, mask, logits_to_keep, False)
+    shared, shared_gradients, shared_positions = hidden_and_gradients(model, ids, mask, logits_to_keep, True)
+    torch.testing.assert_close(shared, full, rtol=1e-5, atol=1e-6)
+    # The RMS norms compute in float32, and summing a shared prompt's gradients before them rather than after rounds
+    # differently (even in a float64 model, by ~6e-8 of the gradient's scale), so this holds to the gradient's scale.
+    for shared_gradient, full_gradient in zip(shared_gradients, full_gradients, strict=True):
+        torch.testing.assert_close(shared_gradient, full_gradient, rtol=0, atol=1e-5 * float(full_gradient.abs().max()))
+    rows = len(GROUP_OF_ROW)
+    assert full_positions == rows * (PROMPT + logits_to_keep)
+    assert shared_positions == 3 * PROMPT + rows * (logits_to_keep - 1)  # each prompt once; the last token not at all
+
+
+def test_rows_with_distinct_prompts_take_one_full_forward():
+    tokenizer = make_tokenizer()
+    model = make_model(tokenizer)
+    ids, mask = grouped_batch(len(tokenizer))
+    distinct = [0, 1, 3]  # one row of each group
+    full, _, _ = hidden_and_gradients(model, ids[distinct], mask[distinct], COMPLETION, False)
+    shared, _, positions = hidden_and_gradients(model, ids[distinct], mask[distinct], COMPLETION, True)
+    assert torch.equal(shared, full)
+    assert positions == len(distinct) * (PROMPT + COMPLETION)
+
+
+def test_the_cache_goes_by_the_name_the_models_forward_takes():
+    class OlderModel(nn.Module):
+        def forward(self, input_ids=None, attention_mask=None, past_key_values=None, use_cache=None):
+            raise NotImplementedError
+
+    class NoCache(nn.Module):
+        def forward(self, input_ids=None, attention_mask=None):
+            raise NotImplementedError
+
+    tokenizer = make_tokenizer()
+    assert _cache_keyword(make_model(tokenizer)) == "cache"
+    assert _cache_keyword(get_peft_model(make_model(tokenizer), LoraConfig(r=4, target_modules=["q_proj"]))) == "cache"
+    assert _cache_keyword(OlderModel()) == "past_key_values"
+    with pytest.raises(ValueError, match=r"NoCache.forward takes no key/value cache"):
+        _cache_keyword(NoCache())
