@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model
-from torch import nn
 from tiny import make_model, make_tokenizer
+from torch import nn
 
 from sdpo_rl.forward import _cache_keyword, completion_hidden, linear_head
 
