@@ -85,14 +85,16 @@ def completion_hidden(
     Runs `model`'s own forward, so that its wrappers (DDP, PEFT, gradient checkpointing) still apply, with a pre-hook
     on `head` that keeps the head's input and hands it an empty slice instead: no position is projected. With
     `share_prompts`, rows whose prompts (the first ``L - logits_to_keep`` columns, ids and mask) are equal, as a
-    group's G completions are, run their prompt once (`_shared_prompt_hidden`).
+    group's G completions are, run their prompt once (`_shared_prompt_hidden`), where the model's forward takes a
+    key/value cache.
     """
-    if share_prompts:
+    cache_keyword = _cache_keyword(model) if share_prompts else None
+    if cache_keyword is not None:
         prompt_length = input_ids.size(1) - logits_to_keep
         prompts = torch.cat([input_ids[:, :prompt_length], attention_mask[:, :prompt_length]], dim=1)
         unique_prompts, group = torch.unique(prompts, dim=0, return_inverse=True)
         if unique_prompts.size(0) < input_ids.size(0):
-            return _shared_prompt_hidden(model, head, input_ids, attention_mask, logits_to_keep, group)
+            return _shared_prompt_hidden(model, head, input_ids, attention_mask, logits_to_keep, group, cache_keyword)
     hidden, _ = _head_input(
         model,
         head,
@@ -104,9 +106,12 @@ def completion_hidden(
     return hidden[:, -(logits_to_keep + 1) : -1]
 
 
-def _shared_prompt_hidden(model, head, input_ids, attention_mask, logits_to_keep: int, group: torch.Tensor):
+def _shared_prompt_hidden(
+    model, head, input_ids, attention_mask, logits_to_keep: int, group: torch.Tensor, cache_keyword: str
+):
     """`completion_hidden` of rows whose prompts are equal within each `group` (its index per row): one forward of
-    each group's prompt, whose key/value cache every row of the group then extends with its completion.
+    each group's prompt, whose key/value cache (the forward's `cache_keyword`) every row of the group then extends
+    with its completion.
 
     Causal attention makes the prompt's states independent of what follows, so this is the same function as the full
     forward (the last bits may round differently), with the gradient of a shared prompt summed over its rows.
@@ -114,7 +119,6 @@ def _shared_prompt_hidden(model, head, input_ids, attention_mask, logits_to_keep
     prompt_length = input_ids.size(1) - logits_to_keep
     rows = torch.arange(group.size(0), device=group.device)
     first_row = group.new_full((int(group.max()) + 1,), group.size(0)).scatter_reduce(0, group, rows, "amin")
-    cache_keyword = _cache_keyword(model)
     last_prompt_hidden, outputs = _head_input(
         model,
         head,
@@ -142,14 +146,12 @@ def _shared_prompt_hidden(model, head, input_ids, attention_mask, logits_to_keep
     return torch.cat(hidden, dim=1)
 
 
-def _cache_keyword(model: nn.Module) -> str:
-    """The name under which `model`'s forward takes and returns its key/value cache (transformers renamed it)."""
+def _cache_keyword(model: nn.Module) -> str | None:
+    """The name under which `model`'s forward takes and returns its key/value cache (transformers renamed it); None
+    where the forward declares neither, as a compiled or custom wrapper's ``**kwargs`` does."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     parameters = inspect.signature(base.forward).parameters
-    for keyword in ("cache", "past_key_values"):
-        if keyword in parameters:
-            return keyword
-    raise ValueError(f"{type(base).__name__}.forward takes no key/value cache (`cache` or `past_key_values`).")
+    return next((keyword for keyword in ("cache", "past_key_values") if keyword in parameters), None)
 
 
 def _head_input(model: nn.Module, head: nn.Module, **model_inputs) -> tuple[torch.Tensor, Any]:

@@ -87,13 +87,34 @@ def test_the_cache_goes_by_the_name_the_models_forward_takes():
         def forward(self, input_ids=None, attention_mask=None, past_key_values=None, use_cache=None):
             raise NotImplementedError
 
-    class NoCache(nn.Module):
-        def forward(self, input_ids=None, attention_mask=None):
-            raise NotImplementedError
-
     tokenizer = make_tokenizer()
     assert _cache_keyword(make_model(tokenizer)) == "cache"
     assert _cache_keyword(get_peft_model(make_model(tokenizer), LoraConfig(r=4, target_modules=["q_proj"]))) == "cache"
     assert _cache_keyword(OlderModel()) == "past_key_values"
-    with pytest.raises(ValueError, match=r"NoCache.forward takes no key/value cache"):
-        _cache_keyword(NoCache())
+
+
+def test_a_forward_that_takes_no_cache_runs_every_prompt():
+    """A wrapper whose forward declares no cache (``**kwargs``, as a compiled model's) takes the full forward."""
+
+    class Wrapper(nn.Module):
+        def __init__(self, model):
+            super().__init__()
+            self.model = model
+
+        def forward(self, **inputs):
+            return self.model(**inputs)
+
+        def get_input_embeddings(self):
+            return self.model.get_input_embeddings()
+
+    tokenizer = make_tokenizer()
+    model = make_model(tokenizer)
+    wrapper = Wrapper(model)
+    assert _cache_keyword(wrapper) is None
+    ids, mask = grouped_batch(len(tokenizer))
+    embedded = []
+    handle = model.get_input_embeddings().register_forward_hook(lambda m, args, out: embedded.append(out.shape[:2]))
+    shared = completion_hidden(wrapper, model.lm_head, ids, mask, COMPLETION, share_prompts=True)
+    handle.remove()
+    assert embedded == [ids.shape]
+    assert torch.equal(shared, completion_hidden(model, model.lm_head, ids, mask, COMPLETION))
