@@ -133,7 +133,7 @@ def _shared_prompt_hidden(
     hidden = [last_prompt_hidden[group]]  # the last prompt position predicts the first completion token
     if logits_to_keep > 1:
         cache.reorder_cache(group)  # each row starts from its group's prompt states
-        completion_hidden, _ = _head_input(
+        completion_states, _ = _head_input(
             model,
             head,
             input_ids=input_ids[:, prompt_length:-1],
@@ -142,7 +142,7 @@ def _shared_prompt_hidden(
             use_cache=True,
             **{cache_keyword: cache},
         )
-        hidden.append(completion_hidden)
+        hidden.append(completion_states)
     return torch.cat(hidden, dim=1)
 
 
