@@ -510,11 +510,12 @@ class SDPOTrainer(GRPOTrainer):
                 **model_inputs,
             )
         batch_size = batch_size or input_ids.size(0)
+        share_prompts = self._shares_prompts(model)
         all_logps, all_entropies = [], []
         for start in range(0, input_ids.size(0), batch_size):
             ids, mask = input_ids[start : start + batch_size], attention_mask[start : start + batch_size]
             with self.accelerator.autocast():
-                hidden = completion_hidden(model, head, ids, mask, logits_to_keep, self._shares_prompts(model))
+                hidden = completion_hidden(model, head, ids, mask, logits_to_keep, share_prompts)
             scored = mask[:, -logits_to_keep:] > 0
             zeros = hidden.new_zeros(scored.shape, dtype=torch.float32)
             logps, entropies = self._score_completion_tokens(
