@@ -5,7 +5,7 @@ from functools import partial
 
 import pytest
 import torch
-from tiny import ParityReward, grpo_args, make_dataset, make_model, make_tokenizer
+from tiny import ParityReward, assert_close_to_scale, grpo_args, make_dataset, make_model, make_tokenizer
 from trl import GRPOTrainer
 
 import sdpo_rl.trainer as trainer_module
@@ -149,7 +149,7 @@ def test_one_forward_gives_the_gradients_of_two_forwards(
     distillation loss computed apart. On policy without an entropy mask, TRL's gradient is known in advance and the pass
     runs once; otherwise the distilled tokens' chunks run again in backward. With `shared_prompts` the forward runs
     each group's prompt once, then the completions: two backbone calls, gradients equal to their scale
-    (tests/test_forward.py)."""
+    (`assert_close_to_scale`)."""
     trainer = build(tmp_path, sdpo_config, **grpo_settings)
     monkeypatch.setattr(trainer, "_shares_prompts", lambda model: shared_prompts)
     trainer.model.train()
@@ -187,10 +187,10 @@ def test_one_forward_gives_the_gradients_of_two_forwards(
     two_forwards = grads(trainer, weight * grpo_loss + (1.0 - weight if weight < 1 else 1.0) * distillation_loss)
     assert one_forward.keys() == two_forwards.keys() and one_forward
     for name, gradient in two_forwards.items():
-        tolerance = (
-            dict(rtol=0, atol=1e-5 * float(gradient.abs().max())) if shared_prompts else dict(rtol=1e-5, atol=1e-7)
-        )
-        torch.testing.assert_close(one_forward[name], gradient, **tolerance)
+        if shared_prompts:
+            assert_close_to_scale(one_forward[name], gradient)
+        else:
+            torch.testing.assert_close(one_forward[name], gradient, rtol=1e-5, atol=1e-7)
 
 
 @pytest.mark.parametrize("loss_type", ["grpo", "bnpo", "dr_grpo", "dapo", "luspo", "sapo", "cispo", "vespo"])

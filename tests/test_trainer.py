@@ -8,7 +8,15 @@ from functools import partial
 import pandas as pd
 import pytest
 import torch
-from tiny import ParityReward, grpo_args, make_dataset, make_model, make_tokenizer
+from tiny import (
+    ParityReward,
+    assert_close_to_scale,
+    embedded_positions,
+    grpo_args,
+    make_dataset,
+    make_model,
+    make_tokenizer,
+)
 from trl import GRPOTrainer
 from trl.trainer.utils import split_tensor_dict
 
@@ -263,7 +271,7 @@ def test_cpu_scoring_projects_only_completion_tokens_with_trls_values(
 @pytest.mark.parametrize("gradient_checkpointing", [False, True])
 def test_cpu_scoring_runs_each_groups_prompt_once(tmp_path, gradient_checkpointing):
     """Without gradient checkpointing (which turns the key/value cache off) the 4 rows of a group share one forward of
-    their prompt, with TRL's log-probs and gradients up to rounding (to the gradient's scale: tests/test_forward.py)."""
+    their prompt, with TRL's log-probs and gradients up to rounding (`assert_close_to_scale`)."""
     trainer = build(
         tmp_path,
         sdpo_config=SDPOConfig(enabled=False),
@@ -281,13 +289,8 @@ def test_cpu_scoring_runs_each_groups_prompt_once(tmp_path, gradient_checkpointi
     weights = torch.randn(batch["completion_ids"].shape)
 
     def scored(method):
-        embedded = []
-        embeddings = trainer.model.get_input_embeddings()
-        handle = embeddings.register_forward_hook(lambda module, args, out: embedded.append(out.shape[:2].numel()))
-        try:
+        with embedded_positions(trainer.model) as embedded:
             logps = method(trainer.model, ids, mask, length)[0]
-        finally:
-            handle.remove()
         trainer.model.zero_grad()
         (logps * weights).sum().backward()
         return logps, {n: p.grad.clone() for n, p in trainer.model.named_parameters()}, sum(embedded)
@@ -301,7 +304,7 @@ def test_cpu_scoring_runs_each_groups_prompt_once(tmp_path, gradient_checkpointi
     assert ours[2] == (trls[2] if gradient_checkpointing else shared_positions)
     torch.testing.assert_close(ours[0], trls[0])
     for name, gradient in trls[1].items():
-        torch.testing.assert_close(ours[1][name], gradient, rtol=0, atol=1e-5 * float(gradient.abs().max()))
+        assert_close_to_scale(ours[1][name], gradient)
 
 
 def test_scoring_goes_to_trl_for_a_head_that_is_not_plain_linear(tmp_path, monkeypatch):

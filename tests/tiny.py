@@ -1,6 +1,10 @@
-"""Tiny offline models and tokenizers for tests: nothing is downloaded from the Hub."""
+"""Tiny offline models and tokenizers for tests (nothing is downloaded from the Hub), and the checks that the tests of
+shared prompts have in common."""
 
 from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers, trainers
@@ -147,3 +151,25 @@ def grpo_args(output_dir, **overrides):
     )
     settings.update(overrides)
     return GRPOConfig(**settings)
+
+
+@contextmanager
+def embedded_positions(model) -> Iterator[list[int]]:
+    """Within the block, each forward's count of token positions that `model`'s input embedding looks up."""
+    counts = []
+    handle = model.get_input_embeddings().register_forward_hook(
+        lambda module, args, out: counts.append(out.shape[:2].numel())
+    )
+    try:
+        yield counts
+    finally:
+        handle.remove()
+
+
+def assert_close_to_scale(actual: torch.Tensor, expected: torch.Tensor) -> None:
+    """`actual` equals `expected` to 1e-5 of `expected`'s largest magnitude.
+
+    For gradients through a shared prompt: the RMS norms compute in float32, and summing a shared prompt's gradients
+    before them rather than after rounds differently (even in a float64 model, by ~6e-8 of the gradient's scale).
+    """
+    torch.testing.assert_close(actual, expected, rtol=0, atol=1e-5 * float(expected.abs().max()))
