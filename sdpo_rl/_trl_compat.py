@@ -22,6 +22,14 @@ SUPPORTED_TRL_TEXT = ">=1.16.0,<1.17.0"
 
 # Methods we override or call, with the parameters we pass or receive, in order.
 GRPO_METHODS = {
+    "_generate_single_turn": (
+        "self",
+        "prompt_ids",
+        "images",
+        "multimodal_fields",
+        "num_generations",
+        "has_tool_images",
+    ),
     "_generate_and_score_completions": ("self", "inputs"),
     "_calculate_rewards": ("self", "inputs", "prompts", "completions", "completion_ids_list"),
     "_compute_loss": ("self", "model", "inputs"),
@@ -81,6 +89,7 @@ GRPO_ATTRIBUTES = (
     "importance_sampling_level",
     "off_policy_mask_threshold",
     "use_vllm",
+    "use_transformers_continuous_batching",
     "vllm_importance_sampling_correction",
     "beta",
     "top_entropy_quantile",

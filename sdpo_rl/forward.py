@@ -9,7 +9,7 @@ at a time (`sdpo_rl.loss_chunked`).
 from __future__ import annotations
 
 import inspect
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -88,13 +88,12 @@ def completion_hidden(
     group's G completions are, run their prompt once (`_shared_prompt_hidden`), where the model's forward takes a
     key/value cache.
     """
-    cache_keyword = _cache_keyword(model) if share_prompts else None
-    if cache_keyword is not None:
+    keyword = cache_keyword(model) if share_prompts else None
+    if keyword is not None:
         prompt_length = input_ids.size(1) - logits_to_keep
-        prompts = torch.cat([input_ids[:, :prompt_length], attention_mask[:, :prompt_length]], dim=1)
-        unique_prompts, group = torch.unique(prompts, dim=0, return_inverse=True)
-        if unique_prompts.size(0) < input_ids.size(0):
-            return _shared_prompt_hidden(model, head, input_ids, attention_mask, logits_to_keep, group, cache_keyword)
+        groups = prompt_groups(input_ids[:, :prompt_length], attention_mask[:, :prompt_length])
+        if groups is not None:
+            return _shared_prompt_hidden(model, head, input_ids, attention_mask, logits_to_keep, groups, keyword)
     hidden, _ = _head_input(
         model,
         head,
@@ -107,32 +106,28 @@ def completion_hidden(
 
 
 def _shared_prompt_hidden(
-    model, head, input_ids, attention_mask, logits_to_keep: int, group: torch.Tensor, cache_keyword: str
+    model, head, input_ids, attention_mask, logits_to_keep: int, groups: PromptGroups, cache_keyword: str
 ):
-    """`completion_hidden` of rows whose prompts are equal within each `group` (its index per row): one forward of
-    each group's prompt, whose key/value cache (the forward's `cache_keyword`) every row of the group then extends
-    with its completion.
+    """`completion_hidden` of rows whose prompts are equal within each of `groups`: one forward of each group's
+    prompt, whose key/value cache (the forward's `cache_keyword`) every row of the group then extends with its
+    completion.
 
     Causal attention makes the prompt's states independent of what follows, so this is the same function as the full
     forward (the last bits may round differently), with the gradient of a shared prompt summed over its rows.
     """
     prompt_length = input_ids.size(1) - logits_to_keep
-    rows = torch.arange(group.size(0), device=group.device)
-    first_row = group.new_full((int(group.max()) + 1,), group.size(0)).scatter_reduce(0, group, rows, "amin")
     last_prompt_hidden, outputs = _head_input(
         model,
         head,
-        input_ids=input_ids[first_row, :prompt_length],
-        attention_mask=attention_mask[first_row, :prompt_length],
+        input_ids=input_ids[groups.first_row, :prompt_length],
+        attention_mask=attention_mask[groups.first_row, :prompt_length],
         logits_to_keep=1,
         use_cache=True,
     )
-    cache = getattr(outputs, cache_keyword, None)
-    if cache is None:
-        raise RuntimeError(f"{type(model).__name__} returned no `{cache_keyword}` for its prompts with use_cache=True.")
-    hidden = [last_prompt_hidden[group]]  # the last prompt position predicts the first completion token
+    cache = returned_cache(model, outputs, cache_keyword)
+    hidden = [last_prompt_hidden[groups.group]]  # the last prompt position predicts the first completion token
     if logits_to_keep > 1:
-        cache.reorder_cache(group)  # each row starts from its group's prompt states
+        cache.reorder_cache(groups.group)  # each row starts from its group's prompt states
         completion_states, _ = _head_input(
             model,
             head,
@@ -146,12 +141,44 @@ def _shared_prompt_hidden(
     return torch.cat(hidden, dim=1)
 
 
-def _cache_keyword(model: nn.Module) -> str | None:
+@dataclass(frozen=True)
+class PromptGroups:
+    """Rows with equal prompts: each row's group index (`group`, ``[B]``) and each group's first row (``[G]``)."""
+
+    group: torch.Tensor
+    first_row: torch.Tensor
+
+
+def prompt_groups(prompt_ids: torch.Tensor, prompt_mask: torch.Tensor) -> PromptGroups | None:
+    """The groups of rows whose prompt ids and mask (``[B, L]``) are equal, as a GRPO batch's G completions of one
+    prompt are; None where every row's prompt is distinct, so that sharing would save nothing."""
+    unique_prompts, group = torch.unique(torch.cat([prompt_ids, prompt_mask], dim=1), dim=0, return_inverse=True)
+    if unique_prompts.size(0) == prompt_ids.size(0):
+        return None
+    rows = torch.arange(group.size(0), device=group.device)
+    first_row = group.new_full((unique_prompts.size(0),), group.size(0)).scatter_reduce(0, group, rows, "amin")
+    return PromptGroups(group, first_row)
+
+
+def cache_keyword(model: nn.Module) -> str | None:
     """The name under which `model`'s forward takes and returns its key/value cache (transformers renamed it); None
     where the forward declares neither, as a compiled or custom wrapper's ``**kwargs`` does."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    parameters = inspect.signature(base.forward).parameters
+    parameters = forward_parameters(model)
     return next((keyword for keyword in ("cache", "past_key_values") if keyword in parameters), None)
+
+
+def forward_parameters(model: nn.Module) -> Mapping[str, inspect.Parameter]:
+    """The parameters of the forward of `model`'s base model (under a PEFT wrapper, the wrapped model's)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return inspect.signature(base.forward).parameters
+
+
+def returned_cache(model: nn.Module, outputs, keyword: str):
+    """The key/value cache in `model`'s `outputs` of a forward with ``use_cache=True``."""
+    cache = getattr(outputs, keyword, None)
+    if cache is None:
+        raise RuntimeError(f"{type(model).__name__} returned no `{keyword}` for its prompts with use_cache=True.")
+    return cache
 
 
 def _head_input(model: nn.Module, head: nn.Module, **model_inputs) -> tuple[torch.Tensor, Any]:

@@ -46,6 +46,7 @@ from . import _trl_compat
 from .config import SDPOConfig
 from .feedback import FEEDBACK_COLUMN, ReturnRecorder, collect_feedback, record_returns, snapshot_feedback
 from .forward import HeadInputs, completion_hidden, completion_logits, linear_head
+from .generation import prompts_prefilled_once
 from .grpo_gradient import GRPOLossSettings, on_policy_logp_gradient
 from .loss import self_distillation_loss, token_entropy
 from .loss_chunked import PolicyGradient, default_chunk_size, self_distillation_loss_from_hidden
@@ -186,6 +187,27 @@ class SDPOTrainer(GRPOTrainer):
             "GRPOConfig(router_aux_loss_coef=0.0) to train without it, or keep TRL's loss term with "
             "SDPOConfig(sample_routing=True) or grpo_weight > 0."
         )
+
+    # ---- 0. generation: each distinct prompt prefilled once on a CPU ------------------------------------------------
+
+    def _generate_single_turn(self, prompt_ids, images, multimodal_fields, num_generations, has_tool_images=False):
+        """TRL's sampling, with `generation.prompts_prefilled_once` on the model TRL unwraps for it where
+        `_shares_prompts` holds while generating and TRL samples with transformers' `generate` from text prompts."""
+        student = self.accelerator.unwrap_model(self.model_wrapped)
+        if (
+            self.use_vllm
+            or self.use_transformers_continuous_batching
+            or images is not None
+            or multimodal_fields
+            or not self._shares_prompts(student, generating=True)
+        ):
+            return super()._generate_single_turn(
+                prompt_ids, images, multimodal_fields, num_generations, has_tool_images
+            )
+        with prompts_prefilled_once(student):
+            return super()._generate_single_turn(
+                prompt_ids, images, multimodal_fields, num_generations, has_tool_images
+            )
 
     # ---- 1. rewards: keep what the teacher needs -------------------------------------------------------------------
 
@@ -627,15 +649,18 @@ class SDPOTrainer(GRPOTrainer):
         with self.accelerator.autocast():
             return forward(model, input_ids=ids, attention_mask=mask, logits_to_keep=completion_ids.size(1))
 
-    def _shares_prompts(self, model) -> bool:
-        """Whether the student's forwards run each distinct prompt once (`forward.completion_hidden`): on a CPU in
-        one process, where it is measured; not under gradient checkpointing, which turns the key/value cache off, nor
-        with a prompt-learning adapter, which brings a cache of its own."""
+    def _shares_prompts(self, model, generating: bool = False) -> bool:
+        """Whether the student's forwards run each distinct prompt once (`forward.completion_hidden`), or, while
+        `generating`, prefill it once (`generation.prompts_prefilled_once`): on a CPU in one process, where it is
+        measured; not with a prompt-learning adapter, which brings a cache of its own; nor, outside generation (where
+        TRL turns it off), under gradient checkpointing, which turns the key/value cache off."""
         student = self.accelerator.unwrap_model(model)
         return (
             self.accelerator.device.type == "cpu"
             and self.accelerator.num_processes == 1
-            and not any(getattr(module, "gradient_checkpointing", False) for module in student.modules())
+            and (
+                generating or not any(getattr(module, "gradient_checkpointing", False) for module in student.modules())
+            )
             and not getattr(getattr(student, "active_peft_config", None), "is_prompt_learning", False)
         )
 

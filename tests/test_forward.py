@@ -5,26 +5,19 @@ from __future__ import annotations
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model
-from tiny import assert_close_to_scale, embedded_positions, make_model, make_tokenizer
+from tiny import (
+    COMPLETION,
+    GROUP_OF_ROW,
+    PROMPT,
+    assert_close_to_scale,
+    embedded_positions,
+    grouped_batch,
+    make_model,
+    make_tokenizer,
+)
 from torch import nn
 
-from sdpo_rl.forward import _cache_keyword, completion_hidden, linear_head
-
-PROMPT, COMPLETION = 7, 5
-GROUP_OF_ROW = [2, 0, 0, 1, 2, 1, 0]  # 7 rows, 3 distinct prompts, in no particular order
-
-
-def grouped_batch(vocab_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Left-padded prompts (each group its own padding) repeated per `GROUP_OF_ROW`, then completions, some ended."""
-    generator = torch.Generator().manual_seed(0)
-    prompts = torch.randint(3, vocab_size, (3, PROMPT), generator=generator)
-    prompt_mask = torch.ones(3, PROMPT, dtype=torch.long)
-    prompt_mask[1, :2] = prompt_mask[2, :1] = 0
-    group = torch.tensor(GROUP_OF_ROW)
-    completions = torch.randint(3, vocab_size, (len(group), COMPLETION), generator=generator)
-    completion_mask = torch.ones_like(completions)
-    completion_mask[3, -2:] = completion_mask[6, -1:] = 0
-    return torch.cat([prompts[group], completions], 1), torch.cat([prompt_mask[group], completion_mask], 1)
+from sdpo_rl.forward import cache_keyword, completion_hidden, linear_head
 
 
 def hidden_and_gradients(model, ids, mask, logits_to_keep, share_prompts):
@@ -82,9 +75,9 @@ def test_the_cache_goes_by_the_name_the_models_forward_takes():
             raise NotImplementedError
 
     tokenizer = make_tokenizer()
-    assert _cache_keyword(make_model(tokenizer)) == "cache"
-    assert _cache_keyword(get_peft_model(make_model(tokenizer), LoraConfig(r=4, target_modules=["q_proj"]))) == "cache"
-    assert _cache_keyword(OlderModel()) == "past_key_values"
+    assert cache_keyword(make_model(tokenizer)) == "cache"
+    assert cache_keyword(get_peft_model(make_model(tokenizer), LoraConfig(r=4, target_modules=["q_proj"]))) == "cache"
+    assert cache_keyword(OlderModel()) == "past_key_values"
 
 
 def test_a_forward_that_takes_no_cache_runs_every_prompt():
@@ -104,7 +97,7 @@ def test_a_forward_that_takes_no_cache_runs_every_prompt():
     tokenizer = make_tokenizer()
     model = make_model(tokenizer)
     wrapper = Wrapper(model)
-    assert _cache_keyword(wrapper) is None
+    assert cache_keyword(wrapper) is None
     ids, mask = grouped_batch(len(tokenizer))
     with embedded_positions(model) as embedded:
         shared = completion_hidden(wrapper, model.lm_head, ids, mask, COMPLETION, share_prompts=True)

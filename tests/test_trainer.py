@@ -307,6 +307,33 @@ def test_cpu_scoring_runs_each_groups_prompt_once(tmp_path, gradient_checkpointi
         assert_close_to_scale(ours[1][name], gradient)
 
 
+@pytest.mark.parametrize("gradient_checkpointing", [False, True])
+def test_generation_prefills_each_groups_prompt_once(tmp_path, monkeypatch, gradient_checkpointing):
+    """TRL samples the same completions with the 4 rows of a group prefilling their prompt once, under gradient
+    checkpointing too (TRL turns it off while generating, then back on); the model's own `generate` is back after."""
+    trainer = build(tmp_path, sdpo_config=SDPOConfig(enabled=False), gradient_checkpointing=gradient_checkpointing)
+    if gradient_checkpointing:  # as `train()` does
+        trainer.model.gradient_checkpointing_enable(trainer.args.gradient_checkpointing_kwargs)
+    trainer.model.train()
+    prompts = [trainer.train_dataset[i]["prompt"] for i in range(2) for _ in range(4)]
+    prompt_ids, images, multimodal_fields = trainer._tokenize_prompts(prompts)
+
+    def sampled(shared):
+        monkeypatch.setattr(trainer, "_shares_prompts", lambda model, generating=False: shared)
+        torch.manual_seed(0)
+        with embedded_positions(trainer.model) as embedded:
+            completion_ids, _ = trainer._generate_single_turn(prompt_ids, images, multimodal_fields, 4)
+        return completion_ids, sum(embedded)
+
+    (full, full_positions), (shared, shared_positions) = sampled(False), sampled(True)
+    assert shared == full
+    prompt_length = max(len(ids) for ids in prompt_ids)  # left-padded to the longest
+    assert shared_positions == full_positions - 8 * prompt_length + 2 * (prompt_length - 1) + 8
+    assert "generate" not in vars(trainer.model)
+    checkpointing = [getattr(m, "gradient_checkpointing", False) for m in trainer.model.modules()]
+    assert any(checkpointing) is gradient_checkpointing
+
+
 def test_scoring_goes_to_trl_for_a_head_that_is_not_plain_linear(tmp_path, monkeypatch):
     trainer = build(tmp_path, sdpo_config=SDPOConfig(enabled=False))
     calls = []

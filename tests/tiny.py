@@ -173,3 +173,21 @@ def assert_close_to_scale(actual: torch.Tensor, expected: torch.Tensor) -> None:
     before them rather than after rounds differently (even in a float64 model, by ~6e-8 of the gradient's scale).
     """
     torch.testing.assert_close(actual, expected, rtol=0, atol=1e-5 * float(expected.abs().max()))
+
+
+# A batch for the tests of shared prompts: prompts of 7 tokens, completions of 5.
+PROMPT, COMPLETION = 7, 5
+GROUP_OF_ROW = [2, 0, 0, 1, 2, 1, 0]  # 7 rows, 3 distinct prompts, in no particular order
+
+
+def grouped_batch(vocab_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-padded prompts (each group its own padding) repeated per `GROUP_OF_ROW`, then completions, some ended."""
+    generator = torch.Generator().manual_seed(0)
+    prompts = torch.randint(3, vocab_size, (3, PROMPT), generator=generator)
+    prompt_mask = torch.ones(3, PROMPT, dtype=torch.long)
+    prompt_mask[1, :2] = prompt_mask[2, :1] = 0
+    group = torch.tensor(GROUP_OF_ROW)
+    completions = torch.randint(3, vocab_size, (len(group), COMPLETION), generator=generator)
+    completion_mask = torch.ones_like(completions)
+    completion_mask[3, -2:] = completion_mask[6, -1:] = 0
+    return torch.cat([prompts[group], completions], 1), torch.cat([prompt_mask[group], completion_mask], 1)

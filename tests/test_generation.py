@@ -1,0 +1,98 @@
+"""`sdpo_rl.generation.prompts_prefilled_once`: sampling with each distinct prompt prefilled once draws what the full
+prefill draws, from the same logits."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+from tiny import GROUP_OF_ROW, PROMPT, embedded_positions, grouped_batch, make_model, make_tokenizer
+from transformers import GenerationConfig
+
+from sdpo_rl.generation import prompts_prefilled_once
+
+NEW_TOKENS = 5
+
+
+def sampling_config(**overrides) -> GenerationConfig:
+    settings = dict(
+        do_sample=True,
+        max_new_tokens=NEW_TOKENS,
+        min_new_tokens=NEW_TOKENS,
+        pad_token_id=0,
+        return_dict_in_generate=True,
+        output_logits=True,
+        disable_compile=True,
+    )
+    return GenerationConfig(**{**settings, **overrides})
+
+
+def sample(model, ids, mask, shared: bool, **generate_kwargs):
+    """One seeded `generate` call, with or without `prompts_prefilled_once`; its output and the token positions the
+    model embedded."""
+    torch.manual_seed(0)
+    with embedded_positions(model) as embedded, torch.no_grad():
+        if shared:
+            with prompts_prefilled_once(model):
+                output = model.generate(input_ids=ids, attention_mask=mask, **generate_kwargs)
+        else:
+            output = model.generate(input_ids=ids, attention_mask=mask, **generate_kwargs)
+    return output, sum(embedded)
+
+
+@pytest.mark.parametrize("variant", ["plain", "lora", "sliding_window"])
+def test_shared_prefill_samples_the_full_prefills_tokens_from_its_logits(variant):
+    tokenizer = make_tokenizer()
+    if variant == "sliding_window":  # the cache of a sliding layer keeps only the last 3 positions
+        model = make_model(
+            tokenizer, use_sliding_window=True, sliding_window=3, layer_types=["sliding_attention", "full_attention"]
+        )
+    else:
+        model = make_model(tokenizer)
+    if variant == "lora":
+        model = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    ids, mask = (tensor[:, :PROMPT] for tensor in grouped_batch(len(tokenizer)))
+    full, full_positions = sample(model, ids, mask, False, generation_config=sampling_config())
+    shared, shared_positions = sample(model, ids, mask, True, generation_config=sampling_config())
+    assert torch.equal(shared.sequences, full.sequences)
+    for shared_logits, full_logits in zip(shared.logits, full.logits, strict=True):
+        torch.testing.assert_close(shared_logits, full_logits, rtol=1e-5, atol=1e-5)
+    rows = len(GROUP_OF_ROW)
+    assert full_positions == rows * PROMPT + rows * (NEW_TOKENS - 1)
+    assert shared_positions == 3 * (PROMPT - 1) + rows + rows * (NEW_TOKENS - 1)  # each prompt once, less its last
+    assert "generate" not in vars(model)
+
+
+def test_other_calls_go_to_generate_as_they_came():
+    """Distinct prompts, inputs beyond ids, mask and config, and beam search each take the full prefill."""
+    tokenizer = make_tokenizer()
+    model = make_model(tokenizer)
+    ids, mask = (tensor[:, :PROMPT] for tensor in grouped_batch(len(tokenizer)))
+    rows = len(GROUP_OF_ROW)
+    cases = [
+        (ids[[0, 1, 3]], mask[[0, 1, 3]], dict(generation_config=sampling_config())),
+        (ids, mask, dict(generation_config=sampling_config(), max_new_tokens=NEW_TOKENS)),
+        (ids, mask, dict(generation_config=sampling_config(do_sample=False, num_beams=2, output_logits=False))),
+    ]
+    for case_ids, case_mask, kwargs in cases:
+        full, full_positions = sample(model, case_ids, case_mask, False, **kwargs)
+        shared, shared_positions = sample(model, case_ids, case_mask, True, **kwargs)
+        assert torch.equal(shared.sequences, full.sequences)
+        assert shared_positions == full_positions >= case_ids.numel()
+    assert full_positions > rows * (PROMPT + NEW_TOKENS - 1)  # the beams ran
+
+
+def test_the_models_own_generate_is_restored():
+    tokenizer = make_tokenizer()
+    model = make_model(tokenizer)
+    with prompts_prefilled_once(model):
+        assert "generate" in vars(model)
+    assert "generate" not in vars(model)
+
+    def own_generate(**kwargs):
+        return "own"
+
+    model.generate = own_generate
+    with prompts_prefilled_once(model):
+        assert model.generate(input_ids=torch.ones(2, 3, dtype=torch.long)) == "own"
+    assert model.generate is own_generate
