@@ -1,16 +1,20 @@
 """Held-out accuracy of a chat model on a task from `sdpo_rl.tasks`, by sampling (no gradients).
 
 `heldout_accuracy` renders every prompt with the tokenizer's chat template (`add_generation_prompt=True`), samples
-`samples_per_prompt` completions per prompt with `model.generate` in left-padded batches, and scores each one with
-`task.is_correct`. Sampling is seeded and runs inside `torch.random.fork_rng`, so the same call gives the same
-samples before and after training (up to the model's change) and the caller's global RNG state is left untouched.
+`samples_per_prompt` completions per prompt with `model.generate` in left-padded batches (on a CPU with each batch's
+repeated prompts prefilled once, `sdpo_rl.generation`), and scores each one with `task.is_correct`. Sampling is seeded
+and runs inside `torch.random.fork_rng`, so the same call gives the same samples before and after training (up to the
+model's change) and the caller's global RNG state is left untouched.
 """
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any
 
 import torch
+
+from .generation import generate_sharing_prompts
 
 
 def sample_completions(
@@ -48,6 +52,7 @@ def sample_completions(
     model.eval()
     tokenizer.padding_side = "left"
     devices = [device] if device.type == "cuda" else []
+    generate = partial(generate_sharing_prompts, model, model.generate) if device.type == "cpu" else model.generate
     try:
         with torch.random.fork_rng(devices=devices), torch.no_grad():
             torch.manual_seed(seed)
@@ -59,7 +64,7 @@ def sample_completions(
                     return_dict=True,
                     return_tensors="pt",
                 ).to(device)
-                output = model.generate(
+                output = generate(
                     **batch,
                     max_new_tokens=max_new_tokens,
                     eos_token_id=eos_ids,

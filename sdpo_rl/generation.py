@@ -14,8 +14,11 @@ from functools import partial
 
 import torch
 from torch import nn
+from transformers import GenerationConfig
 
 from .forward import cache_keyword, forward_parameters, prompt_groups, returned_cache
+
+_GENERATION_CONFIG_FIELDS = frozenset(GenerationConfig().to_dict())
 
 
 @contextmanager
@@ -38,30 +41,30 @@ def prompts_prefilled_once(model: nn.Module) -> Iterator[None]:
 
 
 def generate_sharing_prompts(model: nn.Module, generate, *args, **kwargs):
-    """``generate(input_ids=..., attention_mask=..., generation_config=...)`` with rows whose prompts are equal
-    prefilled once: the prompts less their last token run once per distinct prompt, and `generate` starts every row
-    from its prompt's cache.
+    """``generate(input_ids=..., attention_mask=..., generation_config=..., **settings)`` with rows whose prompts are
+    equal prefilled once: the prompts less their last token run once per distinct prompt, and `generate` starts every
+    row from its prompt's cache. `settings` are `GenerationConfig` fields given as keywords.
 
-    Anything else (positional arguments, other inputs, a cache of the caller's, beam search, a static cache, prompt
-    lookup, a forward that takes no cache, no repeated prompt) goes to `generate` as it came.
+    Anything else (positional arguments, other inputs or keywords, a cache of the caller's, beam search, several
+    sequences per row, a static cache, prompt lookup, a prompt-learning adapter, a forward that takes no cache, no
+    repeated prompt) goes to `generate` as it came.
     """
     keyword = cache_keyword(model)
-    if args or keyword is None or set(kwargs) != {"input_ids", "attention_mask", "generation_config"}:
-        return generate(*args, **kwargs)
-    input_ids, attention_mask, config = kwargs["input_ids"], kwargs["attention_mask"], kwargs["generation_config"]
-    plain_sampling = (
-        config is not None
-        and _setting(model, config, "num_beams") in (None, 1)
-        and _setting(model, config, "cache_implementation") is None
-        and _setting(model, config, "prompt_lookup_num_tokens") is None
-    )
+    input_ids, attention_mask = kwargs.get("input_ids"), kwargs.get("attention_mask")
+    settings = {name: value for name, value in kwargs.items() if name not in ("input_ids", "attention_mask")}
     groups = (
         prompt_groups(input_ids[:, :-1], attention_mask[:, :-1])
-        if plain_sampling and attention_mask is not None and input_ids.size(1) > 1
+        if not args
+        and keyword is not None
+        and input_ids is not None
+        and attention_mask is not None
+        and input_ids.size(1) > 1
+        and _samples_one_sequence_per_row(model, settings)
+        and not getattr(getattr(model, "active_peft_config", None), "is_prompt_learning", False)
         else None
     )
     if groups is None:
-        return generate(**kwargs)
+        return generate(*args, **kwargs)
     prefill = dict(input_ids=input_ids[groups.first_row, :-1], attention_mask=attention_mask[groups.first_row, :-1])
     if "position_ids" in forward_parameters(model):  # as `generate` numbers them: from 0 at the first unmasked token
         positions = (attention_mask.long().cumsum(-1) - 1).masked_fill(attention_mask == 0, 0)
@@ -73,7 +76,22 @@ def generate_sharing_prompts(model: nn.Module, generate, *args, **kwargs):
     return generate(**kwargs, **{keyword: cache})
 
 
-def _setting(model: nn.Module, config, name: str):
-    """`config`'s value of `name`, or where it leaves it unset (None), the model's default generation config's."""
-    value = getattr(config, name, None)
-    return value if value is not None else getattr(getattr(model, "generation_config", None), name, None)
+def _samples_one_sequence_per_row(model: nn.Module, settings: dict) -> bool:
+    """Whether `settings` (a ``generation_config`` and `GenerationConfig` fields) ask for plain sampling or greedy
+    search with a dynamic cache: no beams, one sequence per row, no static cache, no prompt lookup, and nothing but
+    generation settings."""
+    if any(name != "generation_config" and name not in _GENERATION_CONFIG_FIELDS for name in settings):
+        return False
+    given = settings.get("generation_config")
+    defaults = getattr(model, "generation_config", None)
+    sources = (settings, vars(given) if given is not None else {}, vars(defaults) if defaults is not None else {})
+
+    def setting(name: str):  # a keyword, else the given config's value, else the model's default
+        return next((source[name] for source in sources if source.get(name) is not None), None)
+
+    return (
+        setting("num_beams") in (None, 1)
+        and setting("num_return_sequences") in (None, 1)
+        and setting("cache_implementation") is None
+        and setting("prompt_lookup_num_tokens") is None
+    )

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from peft import LoraConfig, get_peft_model
+from peft import LoraConfig, PromptTuningConfig, get_peft_model
 from tiny import GROUP_OF_ROW, PROMPT, embedded_positions, grouped_batch, make_model, make_tokenizer
-from transformers import GenerationConfig
+from transformers import GenerationConfig, LogitsProcessorList
 
 from sdpo_rl.generation import prompts_prefilled_once
 
@@ -63,23 +63,50 @@ def test_shared_prefill_samples_the_full_prefills_tokens_from_its_logits(variant
     assert "generate" not in vars(model)
 
 
-def test_other_calls_go_to_generate_as_they_came():
-    """Distinct prompts, inputs beyond ids, mask and config, and beam search each take the full prefill."""
+def test_generation_settings_given_as_keywords_share_too():
     tokenizer = make_tokenizer()
     model = make_model(tokenizer)
     ids, mask = (tensor[:, :PROMPT] for tensor in grouped_batch(len(tokenizer)))
+    settings = dict(do_sample=True, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, pad_token_id=0)
+    full, full_positions = sample(model, ids, mask, False, **settings)
+    shared, shared_positions = sample(model, ids, mask, True, **settings)
+    assert torch.equal(shared, full)
     rows = len(GROUP_OF_ROW)
+    assert shared_positions == full_positions - rows * PROMPT + 3 * (PROMPT - 1) + rows
+
+
+def test_other_calls_go_to_generate_as_they_came():
+    """Distinct prompts, a `generate` argument that is not a generation setting, beam search (given or the model's
+    default), several sequences per row and a prompt-learning adapter each take the full prefill."""
+    tokenizer = make_tokenizer()
+    model = make_model(tokenizer)
+    beams_by_default = make_model(tokenizer)
+    beams_by_default.generation_config.num_beams = 2
+    prompt_tuned = get_peft_model(
+        make_model(tokenizer), PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=2)
+    )
+    ids, mask = (tensor[:, :PROMPT] for tensor in grouped_batch(len(tokenizer)))
+    rows = len(GROUP_OF_ROW)
+    no_logits = dict(generation_config=sampling_config(output_logits=False))
     cases = [
-        (ids[[0, 1, 3]], mask[[0, 1, 3]], dict(generation_config=sampling_config())),
-        (ids, mask, dict(generation_config=sampling_config(), max_new_tokens=NEW_TOKENS)),
-        (ids, mask, dict(generation_config=sampling_config(do_sample=False, num_beams=2, output_logits=False))),
+        (model, [0, 1, 3], dict(generation_config=sampling_config())),
+        (model, slice(None), dict(generation_config=sampling_config(), logits_processor=LogitsProcessorList())),
+        (
+            model,
+            slice(None),
+            dict(generation_config=sampling_config(do_sample=False, num_beams=2, output_logits=False)),
+        ),
+        (beams_by_default, slice(None), dict(generation_config=sampling_config(do_sample=False, output_logits=False))),
+        (model, slice(None), dict(generation_config=sampling_config(num_return_sequences=2))),
+        (prompt_tuned, slice(None), no_logits),
     ]
-    for case_ids, case_mask, kwargs in cases:
-        full, full_positions = sample(model, case_ids, case_mask, False, **kwargs)
-        shared, shared_positions = sample(model, case_ids, case_mask, True, **kwargs)
+    for case_model, case_rows, kwargs in cases:
+        full, full_positions = sample(case_model, ids[case_rows], mask[case_rows], False, **kwargs)
+        shared, shared_positions = sample(case_model, ids[case_rows], mask[case_rows], True, **kwargs)
         assert torch.equal(shared.sequences, full.sequences)
-        assert shared_positions == full_positions >= case_ids.numel()
-    assert full_positions > rows * (PROMPT + NEW_TOKENS - 1)  # the beams ran
+        assert shared_positions == full_positions >= ids[case_rows].numel()
+    beam_positions = [sample(m, ids, mask, False, **kwargs)[1] for m, _, kwargs in cases[2:4]]
+    assert min(beam_positions) > rows * (PROMPT + NEW_TOKENS - 1)  # the beams ran
 
 
 def test_the_models_own_generate_is_restored():

@@ -206,6 +206,39 @@ def test_heldout_accuracy_is_reproducible_and_leaves_rng_and_mode_alone():
     assert other_seed != samples
 
 
+def test_sampling_on_a_cpu_prefills_each_prompt_of_a_batch_once(monkeypatch):
+    """The same samples as with the full prefill; per batch, the prefill embeds each prompt once, less its last
+    token, where it embedded every row's prompt."""
+    from tiny import embedded_positions, make_model, make_tokenizer
+
+    from sdpo_rl import evaluation
+
+    tokenizer = make_tokenizer()
+    model = make_model(tokenizer)
+    prompts = [r["prompt"] for r in get_task("capitals").heldout_dataset().select(range(3))]
+
+    def sampled():
+        with embedded_positions(model) as embedded:
+            samples = evaluation.sample_completions(
+                model, tokenizer, prompts, samples_per_prompt=3, max_new_tokens=5, batch_size=6
+            )
+        return samples, sum(embedded)
+
+    shared, shared_positions = sampled()
+    monkeypatch.setattr(evaluation, "generate_sharing_prompts", lambda model, generate, **kwargs: generate(**kwargs))
+    full, full_positions = sampled()
+    assert shared == full
+    lengths = [
+        len(tokenizer(tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True)).input_ids)
+        for p in prompts
+    ]
+    saved = 0
+    for batch in (lengths[:2], lengths[2:]):  # 6 rows: 2 prompts x 3 samples; then 3 rows
+        padded = max(batch)
+        saved += 3 * len(batch) * padded - (len(batch) * (padded - 1) + 3 * len(batch))
+    assert full_positions - shared_positions == saved > 0
+
+
 def test_heldout_accuracy_scores_with_the_task(monkeypatch):
     from sdpo_rl import evaluation
 

@@ -253,7 +253,7 @@ def test_cpu_scoring_projects_only_completion_tokens_with_trls_values(
         ((logps * weights[0]).sum() + (0 if entropies is None else (entropies * weights[1]).sum())).backward()
         return logps, entropies, {n: p.grad.clone() for n, p in trainer.model.named_parameters() if p.grad is not None}
 
-    monkeypatch.setattr(trainer, "_shares_prompts", lambda model: False)
+    monkeypatch.setattr(trainer, "_shares_prompts", lambda model, generating=False: False)
     projected = _ProjectedRows(trainer_module.ChunkedLogProbFunction)
     monkeypatch.setattr(trainer_module, "ChunkedLogProbFunction", projected)
     ours = scored(trainer._get_per_token_logps_and_entropies)

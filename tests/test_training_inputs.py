@@ -140,7 +140,7 @@ def test_tool_outputs_are_attended_to_but_not_distilled(tmp_path, monkeypatch, s
 
     monkeypatch.setattr(GRPOTrainer, "_generate_and_score_completions", with_tool_output)
     trainer = build(tmp_path, per_device_train_batch_size=8, gradient_checkpointing=False)
-    monkeypatch.setattr(trainer, "_shares_prompts", lambda model: shared_prompts)
+    monkeypatch.setattr(trainer, "_shares_prompts", lambda model, generating=False: shared_prompts)
     trainer.current_gradient_accumulation_steps = 1
     torch.manual_seed(0)
     batch = trainer._generate_and_score_completions([make_dataset()[i // 4] for i in range(8)])
