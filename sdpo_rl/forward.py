@@ -216,11 +216,14 @@ def no_grad_logits(model: nn.Module, input_ids, attention_mask, logits_to_keep: 
         return completion_logits(model, input_ids, attention_mask, logits_to_keep)
 
 
-def no_grad_head_inputs(model: nn.Module, input_ids, attention_mask, logits_to_keep: int) -> HeadInputs:
-    """`completion_hidden` of `model` in eval mode, without gradient, with its head's weight."""
+def no_grad_head_inputs(
+    model: nn.Module, input_ids, attention_mask, logits_to_keep: int, share_prompts: bool = False
+) -> HeadInputs:
+    """`completion_hidden` of `model` in eval mode, without gradient, with its head's weight; `share_prompts` as
+    there."""
     head = linear_head(model)
     if head is None:
         raise ValueError(f"The output head of {type(model).__name__} is not a plain linear layer: use its logits.")
     with torch.no_grad(), eval_mode(model):
-        hidden = completion_hidden(model, head, input_ids, attention_mask, logits_to_keep)
+        hidden = completion_hidden(model, head, input_ids, attention_mask, logits_to_keep, share_prompts)
     return HeadInputs((hidden,), (head.weight,))

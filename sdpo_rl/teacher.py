@@ -144,9 +144,15 @@ class Teacher:
         raise NotImplementedError
 
     def completion_head_inputs(
-        self, student: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, logits_to_keep: int
+        self,
+        student: nn.Module,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        logits_to_keep: int,
+        share_prompts: bool = False,
     ) -> HeadInputs:
-        """What `completion_logits` are projected from, for a student whose head is a `linear_head`."""
+        """What `completion_logits` are projected from, for a student whose head is a `linear_head`; with
+        `share_prompts`, rows with equal prompts run theirs once (`forward.completion_hidden`)."""
         raise NotImplementedError
 
     def update(self, student: nn.Module) -> None:
@@ -190,8 +196,8 @@ class CopiedWeightsTeacher(Teacher):
     def completion_logits(self, student, input_ids, attention_mask, logits_to_keep):
         return no_grad_logits(self.model, input_ids, attention_mask, logits_to_keep)
 
-    def completion_head_inputs(self, student, input_ids, attention_mask, logits_to_keep):
-        return no_grad_head_inputs(self.model, input_ids, attention_mask, logits_to_keep)
+    def completion_head_inputs(self, student, input_ids, attention_mask, logits_to_keep, share_prompts=False):
+        return no_grad_head_inputs(self.model, input_ids, attention_mask, logits_to_keep, share_prompts)
 
     def update(self, student: nn.Module) -> None:
         if self.ema is not None:
@@ -220,9 +226,9 @@ class AdapterDisabledTeacher(Teacher):
         with student.disable_adapter():
             return no_grad_logits(student, input_ids, attention_mask, logits_to_keep)
 
-    def completion_head_inputs(self, student, input_ids, attention_mask, logits_to_keep):
+    def completion_head_inputs(self, student, input_ids, attention_mask, logits_to_keep, share_prompts=False):
         with student.disable_adapter():
-            return no_grad_head_inputs(student, input_ids, attention_mask, logits_to_keep)
+            return no_grad_head_inputs(student, input_ids, attention_mask, logits_to_keep, share_prompts)
 
 
 class LoraEMATeacher(Teacher):
@@ -271,9 +277,9 @@ class LoraEMATeacher(Teacher):
         with self._active(student):
             return no_grad_logits(student, input_ids, attention_mask, logits_to_keep)
 
-    def completion_head_inputs(self, student, input_ids, attention_mask, logits_to_keep):
+    def completion_head_inputs(self, student, input_ids, attention_mask, logits_to_keep, share_prompts=False):
         with self._active(student):
-            return no_grad_head_inputs(student, input_ids, attention_mask, logits_to_keep)
+            return no_grad_head_inputs(student, input_ids, attention_mask, logits_to_keep, share_prompts)
 
     def update(self, student: nn.Module) -> None:
         self.ema.step(*self._adapter_parameters(student))
@@ -302,10 +308,12 @@ class TrustRegionTeacher(Teacher):
         current = no_grad_logits(student, input_ids, attention_mask, logits_to_keep)
         return torch.lerp(reference, current.to(reference.dtype), self.rate)
 
-    def completion_head_inputs(self, student, input_ids, attention_mask, logits_to_keep):
+    def completion_head_inputs(self, student, input_ids, attention_mask, logits_to_keep, share_prompts=False):
         """The mixture as two terms: ``(1 - r) h_ref @ W_ref.T + r h_theta @ W_theta.T``."""
-        reference = self.reference.completion_head_inputs(student, input_ids, attention_mask, logits_to_keep)
-        current = no_grad_head_inputs(student, input_ids, attention_mask, logits_to_keep)
+        reference = self.reference.completion_head_inputs(
+            student, input_ids, attention_mask, logits_to_keep, share_prompts
+        )
+        current = no_grad_head_inputs(student, input_ids, attention_mask, logits_to_keep, share_prompts)
         return HeadInputs(
             hidden=tuple((1.0 - self.rate) * h for h in reference.hidden)
             + tuple(self.rate * h for h in current.hidden),

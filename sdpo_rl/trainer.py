@@ -199,7 +199,7 @@ class SDPOTrainer(GRPOTrainer):
             or self.use_transformers_continuous_batching
             or images is not None
             or multimodal_fields
-            or not self._shares_prompts(student, generating=True)
+            or not self._shares_prompts(student, training_forward=False)
         ):
             return super()._generate_single_turn(
                 prompt_ids, images, multimodal_fields, num_generations, has_tool_images
@@ -649,18 +649,18 @@ class SDPOTrainer(GRPOTrainer):
         with self.accelerator.autocast():
             return forward(model, input_ids=ids, attention_mask=mask, logits_to_keep=completion_ids.size(1))
 
-    def _shares_prompts(self, model, generating: bool = False) -> bool:
-        """Whether the student's forwards run each distinct prompt once (`forward.completion_hidden`), or, while
-        `generating`, prefill it once (`generation.prompts_prefilled_once`): on a CPU in one process, where it is
-        measured; not with a prompt-learning adapter, which brings a cache of its own; nor, outside generation (where
-        TRL turns it off), under gradient checkpointing, which turns the key/value cache off."""
+    def _shares_prompts(self, model, training_forward: bool = True) -> bool:
+        """Whether forwards of the student's model run each distinct prompt once (`forward.completion_hidden`; in
+        generation, `generation.prompts_prefilled_once`): on a CPU in one process, where it is measured; not with a
+        prompt-learning adapter, which brings a cache of its own; and, for a `training_forward`, not under gradient
+        checkpointing, which turns the key/value cache off (TRL turns it off to generate; the teachers run in eval
+        mode, where it does not apply)."""
         student = self.accelerator.unwrap_model(model)
+        checkpointing = any(getattr(module, "gradient_checkpointing", False) for module in student.modules())
         return (
             self.accelerator.device.type == "cpu"
             and self.accelerator.num_processes == 1
-            and (
-                generating or not any(getattr(module, "gradient_checkpointing", False) for module in student.modules())
-            )
+            and not (training_forward and checkpointing)
             and not getattr(getattr(student, "active_peft_config", None), "is_prompt_learning", False)
         )
 
@@ -675,7 +675,12 @@ class SDPOTrainer(GRPOTrainer):
         ids = torch.cat([prompt_ids, completion_ids], dim=1)
         mask = torch.cat([prompt_mask, completion_mask], dim=1)
         forward = (
-            self.teacher.completion_logits if linear_head(student) is None else self.teacher.completion_head_inputs
+            self.teacher.completion_logits
+            if linear_head(student) is None
+            else partial(
+                self.teacher.completion_head_inputs,
+                share_prompts=self._shares_prompts(student, training_forward=False),
+            )
         )
         with self.accelerator.autocast():
             return completion_ids, completion_mask, forward(student, ids, mask, completion_ids.size(1))

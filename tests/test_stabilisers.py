@@ -151,7 +151,7 @@ def test_one_forward_gives_the_gradients_of_two_forwards(
     each group's prompt once, then the completions: two backbone calls, gradients equal to their scale
     (`assert_close_to_scale`)."""
     trainer = build(tmp_path, sdpo_config, **grpo_settings)
-    monkeypatch.setattr(trainer, "_shares_prompts", lambda model, generating=False: shared_prompts)
+    monkeypatch.setattr(trainer, "_shares_prompts", lambda model, training_forward=True: shared_prompts)
     trainer.model.train()
     batch = batch_of(trainer)
     if off_policy:  # old log-probs 0.1 below the current ones: ratios of e^0.1, some clipped

@@ -1,17 +1,29 @@
 """Teacher modes, the hybrid loss and checkpoints that keep the teacher (CPU, tiny models)."""
 
 import os
+from contextlib import ExitStack
 
 import pytest
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
-from tiny import ParityReward, grpo_args, make_dataset, make_model, make_tokenizer
+from tiny import (
+    COMPLETION,
+    GROUP_OF_ROW,
+    PROMPT,
+    ParityReward,
+    embedded_positions,
+    grouped_batch,
+    grpo_args,
+    make_dataset,
+    make_model,
+    make_tokenizer,
+)
 from transformers import TrainerCallback
 from trl import GRPOTrainer
 
 from sdpo_rl import SDPOConfig, SDPOTrainer
 from sdpo_rl.forward import completion_logits
-from sdpo_rl.teacher import TEACHER_ADAPTER_NAME
+from sdpo_rl.teacher import TEACHER_ADAPTER_NAME, build_teacher
 
 LORA = dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.0)
 
@@ -60,6 +72,31 @@ def test_peft_modes_train_without_copying_the_model(tmp_path, mode):
     after = trainable(trainer.model)
     assert any(not torch.equal(before[n], after[n]) for n in before)
     assert not hasattr(trainer.teacher, "model") or not isinstance(trainer.teacher.model, torch.nn.Module)
+
+
+@pytest.mark.parametrize(
+    "mode, peft", [("ema", False), ("frozen", False), ("trust_region", False), ("lora_ema", True), ("frozen", True)]
+)
+def test_each_teacher_runs_equal_prompts_once_with_the_full_forwards_values(mode, peft):
+    tokenizer = make_tokenizer()
+    student = lora_model(tokenizer) if peft else make_model(tokenizer)
+    teacher = build_teacher(SDPOConfig(teacher_mode=mode), student)
+    ids, mask = grouped_batch(len(tokenizer))
+    models = [student] + [m.model for m in (teacher, getattr(teacher, "reference", None)) if hasattr(m, "model")]
+
+    def head_inputs(share_prompts):
+        with ExitStack() as stack:
+            counts = [stack.enter_context(embedded_positions(model)) for model in models]
+            inputs = teacher.completion_head_inputs(student, ids, mask, COMPLETION, share_prompts=share_prompts)
+        return inputs, sum(map(sum, counts))
+
+    (full, full_positions), (shared, shared_positions) = head_inputs(False), head_inputs(True)
+    assert all(a is b for a, b in zip(shared.weight, full.weight, strict=True))
+    for shared_hidden, full_hidden in zip(shared.hidden, full.hidden, strict=True):
+        torch.testing.assert_close(shared_hidden, full_hidden, rtol=1e-5, atol=1e-6)
+    forwards, rows = len(full.hidden), len(GROUP_OF_ROW)
+    assert full_positions == forwards * rows * (PROMPT + COMPLETION)
+    assert shared_positions == forwards * (3 * PROMPT + rows * (COMPLETION - 1))
 
 
 def test_ema_on_a_peft_model_points_to_lora_ema(tmp_path):

@@ -126,8 +126,8 @@ def test_vllm_importance_sampling_ratio_weights_the_distillation_loss(tmp_path):
 @pytest.mark.parametrize("shared_prompts", [False, True])
 def test_tool_outputs_are_attended_to_but_not_distilled(tmp_path, monkeypatch, shared_prompts):
     """With tools, TRL's `tool_mask` marks tool-output tokens: both forwards attend to them, the loss skips them. With
-    the group's prompt shared the student runs its prompts, then its completions less their last token (which predicts
-    nothing) with the mask less its last column."""
+    prompts shared the student and the teacher each run their distinct prompts, then the completions less their last
+    token (which predicts nothing) with the mask less its last column."""
     from trl import GRPOTrainer
 
     trl_batch = GRPOTrainer._generate_and_score_completions
@@ -140,7 +140,7 @@ def test_tool_outputs_are_attended_to_but_not_distilled(tmp_path, monkeypatch, s
 
     monkeypatch.setattr(GRPOTrainer, "_generate_and_score_completions", with_tool_output)
     trainer = build(tmp_path, per_device_train_batch_size=8, gradient_checkpointing=False)
-    monkeypatch.setattr(trainer, "_shares_prompts", lambda model, generating=False: shared_prompts)
+    monkeypatch.setattr(trainer, "_shares_prompts", lambda model, training_forward=True: shared_prompts)
     trainer.current_gradient_accumulation_steps = 1
     torch.manual_seed(0)
     batch = trainer._generate_and_score_completions([make_dataset()[i // 4] for i in range(8)])
@@ -156,16 +156,17 @@ def test_tool_outputs_are_attended_to_but_not_distilled(tmp_path, monkeypatch, s
     trainer._compute_loss(trainer.model, batch)
     rows = distilled.squeeze(1).nonzero().squeeze(1)
     width = batch["completion_mask"].size(1)
-    if shared_prompts:  # the student's prompts, its completions (mask less its last column), the teacher
-        prompts, completions, teacher = attention
-        assert prompts.size(1) == batch["prompt_mask"].size(1)
-        torch.testing.assert_close(completions[:, -(width - 1) :], batch["completion_mask"][rows, :-1])
-        full_forwards = [teacher]
+    if shared_prompts:  # student, then teacher: the prompts, then the completions (mask less its last column)
+        student_prompts, student_completions, teacher_prompts, teacher_completions = attention
+        assert student_prompts.size(1) == batch["prompt_mask"].size(1)
+        assert teacher_prompts.size(0) < len(rows)  # rows with equal teacher prompts ran theirs once
+        for completions in (student_completions, teacher_completions):
+            assert completions.size(0) == len(rows)
+            torch.testing.assert_close(completions[:, -(width - 1) :], batch["completion_mask"][rows, :-1])
     else:
-        full_forwards = attention
-        assert len(full_forwards) == 2  # student and teacher
-    for mask in full_forwards:
-        torch.testing.assert_close(mask[:, -width:], batch["completion_mask"][rows])
+        assert len(attention) == 2  # student and teacher
+        for mask in attention:
+            torch.testing.assert_close(mask[:, -width:], batch["completion_mask"][rows])
 
 
 class VLLMStandIn(SDPOTrainer):
