@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from peft import LoraConfig, get_peft_model
 from tiny import (
     COMPLETION,
     GROUP_OF_ROW,
@@ -14,6 +13,7 @@ from tiny import (
     grouped_batch,
     make_model,
     make_tokenizer,
+    model_variant,
 )
 from torch import nn
 
@@ -37,14 +37,7 @@ def hidden_and_gradients(model, ids, mask, logits_to_keep, share_prompts):
 )
 def test_shared_prompts_give_the_full_forwards_values_and_gradients(variant, logits_to_keep):
     tokenizer = make_tokenizer()
-    if variant == "sliding_window":  # the cache of a sliding layer keeps only the last 3 positions
-        model = make_model(
-            tokenizer, use_sliding_window=True, sliding_window=3, layer_types=["sliding_attention", "full_attention"]
-        )
-    else:
-        model = make_model(tokenizer)
-    if variant == "lora":
-        model = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    model = model_variant(tokenizer, variant)
     model.train()
     ids, mask = grouped_batch(len(tokenizer))
     ids, mask = ids[:, : PROMPT + logits_to_keep], mask[:, : PROMPT + logits_to_keep]
@@ -76,7 +69,7 @@ def test_the_cache_goes_by_the_name_the_models_forward_takes():
 
     tokenizer = make_tokenizer()
     assert cache_keyword(make_model(tokenizer)) == "cache"
-    assert cache_keyword(get_peft_model(make_model(tokenizer), LoraConfig(r=4, target_modules=["q_proj"]))) == "cache"
+    assert cache_keyword(model_variant(tokenizer, "lora")) == "cache"
     assert cache_keyword(OlderModel()) == "past_key_values"
 
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from peft import LoraConfig, PromptTuningConfig, get_peft_model
-from tiny import GROUP_OF_ROW, PROMPT, embedded_positions, grouped_batch, make_model, make_tokenizer
+from peft import PromptTuningConfig, get_peft_model
+from tiny import GROUP_OF_ROW, PROMPT, embedded_positions, grouped_batch, make_model, make_tokenizer, model_variant
 from transformers import GenerationConfig, LogitsProcessorList
 
 from sdpo_rl.generation import prompts_prefilled_once
@@ -43,14 +43,7 @@ def sample(model, ids, mask, shared: bool, **generate_kwargs):
 @pytest.mark.parametrize("variant", ["plain", "lora", "sliding_window"])
 def test_shared_prefill_samples_the_full_prefills_tokens_from_its_logits(variant):
     tokenizer = make_tokenizer()
-    if variant == "sliding_window":  # the cache of a sliding layer keeps only the last 3 positions
-        model = make_model(
-            tokenizer, use_sliding_window=True, sliding_window=3, layer_types=["sliding_attention", "full_attention"]
-        )
-    else:
-        model = make_model(tokenizer)
-    if variant == "lora":
-        model = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    model = model_variant(tokenizer, variant)
     ids, mask = (tensor[:, :PROMPT] for tensor in grouped_batch(len(tokenizer)))
     full, full_positions = sample(model, ids, mask, False, generation_config=sampling_config())
     shared, shared_positions = sample(model, ids, mask, True, generation_config=sampling_config())

@@ -191,3 +191,18 @@ def grouped_batch(vocab_size: int) -> tuple[torch.Tensor, torch.Tensor]:
     completion_mask = torch.ones_like(completions)
     completion_mask[3, -2:] = completion_mask[6, -1:] = 0
     return torch.cat([prompts[group], completions], 1), torch.cat([prompt_mask[group], completion_mask], 1)
+
+
+def model_variant(tokenizer: PreTrainedTokenizerFast, variant: str):
+    """A tiny model for the tests of shared prompts: "plain", "lora" (LoRA on q and v, initialised away from zero) or
+    "sliding_window" (whose first layer's cache keeps only the last 3 positions)."""
+    from peft import LoraConfig, get_peft_model
+
+    if variant == "sliding_window":
+        return make_model(
+            tokenizer, use_sliding_window=True, sliding_window=3, layer_types=["sliding_attention", "full_attention"]
+        )
+    model = make_model(tokenizer)
+    if variant == "lora":
+        model = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    return model
