@@ -1,9 +1,10 @@
 """Sampling a GRPO batch with each distinct prompt prefilled once.
 
-A GRPO batch repeats every prompt G times, and `generate` runs each copy through the model before sampling. On a CPU
-that prefill is a large part of the step's generation. `prompts_prefilled_once` runs each distinct prompt once (all
-but its last token), copies its key/value cache to the rows that share it, and lets `generate` go on from there: the
-same logits up to rounding, and the same random draws, as the full prefill.
+A GRPO batch repeats every prompt G times, and `generate` runs each copy through the model before sampling.
+`prompts_prefilled_once` runs each distinct prompt once (all but its last token), copies its key/value cache to the
+rows that share it, and lets `generate` go on from there: the same logits up to rounding, and the same random draws,
+as the full prefill. The decoding steps are unchanged; on a CPU it made the learning benchmark's generation 9% shorter
+(docs/results.md).
 """
 
 from __future__ import annotations

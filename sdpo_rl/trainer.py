@@ -26,6 +26,7 @@ import inspect
 import logging
 import math
 import os
+from contextlib import nullcontext
 from dataclasses import dataclass
 from functools import partial
 from typing import Any
@@ -191,20 +192,14 @@ class SDPOTrainer(GRPOTrainer):
     # ---- 0. generation: each distinct prompt prefilled once on a CPU ------------------------------------------------
 
     def _generate_single_turn(self, prompt_ids, images, multimodal_fields, num_generations, has_tool_images=False):
-        """TRL's sampling, with `generation.prompts_prefilled_once` on the model TRL unwraps for it where
-        `_shares_prompts` holds while generating and TRL samples with transformers' `generate` from text prompts."""
+        """TRL's sampling, with `generation.prompts_prefilled_once` on the model TRL unwraps for it where prompts are
+        shared (`_shares_prompts`; TRL turns gradient checkpointing off to generate) and TRL samples text prompts with
+        transformers' `generate`."""
         student = self.accelerator.unwrap_model(self.model_wrapped)
-        if (
-            self.use_vllm
-            or self.use_transformers_continuous_batching
-            or images is not None
-            or multimodal_fields
-            or not self._shares_prompts(student, training_forward=False)
-        ):
-            return super()._generate_single_turn(
-                prompt_ids, images, multimodal_fields, num_generations, has_tool_images
-            )
-        with prompts_prefilled_once(student):
+        prefills_once = not (
+            self.use_vllm or self.use_transformers_continuous_batching or images is not None or multimodal_fields
+        ) and self._shares_prompts(student, training_forward=False)
+        with prompts_prefilled_once(student) if prefills_once else nullcontext():
             return super()._generate_single_turn(
                 prompt_ids, images, multimodal_fields, num_generations, has_tool_images
             )
