@@ -651,11 +651,13 @@ class SDPOTrainer(GRPOTrainer):
         checkpointing, which turns the key/value cache off (TRL turns it off to generate; the teachers run in eval
         mode, where it does not apply)."""
         student = self.accelerator.unwrap_model(model)
-        checkpointing = any(getattr(module, "gradient_checkpointing", False) for module in student.modules())
         return (
             self.accelerator.device.type == "cpu"
             and self.accelerator.num_processes == 1
-            and not (training_forward and checkpointing)
+            and not (
+                training_forward
+                and any(getattr(module, "gradient_checkpointing", False) for module in student.modules())
+            )
             and not getattr(getattr(student, "active_peft_config", None), "is_prompt_learning", False)
         )
 
