@@ -173,6 +173,12 @@ def forward_parameters(model: nn.Module) -> Mapping[str, inspect.Parameter]:
     return inspect.signature(base.forward).parameters
 
 
+def brings_own_cache(model: nn.Module) -> bool:
+    """Whether `model` is a PEFT model whose active adapter learns prompts: it feeds its own key/value cache or
+    virtual tokens, so a cache of shared prompts must not be handed to it."""
+    return getattr(getattr(model, "active_peft_config", None), "is_prompt_learning", False)
+
+
 def returned_cache(model: nn.Module, outputs, keyword: str):
     """The key/value cache in `model`'s `outputs` of a forward with ``use_cache=True``."""
     cache = getattr(outputs, keyword, None)

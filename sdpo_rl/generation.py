@@ -17,7 +17,7 @@ import torch
 from torch import nn
 from transformers import GenerationConfig
 
-from .forward import cache_keyword, forward_parameters, prompt_groups, returned_cache
+from .forward import brings_own_cache, cache_keyword, forward_parameters, prompt_groups, returned_cache
 
 _GENERATION_CONFIG_FIELDS = frozenset(GenerationConfig().to_dict())
 
@@ -61,7 +61,7 @@ def generate_sharing_prompts(model: nn.Module, generate, *args, **kwargs):
         and attention_mask is not None
         and input_ids.size(1) > 1
         and _samples_one_sequence_per_row(model, settings)
-        and not getattr(getattr(model, "active_peft_config", None), "is_prompt_learning", False)
+        and not brings_own_cache(model)
         else None
     )
     if groups is None:

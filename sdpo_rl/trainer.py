@@ -46,7 +46,7 @@ from trl.trainer.utils import pad
 from . import _trl_compat
 from .config import SDPOConfig
 from .feedback import FEEDBACK_COLUMN, ReturnRecorder, collect_feedback, record_returns, snapshot_feedback
-from .forward import HeadInputs, completion_hidden, completion_logits, linear_head
+from .forward import HeadInputs, brings_own_cache, completion_hidden, completion_logits, linear_head
 from .generation import prompts_prefilled_once
 from .grpo_gradient import GRPOLossSettings, on_policy_logp_gradient
 from .loss import self_distillation_loss, token_entropy
@@ -658,7 +658,7 @@ class SDPOTrainer(GRPOTrainer):
                 training_forward
                 and any(getattr(module, "gradient_checkpointing", False) for module in student.modules())
             )
-            and not getattr(getattr(student, "active_peft_config", None), "is_prompt_learning", False)
+            and not brings_own_cache(student)
         )
 
     def _teacher_outputs(self, student, inputs, rows: torch.Tensor, prompt: str = "teacher_prompt"):
