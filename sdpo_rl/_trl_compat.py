@@ -47,7 +47,7 @@ GRPO_METHODS = {
 TRAINER_METHODS = {
     "_get_grad_norm": ("self", "model", "grad_norm"),
     "_save_checkpoint": ("self", "model", "trial"),
-    "_load_from_checkpoint": ("self", "resume_from_checkpoint", "model"),
+    "_prepare_for_training": ("self", "max_steps", "train_dataloader", "resume_from_checkpoint"),
     "_save": ("self", "output_dir", "state_dict"),
     "_get_output_dir": ("self", "trial"),
 }

@@ -85,25 +85,35 @@ class FloatEMA:
     ``theta_T`` unless the student moved by more than about 8% of a weight's magnitude, so a bf16 teacher barely
     follows the student. A teacher whose weights are below float32 therefore keeps a float32 master copy of each
     local shard, takes the step there, and runs its forward with the master's rounded value; float32 weights are their
-    own master (no extra memory). Parameters are looked up by name at every call (FSDP2 replaces them).
+    own master (no extra memory).
+
+    The masters are made when first needed (the first step, or a checkpoint's restore), from the local shard as it is
+    then, not when the teacher is built: `accelerator.prepare` may still cast the weights (DeepSpeed's bf16 casts a
+    float32 adapter, which then needs a master) or shard them (a master of the whole tensor would not match the
+    shard). A master whose shape no longer matches its shard is made again. Parameters are looked up by name at every
+    call (FSDP2 replaces them).
     """
 
-    def __init__(self, teacher_params: dict[str, torch.Tensor], rate: float):
+    def __init__(self, rate: float):
         self.rate = rate
-        self.master = {
-            name: local_shard(param).detach().float().clone()
-            for name, param in teacher_params.items()
-            if _below_float32(param)
-        }
+        self.master: dict[str, torch.Tensor] = {}
 
     def _accumulators(self, teacher_params: dict[str, torch.Tensor]) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """(accumulator, teacher shard) per parameter: the float32 master where there is one, else the shard."""
+        """(accumulator, teacher shard) per parameter: the float32 master where the shard is below float32, else the
+        shard; a missing master is made from the shard, one on another device follows it."""
         pairs = []
         for name, param in teacher_params.items():
             shard = local_shard(param)
-            if name in self.master and self.master[name].device != shard.device:
-                self.master[name] = self.master[name].to(shard.device)  # the teacher was moved to the training device
-            pairs.append((self.master.get(name, shard), shard))
+            master = self.master.get(name)
+            if master is not None and master.shape != shard.shape:
+                master = None  # the shard changed since the master was made
+            if master is None and _below_float32(shard):
+                master = shard.detach().float().clone()
+            elif master is not None and master.device != shard.device:
+                master = master.to(shard.device)  # the teacher was moved to the training device
+            if master is not None:
+                self.master[name] = master
+            pairs.append((shard if master is None else master, shard))
         return pairs
 
     @torch.no_grad()
@@ -129,10 +139,11 @@ class FloatEMA:
 
     @torch.no_grad()
     def restore(self, teacher_params: dict[str, torch.Tensor], saved: dict[str, torch.Tensor]) -> None:
-        """Load a checkpoint's `state` into the masters and the weights."""
+        """Load a checkpoint's `state` into the masters (made for the weights as they are now) and the weights."""
+        accumulators = self._accumulators(teacher_params)
         for name, tensor in self.state(teacher_params).items():
             tensor.copy_(saved[name])
-        self._round_into(self._accumulators(teacher_params))
+        self._round_into(accumulators)
 
 
 class Teacher:
@@ -191,7 +202,7 @@ class CopiedWeightsTeacher(Teacher):
             )
         self.model = detached_copy(student)
         paired_shards(dict(self.model.named_parameters()), dict(student.named_parameters()))
-        self.ema = FloatEMA(dict(self.model.named_parameters()), rate) if rate > 0.0 else None
+        self.ema = FloatEMA(rate) if rate > 0.0 else None
 
     def completion_logits(self, student, input_ids, attention_mask, logits_to_keep):
         return no_grad_logits(self.model, input_ids, attention_mask, logits_to_keep)
@@ -252,7 +263,7 @@ class LoraEMATeacher(Teacher):
                 teacher_shard.copy_(student_shard)
         for param in teacher_params.values():
             param.requires_grad_(False)
-        self.ema = FloatEMA(teacher_params, rate)
+        self.ema = FloatEMA(rate)
 
     def _adapter_parameters(self, student: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
         """The teacher's and the student's adapter parameters, both keyed by the student parameter's name.

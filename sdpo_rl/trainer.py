@@ -15,8 +15,8 @@ order a training step meets them:
 4. `_get_grad_norm` and a callback after each optimizer step: a non-finite step changes nothing; otherwise the
    teacher is updated.
 5. `log`: after TRL logged a step, look for the signs of a collapse (`sdpo_rl.monitor`) and warn once.
-6. `_save_checkpoint` / `_load_from_checkpoint` / `_save`: the teacher goes into every checkpoint and comes back on
-   resume; a saved model holds the student only.
+6. `_save_checkpoint` / `_prepare_for_training` / `_save`: the teacher goes into every checkpoint and comes back on
+   resume, whatever the backend; a saved model holds the student only.
 """
 
 from __future__ import annotations
@@ -770,17 +770,26 @@ class SDPOTrainer(GRPOTrainer):
             )
             save_teacher(self.teacher, os.path.join(checkpoint, TEACHER_DIR), self.sdpo_config.teacher_mode)
 
-    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
-        super()._load_from_checkpoint(resume_from_checkpoint, model)
-        if self.teacher is None:
-            return
-        folder = os.path.join(resume_from_checkpoint, TEACHER_DIR)
-        if not os.path.isdir(folder):
-            raise FileNotFoundError(
-                f"{resume_from_checkpoint} has no {TEACHER_DIR}/ folder, so the SDPO teacher cannot be restored (was "
-                "the checkpoint written by GRPOTrainer or with SDPO disabled?). Resume from an SDPOTrainer checkpoint."
-            )
-        load_teacher(self.teacher, folder, self.sdpo_config.teacher_mode)
+    def _prepare_for_training(self, max_steps, train_dataloader, resume_from_checkpoint):
+        """Restore the teacher when resuming, once the student, its optimizer and any engine are restored.
+
+        Trainer restores the student in `_load_from_checkpoint` before `accelerator.prepare`, or after it under FSDP;
+        under DeepSpeed it calls `deepspeed_load_checkpoint` instead and never reaches `_load_from_checkpoint`. Every
+        backend ends here, with the resolved checkpoint path, once per training run and before `on_train_begin`; the
+        teacher's weights are by then in the dtype and shards training uses, so its float32 EMA masters are made from
+        them and hold the checkpoint's values exactly (docs/teachers.md).
+        """
+        prepared = super()._prepare_for_training(max_steps, train_dataloader, resume_from_checkpoint)
+        if self.teacher is not None and resume_from_checkpoint is not None:
+            folder = os.path.join(resume_from_checkpoint, TEACHER_DIR)
+            if not os.path.isdir(folder):
+                raise FileNotFoundError(
+                    f"{resume_from_checkpoint} has no {TEACHER_DIR}/ folder, so the SDPO teacher cannot be restored "
+                    "(was the checkpoint written by GRPOTrainer or with SDPO disabled?). Resume from an SDPOTrainer "
+                    "checkpoint."
+                )
+            load_teacher(self.teacher, folder, self.sdpo_config.teacher_mode)
+        return prepared
 
     def _save(self, output_dir=None, state_dict=None):
         """Save the student only: a `lora_ema` teacher adapter is kept out of the saved PEFT model."""
