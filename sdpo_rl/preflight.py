@@ -40,6 +40,7 @@ BOOTSTRAP_RESAMPLES = 1000
 FRAME_POSITIONS = 3  # the first completion positions, where a reprompt's frame shows (docs/preflight.md)
 # Verdict thresholds; docs/preflight.md says how the validation chose them.
 FRAME_SHARE_LIMIT = 0.5
+EDGE_KINDS = ("demonstration", "feedback_only")  # the kinds of teacher prompt of a failed completion
 MIN_EDGE_PROMPTS = 5  # fewer prompts with a teacher prompt make the bootstrap interval meaningless
 
 
@@ -99,6 +100,15 @@ class PreflightReport:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> PreflightReport:
+        """The report that `to_dict` gave `values` (read back from JSON)."""
+        edges = {
+            name: Edge(**{**values[name], "edge": values[name]["edge"] and Interval(**values[name]["edge"])})
+            for name in ("edge", "edge_demonstration", "edge_feedback_only")
+        }
+        return cls(**{**values, **edges})
 
 
 @dataclass
@@ -208,7 +218,8 @@ def _trainer(model, tokenizer, dataset, reward_funcs, args, sdpo_config: SDPOCon
     output_dir = tempfile.mkdtemp(prefix="sdpo-preflight-")
     args = GRPOConfig(output_dir=output_dir) if args is None else copy.deepcopy(args)
     args.output_dir, args.report_to, args.save_strategy = output_dir, [], "no"
-    args.gradient_checkpointing, args.disable_tqdm = False, True
+    args.activation_checkpointing = args.gradient_checkpointing = False
+    args.disable_tqdm = True
     # The teacher must exist to render its prompts, also where the user's config trains without one.
     distilling = sdpo_config if sdpo_config.distills else replace(sdpo_config, enabled=True, grpo_weight=0.0)
     trainer = SDPOTrainer(
@@ -397,7 +408,7 @@ def _report(trainer, sdpo_config, rollouts, counts, token_level, timings, teache
     failed = [s for s, ok in zip(signals, successes, strict=True) if not ok]
     n = len(signals)
     edges = {
-        "edge": _edge(counts, ("demonstration", "feedback_only"), seed),
+        "edge": _edge(counts, EDGE_KINDS, seed),
         "edge_demonstration": _edge(counts, ("demonstration",), seed),
         "edge_feedback_only": _edge(counts, ("feedback_only",), seed),
     }

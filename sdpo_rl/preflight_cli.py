@@ -108,6 +108,7 @@ def _task_inputs(name: str) -> tuple:
         output_dir=tempfile.mkdtemp(prefix="sdpo-preflight-"),
         per_device_train_batch_size=16,
         beta=0.0,
+        activation_checkpointing=False,
         use_cpu=True,
         report_to="none",
         **TASK_SETTINGS,

@@ -58,12 +58,14 @@ from .metrics import (
     ROUTED_GRPO_FRACTION,
     ROUTED_SDPO_FRACTION,
     STUDENT_ENTROPY,
+    TEACHER_EDGE,
     TEACHER_ENTROPY,
     TEACHER_PROMPT_LENGTH_MEAN,
     TEACHER_PROMPT_TRUNCATED_COUNT,
     teacher_signal_metrics,
 )
 from .monitor import ADVICE, collapse_signs
+from .preflight import EDGE_KINDS, pooled_edge, teacher_edge_counts
 from .reprompt import (
     TeacherPrompt,
     TeacherSignal,
@@ -167,6 +169,13 @@ class SDPOTrainer(GRPOTrainer):
         self._check_supported_inputs()
         # Keep each reward function's returned values, to read the feedback of `Scored` rewards.
         self.reward_funcs = [f if isinstance(f, nn.Module) else record_returns(f) for f in self.reward_funcs]
+        if self.sdpo_config.teacher_edge_every is not None and self.accelerator.num_processes > 1:
+            raise ValueError(
+                f"SDPOConfig.teacher_edge_every={self.sdpo_config.teacher_edge_every} samples each process's own "
+                "failed completions, so processes would call generate a different number of times; it runs in one "
+                "process only. Set it to None under accelerate launch or torchrun, and measure with `sdpo-rl "
+                "preflight` first."
+            )
         self.teacher: Teacher | None = None
         if self.sdpo_config.distills:
             self.teacher = build_teacher(self.sdpo_config, self.model)
@@ -244,7 +253,19 @@ class SDPOTrainer(GRPOTrainer):
         batch, teacher_batch = self.rollout_with_teacher_batch(inputs)
         if teacher_batch is not None:
             batch.update(teacher_batch.tensors)
+            self._log_teacher_edge(inputs, teacher_batch)
         return batch
+
+    def _log_teacher_edge(self, inputs, teacher_batch: TeacherBatch) -> None:
+        """Every `teacher_edge_every` steps, `self_distillation/teacher_edge`: one teacher completion sampled from each
+        failed completion's teacher prompt, its pass rate minus the student's on those prompts (`sdpo_rl.preflight`);
+        NaN when no failed completion has a teacher prompt."""
+        every = self.sdpo_config.teacher_edge_every
+        if every is None or not self.model.training or self.state.global_step % every:
+            return
+        counts = teacher_edge_counts(self, inputs, teacher_batch, teacher_samples=1)
+        edge = pooled_edge([counts], EDGE_KINDS)
+        self._metrics["train"][TEACHER_EDGE].append(math.nan if edge is None else edge)
 
     def rollout_with_teacher_batch(self, inputs) -> tuple[dict[str, Any], TeacherBatch | None]:
         """TRL's generation batch of `inputs` and, when SDPO distills, its `TeacherBatch` (None otherwise).
