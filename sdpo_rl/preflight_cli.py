@@ -80,7 +80,7 @@ def _inputs(args: argparse.Namespace, overrides: list[str]) -> tuple:
     if args.task is not None:
         if overrides:
             raise ValueError(f"--field value overrides apply to --config only, got {' '.join(overrides)}")
-        return _task_inputs(args.task)
+        return task_inputs(args.task)
     from .train_cli import check_required, load_reward_function, load_train_dataset
     from .train_config import ConfigError, parse_arguments
 
@@ -95,7 +95,8 @@ def _inputs(args: argparse.Namespace, overrides: list[str]) -> tuple:
     return model.model_name_or_path, None, dataset, rewards, arguments.training, arguments.sdpo
 
 
-def _task_inputs(name: str) -> tuple:
+def task_inputs(name: str) -> tuple:
+    """What `--task NAME` measures: the embedded model on the task's training rows, with `TASK_SETTINGS`."""
     from trl import GRPOConfig
 
     from .config import SDPOConfig
