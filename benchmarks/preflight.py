@@ -60,12 +60,14 @@ def outcomes(runs: list[dict]) -> dict[str, dict]:
         at = dict(zip(run["eval_steps"], run["heldout_accuracy"], strict=True))
         entry["methods"].setdefault(run["method"], []).append(at)
     for entry in table.values():
-        entry["methods"] = {
-            method: {str(step): statistics.mean(a[step] for a in seeds) for step in STEPS if all(step in a for a in seeds)}
-            | {"seeds": len(seeds)}
-            for method, seeds in entry["methods"].items()
-        }
+        entry["methods"] = {method: _mean_at_steps(seeds) for method, seeds in entry["methods"].items()}
     return table
+
+
+def _mean_at_steps(seeds: list[dict]) -> dict:
+    """The mean over seeds of the accuracy at each of `STEPS` that every seed evaluated, and the seed count."""
+    means = {str(step): statistics.mean(a[step] for a in seeds) for step in STEPS if all(step in a for a in seeds)}
+    return {**means, "seeds": len(seeds)}
 
 
 def fit(points: list[tuple[float, float]]) -> dict:
