@@ -22,6 +22,7 @@ from .demo import (
     EVAL_SAMPLES_PER_PROMPT,
     run_demo,
 )
+from .preflight_cli import add_preflight_parser
 from .solve_cli import add_solve_parser
 from .train_cli import add_train_command
 
@@ -138,14 +139,19 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(func=run_demo, check=check_demo_arguments)
     add_train_command(commands)
     add_solve_parser(commands)
+    add_preflight_parser(commands)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, overrides = parser.parse_known_args(argv)
+    takes_overrides = getattr(args, "takes_overrides", False)  # `preflight --config`: --field value pairs
+    if overrides and not takes_overrides:
+        parser.error(f"unrecognized arguments: {' '.join(overrides)}")
     if hasattr(args, "check"):
         args.check(args)
-    return args.func(args) or 0
+    return (args.func(args, overrides) if takes_overrides else args.func(args)) or 0
 
 
 def check_demo_arguments(args: argparse.Namespace) -> None:

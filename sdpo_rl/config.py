@@ -122,6 +122,14 @@ class SDPOConfig:
             "emptied, so that the reprompt's frame cancels; None = off (the plain teacher)."
         },
     )
+    teacher_edge_every: int | None = field(
+        default=None,
+        metadata={
+            "help": "Every this many optimizer steps, sample one completion from the teacher prompt of each failed "
+            "completion and log self_distillation/teacher_edge, the teacher's pass rate minus the student's on those "
+            "prompts (docs/preflight.md); None = off. Costs one generation of those prompts on such a step."
+        },
+    )
     apply_chat_template_kwargs: dict[str, Any] = field(
         default_factory=dict,
         metadata={
@@ -237,6 +245,12 @@ class SDPOConfig:
         for name in ("teacher_entropy_weighting", "hindsight_contrast"):
             if getattr(self, name) is not None:
                 _check_number(name, getattr(self, name), 0.0, math.inf, low_open=True)
+        if self.teacher_edge_every is not None and (
+            isinstance(self.teacher_edge_every, bool)
+            or not isinstance(self.teacher_edge_every, int)
+            or self.teacher_edge_every < 1
+        ):
+            _reject("teacher_edge_every", self.teacher_edge_every, "an integer >= 1 (steps), or None for off")
         if self.sample_routing and self.grpo_weight != 0.0:
             raise ValueError(
                 f"SDPOConfig.sample_routing=True with grpo_weight={self.grpo_weight!r}: routing already gives every "

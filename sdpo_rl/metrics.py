@@ -33,6 +33,7 @@ TEACHER_ENTROPY = PREFIX + "teacher_entropy"
 NONFINITE_STEP = PREFIX + "nonfinite_step"
 ROUTED_SDPO_FRACTION = PREFIX + "routed_sdpo_fraction"
 ROUTED_GRPO_FRACTION = PREFIX + "routed_grpo_fraction"
+TEACHER_EDGE = PREFIX + "teacher_edge"  # with SDPOConfig.teacher_edge_every (docs/preflight.md)
 
 
 def teacher_signal_metrics(

@@ -58,14 +58,17 @@ from .metrics import (
     ROUTED_GRPO_FRACTION,
     ROUTED_SDPO_FRACTION,
     STUDENT_ENTROPY,
+    TEACHER_EDGE,
     TEACHER_ENTROPY,
     TEACHER_PROMPT_LENGTH_MEAN,
     TEACHER_PROMPT_TRUNCATED_COUNT,
     teacher_signal_metrics,
 )
 from .monitor import ADVICE, collapse_signs
+from .preflight import EDGE_KINDS, pooled_edge, teacher_edge_counts
 from .reprompt import (
     TeacherPrompt,
+    TeacherSignal,
     check_prompts_end_with_user_turn,
     render_teacher_prompt,
     select_teacher_signals,
@@ -109,6 +112,23 @@ class _Distillation:
     logps: torch.Tensor | None  # the student's log-probs of the completion tokens, with gradient (with a policy)
 
 
+@dataclass
+class TeacherBatch:
+    """The teacher's side of one generation batch: the batch tensors, and how they were chosen.
+
+    `rewards`, `signals` and `distilled` cover the whole (global) generation batch, in groups of `num_generations`;
+    `teacher_prompts` the local completions (`local` is their slice of the global batch), None where not distilled.
+    """
+
+    tensors: dict[str, torch.Tensor]  # teacher prompts, distillation mask, normaliser, weights: added to TRL's batch
+    rewards: list[float]  # total weighted reward per completion (NaN: no reward function scored it)
+    signals: list[TeacherSignal]
+    distilled: list[bool]
+    local: slice
+    teacher_prompts: list[TeacherPrompt | None]
+    num_generations: int
+
+
 class _TeacherUpdateCallback(TrainerCallback):
     """Updates the teacher after every optimizer step (docs/teachers.md)."""
 
@@ -149,6 +169,13 @@ class SDPOTrainer(GRPOTrainer):
         self._check_supported_inputs()
         # Keep each reward function's returned values, to read the feedback of `Scored` rewards.
         self.reward_funcs = [f if isinstance(f, nn.Module) else record_returns(f) for f in self.reward_funcs]
+        if self.sdpo_config.teacher_edge_every is not None and self.accelerator.num_processes > 1:
+            raise ValueError(
+                f"SDPOConfig.teacher_edge_every={self.sdpo_config.teacher_edge_every} samples each process's own "
+                "failed completions, so processes would call generate a different number of times; it runs in one "
+                "process only. Set it to None under accelerate launch or torchrun, and measure with `sdpo-rl "
+                "preflight` first."
+            )
         self.teacher: Teacher | None = None
         if self.sdpo_config.distills:
             self.teacher = build_teacher(self.sdpo_config, self.model)
@@ -223,9 +250,32 @@ class SDPOTrainer(GRPOTrainer):
     # ---- 2. the batch: teacher prompts -----------------------------------------------------------------------------
 
     def _generate_and_score_completions(self, inputs):
+        batch, teacher_batch = self.rollout_with_teacher_batch(inputs)
+        if teacher_batch is not None:
+            batch.update(teacher_batch.tensors)
+            self._log_teacher_edge(inputs, teacher_batch)
+        return batch
+
+    def _log_teacher_edge(self, inputs, teacher_batch: TeacherBatch) -> None:
+        """Every `teacher_edge_every` steps, `self_distillation/teacher_edge`: one teacher completion sampled from each
+        failed completion's teacher prompt, its pass rate minus the student's on those prompts (`sdpo_rl.preflight`);
+        NaN when no failed completion has a teacher prompt."""
+        every = self.sdpo_config.teacher_edge_every
+        if every is None or not self.model.training or self.state.global_step % every:
+            return
+        counts = teacher_edge_counts(self, inputs, teacher_batch, teacher_samples=1)
+        edge = pooled_edge([counts], EDGE_KINDS)
+        self._metrics["train"][TEACHER_EDGE].append(math.nan if edge is None else edge)
+
+    def rollout_with_teacher_batch(self, inputs) -> tuple[dict[str, Any], TeacherBatch | None]:
+        """TRL's generation batch of `inputs` and, when SDPO distills, its `TeacherBatch` (None otherwise).
+
+        `_generate_and_score_completions` adds the teacher batch's tensors to TRL's batch; `sdpo_rl.preflight` reads
+        its signals and teacher prompts, so that both see the same rollout, rewards, signals and prompts.
+        """
         batch = super()._generate_and_score_completions(inputs)
         if self.teacher is None:
-            return batch
+            return batch, None
         _trl_compat.check_batch(batch)
         rollout, self._sdpo_rollout = self._sdpo_rollout, None
         if rollout is None:
@@ -237,21 +287,16 @@ class SDPOTrainer(GRPOTrainer):
                 "prompt and both distillation forwards carry no image inputs. Train vision-language data with "
                 "GRPOTrainer."
             )
-        batch.update(self._build_teacher_batch(rollout, batch))
-        return batch
+        return batch, self._build_teacher_batch(rollout, batch)
 
-    def _build_teacher_batch(self, rollout: _Rollout, batch: dict[str, Any]) -> dict[str, Any]:
+    def _build_teacher_batch(self, rollout: _Rollout, batch: dict[str, Any]) -> TeacherBatch:
         config = self.sdpo_config
         mode = "train" if self.model.training else "eval"
         num_generations = self.num_generations if mode == "train" else self.num_generations_eval
         device = self.accelerator.device
         self.teacher.to(device)  # a full-copy teacher is built where the student was: on the CPU under DeepSpeed
 
-        # Success is judged on the total weighted reward; a completion no reward function could score is NaN.
-        rewards_per_func = rollout.rewards_per_func
-        rewards = (rewards_per_func * self.reward_weights.to(rewards_per_func.device)).nansum(dim=1)
-        rewards[torch.isnan(rewards_per_func).all(dim=1)] = math.nan
-        rewards = rewards.tolist()
+        rewards = total_rewards(rollout.rewards_per_func, self.reward_weights)
 
         # Demonstrations are searched over the whole group, which may span processes: gather texts and feedback.
         local_count = len(rollout.prompts)
@@ -283,7 +328,7 @@ class SDPOTrainer(GRPOTrainer):
         if weight is not None:
             outputs["self_distillation_weight"] = weight
         self._log_teacher_metrics(mode, signals, rewards, feedback, num_generations, teacher_prompts, distilled)
-        return outputs
+        return TeacherBatch(outputs, rewards, signals, distilled, local, teacher_prompts, num_generations)
 
     def _render_teacher_prompts(self, prompts, signals, distilled, start: int) -> list[TeacherPrompt | None]:
         """The teacher prompt of each local completion that is distilled (None for the others)."""
@@ -795,6 +840,16 @@ class SDPOTrainer(GRPOTrainer):
         """Save the student only: a `lora_ema` teacher adapter is kept out of the saved PEFT model."""
         with hidden_teacher_adapter(self.accelerator.unwrap_model(self.model)):
             super()._save(output_dir, state_dict)
+
+
+def total_rewards(rewards_per_func: torch.Tensor, reward_weights: torch.Tensor) -> list[float]:
+    """Each completion's total weighted reward, on which success is judged; NaN where no reward function scored it.
+
+    rewards_per_func: ``[N, num reward functions]`` as TRL's `_calculate_rewards` returns them.
+    """
+    rewards = (rewards_per_func * reward_weights.to(rewards_per_func.device)).nansum(dim=1)
+    rewards[torch.isnan(rewards_per_func).all(dim=1)] = math.nan
+    return rewards.tolist()
 
 
 def _distilled_rows(inputs) -> torch.Tensor:

@@ -82,6 +82,9 @@ def test_mutable_default_is_not_shared():
         ("teacher_entropy_weighting", math.inf),
         ("hindsight_contrast", -1.0),
         ("hindsight_contrast", math.nan),
+        ("teacher_edge_every", 0),
+        ("teacher_edge_every", True),
+        ("teacher_edge_every", 2.0),
     ],
 )
 def test_invalid_values_name_field_and_value(field, value):
