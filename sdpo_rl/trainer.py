@@ -601,7 +601,7 @@ class SDPOTrainer(GRPOTrainer):
         options = dict(
             settings=config.loss_settings(),
             per_token_weight=self._per_token_weight(inputs, rows, completion_ids.shape),
-            normalizer=self._loss_normalizer(inputs) if mode == "train" else None,
+            normalizer=self._loss_normalizer(inputs),
         )
         logps = None
         if head is not None:
@@ -719,17 +719,17 @@ class SDPOTrainer(GRPOTrainer):
         return weight
 
     def _loss_normalizer(self, inputs) -> torch.Tensor:
-        """This process's share of the generation batch's item count, rescaled to one accumulation window.
+        """This process's share of the generation batch's item count, in training rescaled to one accumulation window.
 
         TRL scales the loss for gradient accumulation inside `_compute_loss`: the loss sums this micro-batch's items
         and divides by this, as TRL's "dapo" loss does, so that accumulated micro-batches add up to one big batch.
+        Evaluation, which accumulates nothing, divides by the share alone, as TRL does: with routing, the eval loss
+        is the same routed sum over one shared token count as in training.
         """
-        return (
-            inputs["num_self_distillation_items"].clamp(min=1.0)
-            / self.accelerator.num_processes
-            * self.current_gradient_accumulation_steps
-            / self.args.steps_per_generation
-        )
+        share = inputs["num_self_distillation_items"].clamp(min=1.0) / self.accelerator.num_processes
+        if not self.model.training:
+            return share
+        return share * self.current_gradient_accumulation_steps / self.args.steps_per_generation
 
     def _idle_teacher_forwards(self, count: int) -> int:
         """How many teacher forwards, on top of its `count`, this process runs so that all processes run as many.
