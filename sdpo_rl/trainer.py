@@ -385,15 +385,19 @@ class SDPOTrainer(GRPOTrainer):
         """``[B, T]`` entropy of the teacher's next-token distributions (0 where nothing is distilled), no gradient.
 
         Computed when the batch is built, with one more teacher forward per distilled completion, because its
-        normalisation spans the whole generation batch, which the loss sees one micro-batch at a time.
+        normalisation spans the whole generation batch, which the loss sees one micro-batch at a time. Every process
+        runs as many forwards as the process with the most chunks of distilled rows (`_idle_teacher_forwards`).
         """
         entropy = torch.zeros(batch["completion_ids"].shape, device=self.accelerator.device)
         rows = batch["self_distillation_mask"].nonzero().squeeze(1)
         step = self.args.per_device_train_batch_size
         student = self.accelerator.unwrap_model(self.model)
-        for start in range(0, rows.numel(), step):  # `rows.split` of no rows would still give one empty part
-            part = rows[start : start + step]
-            completion_ids, completion_mask, teacher = self._teacher_outputs(student, batch, part)
+        head = linear_head(student)
+        parts = [rows[start : start + step] for start in range(0, rows.numel(), step)]  # no part for no rows
+        for _ in range(self._idle_teacher_forwards(len(parts))):
+            self._teacher_outputs(student, batch, rows.new_zeros(1), head)
+        for part in parts:
+            completion_ids, completion_mask, teacher = self._teacher_outputs(student, batch, part, head)
             active = completion_mask > 0
             if isinstance(teacher, HeadInputs):
                 chunk = default_chunk_size(teacher.weight[0].shape[0], torch.float32)
@@ -622,11 +626,13 @@ class SDPOTrainer(GRPOTrainer):
         student_out = (
             self._student_outputs(model, inputs, rows, head) if student_hidden is None else student_hidden[rows]
         )
-        if has_signal:
-            teacher = self._teacher_outputs(student, inputs, rows)[2]
+        # Without a signal the rows are `_distilled_rows`' placeholder; in several processes the teacher still runs on
+        # it, as every process must run as many teacher forwards (`_idle_teacher_forwards`), and its target is unused.
+        if has_signal or self.accelerator.num_processes > 1:
+            teacher = self._teacher_outputs(student, inputs, rows, head)[2]
             if config.hindsight_contrast is not None:
                 teacher = self._contrast_target(student, inputs, rows, student_out, head, teacher)
-        else:
+        if not has_signal:
             teacher = HeadInputs((student_out.detach(),), (head.weight,)) if head else student_out.detach()
 
         # The loss sums the valid tokens (tool outputs excluded) of the distilled rows.
@@ -640,7 +646,7 @@ class SDPOTrainer(GRPOTrainer):
         options = dict(
             settings=config.loss_settings(),
             per_token_weight=self._per_token_weight(inputs, rows, completion_ids.shape),
-            normalizer=self._loss_normalizer(inputs) if mode == "train" else None,
+            normalizer=self._loss_normalizer(inputs),
         )
         logps = None
         if head is not None:
@@ -706,11 +712,16 @@ class SDPOTrainer(GRPOTrainer):
             and not brings_own_cache(student)
         )
 
-    def _teacher_outputs(self, student, inputs, rows: torch.Tensor, prompt: str = "teacher_prompt"):
-        """``(completion_ids, completion_mask, teacher)`` of `rows`: the teacher's `HeadInputs` or logits.
+    def _teacher_outputs(
+        self, student, inputs, rows: torch.Tensor, head: nn.Linear | None, prompt: str = "teacher_prompt"
+    ):
+        """``(completion_ids, completion_mask, teacher)`` of `rows`: the teacher's `HeadInputs`, or its logits where
+        `head` (the student's `linear_head`) is None.
 
         The teacher reads `prompt` (``teacher_prompt`` or ``frame_prompt``) followed by the student's completion;
-        it attends to the whole completion, tool outputs included.
+        it attends to the whole completion, tool outputs included. The caller looks `head` up once for the student
+        and the teacher alike: FSDP2 leaves the root module's parameters whole after a forward, so that a head found
+        sharded before the student's forward could be found plain after it.
         """
         completion_ids, completion_mask = inputs["completion_ids"][rows], inputs["completion_mask"][rows]
         prompt_ids, prompt_mask = _drop_shared_padding(inputs[f"{prompt}_ids"][rows], inputs[f"{prompt}_mask"][rows])
@@ -718,7 +729,7 @@ class SDPOTrainer(GRPOTrainer):
         mask = torch.cat([prompt_mask, completion_mask], dim=1)
         forward = (
             self.teacher.completion_logits
-            if linear_head(student) is None
+            if head is None
             else partial(
                 self.teacher.completion_head_inputs,
                 share_prompts=self._shares_prompts(student, training_forward=False),
@@ -730,7 +741,7 @@ class SDPOTrainer(GRPOTrainer):
     def _contrast_target(self, student, inputs, rows, student_out, head, teacher):
         """Hindsight contrast: the target ``z_S + gamma (z_T - z_frame)``, as `HeadInputs` terms or logits."""
         gamma = self.sdpo_config.hindsight_contrast
-        frame = self._teacher_outputs(student, inputs, rows, prompt="frame_prompt")[2]
+        frame = self._teacher_outputs(student, inputs, rows, head, prompt="frame_prompt")[2]
         if head is None:
             return student_out.detach() + gamma * (teacher - frame)
         return HeadInputs(
@@ -753,17 +764,27 @@ class SDPOTrainer(GRPOTrainer):
         return weight
 
     def _loss_normalizer(self, inputs) -> torch.Tensor:
-        """This process's share of the generation batch's item count, rescaled to one accumulation window.
+        """This process's share of the generation batch's item count, in training rescaled to one accumulation window.
 
         TRL scales the loss for gradient accumulation inside `_compute_loss`: the loss sums this micro-batch's items
         and divides by this, as TRL's "dapo" loss does, so that accumulated micro-batches add up to one big batch.
+        Evaluation, which accumulates nothing, divides by the share alone, as TRL does: with routing, the eval loss
+        is the same routed sum over one shared token count as in training.
         """
-        return (
-            inputs["num_self_distillation_items"].clamp(min=1.0)
-            / self.accelerator.num_processes
-            * self.current_gradient_accumulation_steps
-            / self.args.steps_per_generation
-        )
+        share = inputs["num_self_distillation_items"].clamp(min=1.0) / self.accelerator.num_processes
+        if not self.model.training:
+            return share
+        return share * self.current_gradient_accumulation_steps / self.args.steps_per_generation
+
+    def _idle_teacher_forwards(self, count: int) -> int:
+        """How many teacher forwards, on top of its `count`, this process runs so that all processes run as many.
+
+        A sharded teacher's forward is a series of collectives (DeepSpeed ZeRO-3 and FSDP2 all-gather each layer's
+        parameters), so a process that ran fewer would leave the others waiting in one (docs/distributed.md). The
+        extra forwards run on one row and their result is unused.
+        """
+        most = self.accelerator.gather(torch.tensor([count], device=self.accelerator.device)).max()
+        return int(most) - count
 
     # ---- 4. the optimizer step: skip a non-finite one, then update the teacher ---------------------------------------
 

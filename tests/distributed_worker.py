@@ -10,7 +10,9 @@ batch and must choose the same demonstrations and feedback, log the same metrics
 The global batch holds three groups of four completions. Over two processes of six, the middle group is split, and
 its only success lies on the other process than some of its failures (in both directions over the two generations).
 A training scenario writes, per process, `rank{R}.json` (the global prompts, completions and teacher prompts of each
-generation, and the log history) and `rank{R}.safetensors` (initial and final student, final teacher).
+generation, and the log history) and `rank{R}.safetensors` (initial and final student, final teacher). The checks
+`FSDP2_CHECK` and `TEACHER_FORWARDS_CHECK` run on models sharded by FSDP2; the latter sets the process group's
+timeout, and so must be the first name of its run.
 """
 
 from __future__ import annotations
@@ -19,6 +21,8 @@ import gc
 import json
 import os
 import sys
+from datetime import timedelta
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -29,6 +33,7 @@ from tiny import grpo_args, make_dataset, make_model, make_tokenizer
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor
+from trl.trainer.utils import split_tensor_dict
 
 from sdpo_rl import SDPOConfig, SDPOTrainer
 from sdpo_rl.sharding import local_shard
@@ -58,11 +63,14 @@ SCENARIOS = {
 }
 STABILISERS = ("sample_routing", "teacher_entropy_weighting", "pass_rate_weighting")
 FSDP2_CHECK = "fsdp2_lora_ema"
+TEACHER_FORWARDS_CHECK = "fsdp2_teacher_forwards"
+# A collective that one process never joins fails after this long instead of hanging (gloo's default is 30 minutes).
+COLLECTIVE_TIMEOUT = timedelta(seconds=60)
 
 
-def fixed_completion(global_index: int, generation: int) -> str:
+def fixed_completion(global_index: int, generation: int, successes: tuple[set[int], ...] = SUCCESSES) -> str:
     """The completion of sample `global_index` at the `generation`-th generation; successes start with "Paris"."""
-    city = "Paris" if global_index in SUCCESSES[generation % len(SUCCESSES)] else "Lima"
+    city = "Paris" if global_index in successes[generation % len(successes)] else "Lima"
     return f"{city} {global_index} {generation}"
 
 
@@ -88,13 +96,15 @@ class CityReward:
 class FixedCompletionsTrainer(SDPOTrainer):
     """SDPOTrainer whose generation returns `fixed_completion`s and which records every global batch."""
 
-    def __init__(self, *args, **kwargs):
+    def __init__(self, *args, successes: tuple[set[int], ...] = SUCCESSES, **kwargs):
         super().__init__(*args, **kwargs)
+        self.successes = successes
         self.generations: list[dict] = []
 
     def _generate_single_turn(self, prompt_ids, images, multimodal_fields, num_generations, **kwargs):
         first_global_index = self.accelerator.process_index * len(prompt_ids)
-        texts = [fixed_completion(first_global_index + i, len(self.generations)) for i in range(len(prompt_ids))]
+        generation = len(self.generations)
+        texts = [fixed_completion(first_global_index + i, generation, self.successes) for i in range(len(prompt_ids))]
         return [self._tokenizer.encode(text) + [self._tokenizer.eos_token_id] for text in texts], None
 
     def _generate_and_score_completions(self, inputs):
@@ -157,6 +167,68 @@ def run(scenario: str, output_dir: str) -> None:
     Path(output_dir, f"rank{rank}.json").write_text(json.dumps(report))
 
 
+def shard_by_fsdp2(model: torch.nn.Module) -> None:
+    """Shard `model` over every process with FSDP2, layer by layer (accelerate enables FSDP on GPUs only)."""
+    mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+    for layer in model.get_decoder().layers:
+        fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+
+
+def city_reward(completions, **kwargs):
+    """1 for a completion starting with "Paris", else 0, without feedback: a failed group's only signal is a success."""
+    return [1.0 if c[0]["content"].startswith("Paris") else 0.0 for c in completions]
+
+
+def check_teacher_forwards(output_dir: str) -> None:
+    """Every process runs as many forwards of a teacher sharded by FSDP2 as the others, whatever its signal rows.
+
+    Each forward of a sharded model all-gathers its parameters, so a process that ran fewer would leave the others
+    waiting in a collective (issue #26, item 7). Process 0's group has one success (three rows distilled from its
+    demonstration), process 1's group fails silently (no row has a signal). With teacher-entropy weights and hindsight
+    contrast, the batch is built and its two micro-batches are trained on a student, and `lora_ema` teacher, sharded
+    by FSDP2. Writes `rank{R}.json` with the distilled rows and the teacher forwards of each stage.
+    """
+    if not dist.is_initialized():  # before the trainer's, whose collectives would wait for 30 minutes
+        dist.init_process_group("gloo", timeout=COLLECTIVE_TIMEOUT)
+    tokenizer = make_tokenizer()
+    torch.manual_seed(0)
+    micro_batch = 2
+    trainer = FixedCompletionsTrainer(
+        model=make_model(tokenizer),
+        args=grpo_args(
+            output_dir,
+            per_device_train_batch_size=micro_batch,
+            gradient_accumulation_steps=2,
+            num_generations=NUM_GENERATIONS,
+            max_completion_length=8,
+            ddp_backend="gloo",
+        ),
+        sdpo_config=SDPOConfig(teacher_mode="lora_ema", teacher_entropy_weighting=1.0, hindsight_contrast=1.0),
+        processing_class=tokenizer,
+        reward_funcs=[city_reward],
+        train_dataset=make_dataset(n=8),
+        peft_config=lora_config(),
+        successes=({1},),
+    )
+    shard_by_fsdp2(trainer.model)
+    forwards = []
+    for name in ("completion_logits", "completion_head_inputs"):
+        forward = getattr(trainer.teacher, name)
+        setattr(trainer.teacher, name, lambda *args, run=forward, **kwargs: forwards.append(1) or run(*args, **kwargs))
+
+    rank = dist.get_rank()
+    trainer.model.train()
+    trainer.current_gradient_accumulation_steps = 2
+    batch = trainer._generate_and_score_completions([trainer.train_dataset[rank]] * NUM_GENERATIONS)
+    stages = {"build": len(forwards)}
+    for inputs in split_tensor_dict(batch, NUM_GENERATIONS // micro_batch):
+        trainer._self_distillation_loss(trainer.model, inputs).loss.backward()
+    stages["loss"] = len(forwards) - stages["build"]
+    report = {"distilled_rows": int(batch["self_distillation_mask"].sum()), "teacher_forwards": stages}
+    Path(output_dir, f"rank{rank}.json").write_text(json.dumps(report))
+
+
 def check_fsdp2_lora_ema(output_dir: str) -> None:
     """The `lora_ema` update on a student sharded by FSDP2 equals the EMA of the whole tensors; a full copy is refused.
 
@@ -165,7 +237,6 @@ def check_fsdp2_lora_ema(output_dir: str) -> None:
     """
     if not dist.is_initialized():
         dist.init_process_group("gloo")
-    mesh = init_device_mesh("cpu", (dist.get_world_size(),))
     tokenizer = make_tokenizer()
     torch.manual_seed(0)
     student = get_peft_model(make_model(tokenizer), lora_config())
@@ -174,9 +245,7 @@ def check_fsdp2_lora_ema(output_dir: str) -> None:
     full_model = make_model(tokenizer)
     full_copy = CopiedWeightsTeacher(full_model, rate=rate)
     for model in (student, full_model):
-        for layer in model.get_decoder().layers:
-            fully_shard(layer, mesh=mesh)
-        fully_shard(model, mesh=mesh)
+        shard_by_fsdp2(model)
 
     with torch.no_grad():  # stands for an optimizer step: every process moves its shards of the student's adapter
         for name, param in student.named_parameters():
@@ -207,7 +276,8 @@ if __name__ == "__main__":
     for name in names:
         folder = os.path.join(output, name)
         os.makedirs(folder, exist_ok=True)
-        check_fsdp2_lora_ema(folder) if name == FSDP2_CHECK else run(name, folder)
+        checks = {FSDP2_CHECK: check_fsdp2_lora_ema, TEACHER_FORWARDS_CHECK: check_teacher_forwards}
+        checks.get(name, partial(run, name))(folder)
     if dist.is_initialized():
         # The finished trainers' DDP wrappers hold the process group: collected first, they let its destruction free it
         # and join gloo's threads, one of which can otherwise abort the exit (sdpo_rl/process_group.py). FSDP2's

@@ -32,16 +32,31 @@ PER_MICRO_BATCH_METRICS = {"self_distillation/student_entropy", "self_distillati
 COMPARED_METRICS = ("loss", "grad_norm", "reward", "reward_std")
 
 
+def worker_environment() -> dict[str, str]:
+    """The environment of the worker processes; they import this checkout's `sdpo_rl`, not an installed one."""
+    return {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "HF_HUB_OFFLINE": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+        "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[1]), os.environ.get("PYTHONPATH", "")]),
+    }
+
+
+def run_worker(output: Path, *names: str, timeout: float) -> None:
+    """Run `distributed_worker.py`'s `names` in `PROCESSES` processes."""
+    command = [
+        *(sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(PROCESSES)),
+        *(str(Path(worker.__file__)), str(output), *names),
+    ]
+    completed = subprocess.run(command, env=worker_environment(), capture_output=True, text=True, timeout=timeout)
+    assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-6000:]
+
+
 @pytest.fixture(scope="module")
 def two_processes(tmp_path_factory) -> Path:
     output = tmp_path_factory.mktemp("two_processes")
-    command = [
-        *(sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(PROCESSES)),
-        *(str(Path(worker.__file__)), str(output), *worker.SCENARIOS, worker.FSDP2_CHECK),
-    ]
-    environment = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    completed = subprocess.run(command, env=environment, capture_output=True, text=True, timeout=600)
-    assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-6000:]
+    run_worker(output, *worker.SCENARIOS, worker.FSDP2_CHECK, timeout=600)
     return output
 
 
@@ -121,6 +136,21 @@ def test_lora_ema_update_of_fsdp2_shards_equals_the_update_of_whole_tensors(two_
         assert "do not line up" in result["full_copy_refusal"]
 
 
+def test_every_process_runs_as_many_forwards_of_a_sharded_teacher(tmp_path):
+    """Issue #26, item 7: unequal signal rows leave no process waiting in a sharded teacher's collectives.
+
+    Process 0 distils three rows, process 1 none, with teacher-entropy weights and hindsight contrast, on a `lora_ema`
+    teacher sharded by FSDP2. Without equal forwards, the processes meet in different collectives and gloo fails after
+    `COLLECTIVE_TIMEOUT`, so the run fails rather than hangs.
+    """
+    timeout = worker.COLLECTIVE_TIMEOUT.total_seconds() + 240  # a failed collective is reported before this
+    run_worker(tmp_path, worker.TEACHER_FORWARDS_CHECK, timeout=timeout)
+    reports = [report(tmp_path / worker.TEACHER_FORWARDS_CHECK, rank) for rank in range(PROCESSES)]
+    assert [r["distilled_rows"] for r in reports] == [3, 0]
+    # Building the batch: two chunks of two distilled rows. The loss: per micro-batch, the teacher and the frame.
+    assert all(r["teacher_forwards"] == {"build": 2, "loss": 4} for r in reports), reports
+
+
 EXIT_RUNS = 5
 GLOO_THREADS = ("pt_gloo_runloop", "gloo_tcp_loop")  # ProcessGroupGloo's workers and gloo's transport loop
 
@@ -133,7 +163,7 @@ def test_processes_exit_cleanly_after_end_training(tmp_path):
     `sdpo_rl.process_group.end_training` frees the process group, and joins its threads, before the script ends.
     The abort is a race, so the worker runs several times; that no gloo thread is left is checked every time.
     """
-    environment = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    environment = worker_environment()
     worker = Path(__file__).with_name("exit_worker.py")
     for run in range(EXIT_RUNS):
         output = tmp_path / str(run)

@@ -131,6 +131,21 @@ def test_routing_loss_is_grpo_on_the_other_rows_plus_distillation_on_the_routed_
     torch.testing.assert_close(trainer._compute_loss(trainer.model, batch), expected)
 
 
+def test_routed_eval_loss_has_the_denominator_of_training(tmp_path):
+    """With routing, evaluation divides the distillation sum by the token count that training and TRL's GRPO loss
+    share (every valid token of the batch), not by the distilled tokens alone (issue #26, item 8)."""
+    trainer = build(tmp_path, SDPOConfig(sample_routing=True))
+    trainer.model.train()
+    batch = batch_of(trainer)
+    distilled = batch["self_distillation_mask"].unsqueeze(1) * batch["completion_mask"]
+    assert 0 < distilled.sum() < batch["num_self_distillation_items"]
+    training = trainer._self_distillation_loss(trainer.model, batch).loss
+    trainer.model.eval()  # the tiny model has no dropout: the same forward in both modes
+    evaluation = trainer._self_distillation_loss(trainer.model, batch).loss
+    assert training > 0
+    torch.testing.assert_close(evaluation, training, rtol=1e-6, atol=0)  # the loss is small: no absolute slack
+
+
 @pytest.mark.parametrize(
     "sdpo_config, grpo_settings, off_policy, shared_prompts",
     [
