@@ -15,7 +15,8 @@ order.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 from trl.trainer.utils import is_async_callable
@@ -56,6 +57,10 @@ def returned_feedback(values: Sequence[Any] | None) -> list[str | None] | None:
     return [value.feedback if isinstance(value, Scored) else None for value in values]
 
 
+class RewardFunctionError(RuntimeError):
+    """A reward function raised; the message names it, and the original error is the cause."""
+
+
 class ReturnRecorder:
     """Wraps a reward function to keep what its latest call returned; everything else is the wrapped function's.
 
@@ -68,8 +73,19 @@ class ReturnRecorder:
         self.__name__ = getattr(func, "__name__", type(func).__name__)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        self.returned = self.func(*args, **kwargs)
+        with self._named_errors():
+            self.returned = self.func(*args, **kwargs)
         return self.returned
+
+    @contextmanager
+    def _named_errors(self) -> Iterator[None]:
+        """Re-raise the wrapped function's error as a `RewardFunctionError` naming it, the original as its cause."""
+        try:
+            yield
+        except Exception as error:
+            raise RewardFunctionError(
+                f"The reward function {self.__name__!r} raised {type(error).__name__}: {error}"
+            ) from error
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.func, name)
@@ -79,7 +95,8 @@ class AsyncReturnRecorder(ReturnRecorder):
     """`ReturnRecorder` for an async reward function (TRL awaits it on its event loop)."""
 
     async def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        self.returned = await self.func(*args, **kwargs)
+        with self._named_errors():
+            self.returned = await self.func(*args, **kwargs)
         return self.returned
 
 

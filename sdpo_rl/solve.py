@@ -31,7 +31,7 @@ from transformers import TrainerCallback
 from trl.trainer.utils import is_async_callable
 
 from .config import SDPOConfig
-from .feedback import ReturnRecorder, Scored, collect_feedback, snapshot_feedback
+from .feedback import ReturnRecorder, RewardFunctionError, Scored, collect_feedback, snapshot_feedback
 from .reprompt import TeacherSignal, build_reprompt_text, last_user_text
 
 # Sampling settings shared by every method (TRL's defaults: temperature 1, no top-k or top-p).
@@ -121,7 +121,8 @@ class _Search:
                 completion_ids=completion_ids,
                 **{name: [value] * count for name, value in self.columns.items()},
             )
-        except Exception as error:
+        except RewardFunctionError as named:
+            error = named.__cause__
             raise RuntimeError(
                 f"reward_func {self.name!r} raised {type(error).__name__} ({error}) while scoring {count} attempts "
                 f"(it is called with prompts=, completions=, completion_ids= and the columns {sorted(self.columns)}). "

@@ -2,7 +2,7 @@ import logging
 
 import pytest
 
-from sdpo_rl.feedback import collect_feedback, snapshot_feedback
+from sdpo_rl.feedback import RewardFunctionError, collect_feedback, record_returns, snapshot_feedback
 
 
 class Scorer:
@@ -112,3 +112,13 @@ def test_async_recorder_stays_async_and_records():
     assert is_async_callable(recorder)
     assert asyncio.run(recorder([1.0, 0.0])) == [1.0, 0.0]
     assert collect_feedback([recorder], ["judge"], [None], 2) == ["saw 1.0", "saw 0.0"]
+
+
+def test_a_reward_function_that_raises_is_named_with_its_error_as_cause():
+    def exact_match(completions, **kwargs):
+        raise KeyError("answer")
+
+    recorder = record_returns(exact_match)
+    with pytest.raises(RewardFunctionError, match="The reward function 'exact_match' raised KeyError") as error:
+        recorder(completions=["a"])
+    assert isinstance(error.value.__cause__, KeyError)
