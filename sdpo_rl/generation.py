@@ -4,7 +4,7 @@ A GRPO batch repeats every prompt G times, and `generate` runs each copy through
 `prompts_prefilled_once` runs each distinct prompt once (all but its last token), copies its key/value cache to the
 rows that share it, and lets `generate` go on from there: the same logits up to rounding, and the same random draws,
 as the full prefill. The decoding steps are unchanged; on a CPU it made the learning benchmark's generation 9% shorter
-(docs/results.md).
+(docs/results.md). Only models whose cache holds attention layers alone do it (`forward.prompt_sharing_blocker`).
 """
 
 from __future__ import annotations

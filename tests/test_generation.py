@@ -49,13 +49,20 @@ def sample(model, ids, mask, shared: bool, **generate_kwargs):
     return output, sum(embedded)
 
 
+def sample_both(model, tokenizer, **generate_kwargs):
+    """`sample` of the prompts of `grouped_batch` with the full prefill, then with `prompts_prefilled_once`:
+    ``(full, full_positions), (shared, shared_positions)``."""
+    ids, mask = (tensor[:, :PROMPT] for tensor in grouped_batch(len(tokenizer)))
+    return sample(model, ids, mask, False, **generate_kwargs), sample(model, ids, mask, True, **generate_kwargs)
+
+
 @pytest.mark.parametrize("variant", ["plain", "lora", "sliding_window"])
 def test_shared_prefill_samples_the_full_prefills_tokens_from_its_logits(variant):
     tokenizer = make_tokenizer()
     model = model_variant(tokenizer, variant)
-    ids, mask = (tensor[:, :PROMPT] for tensor in grouped_batch(len(tokenizer)))
-    full, full_positions = sample(model, ids, mask, False, generation_config=sampling_config())
-    shared, shared_positions = sample(model, ids, mask, True, generation_config=sampling_config())
+    (full, full_positions), (shared, shared_positions) = sample_both(
+        model, tokenizer, generation_config=sampling_config()
+    )
     assert torch.equal(shared.sequences, full.sequences)
     for shared_logits, full_logits in zip(shared.logits, full.logits, strict=True):
         torch.testing.assert_close(shared_logits, full_logits, rtol=1e-5, atol=1e-5)
@@ -71,9 +78,9 @@ def test_models_with_recurrent_or_convolution_layers_take_the_full_prefill(famil
     with the full prefill: the same call, the same tokens and logits."""
     tokenizer = make_tokenizer()
     model = make_family_model(tokenizer, family)
-    ids, mask = (tensor[:, :PROMPT] for tensor in grouped_batch(len(tokenizer)))
-    full, full_positions = sample(model, ids, mask, False, generation_config=sampling_config())
-    shared, shared_positions = sample(model, ids, mask, True, generation_config=sampling_config())
+    (full, full_positions), (shared, shared_positions) = sample_both(
+        model, tokenizer, generation_config=sampling_config()
+    )
     assert torch.equal(shared.sequences, full.sequences)
     assert all(map(torch.equal, shared.logits, full.logits))
     assert shared_positions == full_positions == len(GROUP_OF_ROW) * (PROMPT + NEW_TOKENS - 1)
@@ -136,12 +143,9 @@ def test_the_cache_turned_off_takes_the_full_prefill(where):
         kwargs["use_cache"] = False
     else:
         model.generation_config.use_cache = False
-    ids, mask = (tensor[:, :PROMPT] for tensor in grouped_batch(len(tokenizer)))
-    full, full_positions = sample(model, ids, mask, False, **kwargs)
-    shared, shared_positions = sample(model, ids, mask, True, **kwargs)
+    (full, full_positions), (shared, shared_positions) = sample_both(model, tokenizer, **kwargs)
     assert torch.equal(shared.sequences, full.sequences)
-    for shared_logits, full_logits in zip(shared.logits, full.logits, strict=True):
-        assert torch.equal(shared_logits, full_logits)
+    assert all(map(torch.equal, shared.logits, full.logits))
     rows = len(GROUP_OF_ROW)
     assert shared_positions == full_positions == rows * sum(range(PROMPT, PROMPT + NEW_TOKENS))  # no cache at all
 

@@ -69,6 +69,12 @@ def make_model(tokenizer: PreTrainedTokenizerFast, seed: int = 0, moe: bool = Fa
         shared_expert_intermediate_size=32,
         router_aux_loss_coef=0.01,
     )
+    return _tiny_model(config_class, model_class, tokenizer, **(experts if moe else {}), **config_overrides)
+
+
+def _tiny_model(config_class, model_class, tokenizer: PreTrainedTokenizerFast, **settings):
+    """A `model_class` of 2 layers, hidden size 32, with random weights sized to `tokenizer`; `settings` configure the
+    rest."""
     config = config_class(
         vocab_size=len(tokenizer),
         hidden_size=32,
@@ -81,8 +87,7 @@ def make_model(tokenizer: PreTrainedTokenizerFast, seed: int = 0, moe: bool = Fa
         pad_token_id=tokenizer.pad_token_id,
         eos_token_id=tokenizer.eos_token_id,
         bos_token_id=None,
-        **(experts if moe else {}),
-        **config_overrides,
+        **settings,
     )
     model = model_class(config)
     model.generation_config.eos_token_id = tokenizer.eos_token_id
@@ -252,21 +257,6 @@ def make_family_model(tokenizer: PreTrainedTokenizerFast, family: str):
 
     config_name, model_name, settings = _FAMILIES[family]
     torch.manual_seed(0)
-    config = getattr(transformers, config_name)(
-        vocab_size=len(tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=8,
-        tie_word_embeddings=False,
-        pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        bos_token_id=None,
-        **settings,
-    )
-    model = getattr(transformers, model_name)(config).float()
-    model.generation_config.eos_token_id = tokenizer.eos_token_id
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
-    return model
+    return _tiny_model(
+        getattr(transformers, config_name), getattr(transformers, model_name), tokenizer, head_dim=8, **settings
+    ).float()
