@@ -109,6 +109,7 @@ def test_the_cache_goes_by_the_name_the_models_forward_takes():
     assert cache_keyword(make_model(tokenizer)) == "cache"
     assert cache_keyword(model_variant(tokenizer, "lora")) == "cache"
     assert cache_keyword(OlderModel()) == "past_key_values"
+    assert prompt_sharing_blocker(OlderModel()) == "the config of OlderModel does not say what its cache layers are"
 
 
 def test_a_forward_that_takes_no_cache_runs_every_prompt():
@@ -129,6 +130,7 @@ def test_a_forward_that_takes_no_cache_runs_every_prompt():
     model = make_model(tokenizer)
     wrapper = Wrapper(model)
     assert cache_keyword(wrapper) is None
+    assert prompt_sharing_blocker(wrapper) == "the forward of Wrapper declares no key/value cache"
     ids, mask = grouped_batch(len(tokenizer))
     with embedded_positions(model) as embedded:
         shared = completion_hidden(wrapper, model.lm_head, ids, mask, COMPLETION, share_prompts=True)
