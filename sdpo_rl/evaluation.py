@@ -2,9 +2,9 @@
 
 `heldout_accuracy` renders every prompt with the tokenizer's chat template (`add_generation_prompt=True`), samples
 `samples_per_prompt` completions per prompt with `model.generate` in left-padded batches (on a CPU with each batch's
-repeated prompts prefilled once, `sdpo_rl.generation`), and scores each one with `task.is_correct`. Sampling is seeded
-and runs inside `torch.random.fork_rng`, so the same call gives the same samples before and after training (up to the
-model's change) and the caller's global RNG state is left untouched.
+repeated prompts prefilled once where the model allows it, `sdpo_rl.generation`), and scores each one with
+`task.is_correct`. Sampling is seeded and runs inside `torch.random.fork_rng`, so the same call gives the same samples
+before and after training (up to the model's change) and the caller's global RNG state is left untouched.
 """
 
 from __future__ import annotations

@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from transformers.cache_utils import get_layer_types_and_kwargs
 
 from .sharding import is_sharded
 
@@ -28,6 +29,10 @@ _LOGIT_TRANSFORM_FIELDS = (
     "lm_head_multiplier",
     "logits_scaling",
 )
+
+# The cache layers whose states at a position are keys and values computed from the tokens up to it, kept per position
+# (transformers' `DynamicLayer` and `DynamicSlidingWindowLayer`): the only ones a shared prompt's cache may hold.
+_SHAREABLE_CACHE_LAYERS = frozenset({"full_attention", "sliding_attention"})
 
 
 def completion_logits(
@@ -85,10 +90,10 @@ def completion_hidden(
     Runs `model`'s own forward, so that its wrappers (DDP, PEFT, gradient checkpointing) still apply, with a pre-hook
     on `head` that keeps the head's input and hands it an empty slice instead: no position is projected. With
     `share_prompts`, rows whose prompts (the first ``L - logits_to_keep`` columns, ids and mask) are equal, as a
-    group's G completions are, run their prompt once (`_shared_prompt_hidden`), where the model's forward takes a
-    key/value cache.
+    group's G completions are, run their prompt once (`_shared_prompt_hidden`), where `prompt_sharing_blocker` finds
+    nothing against it.
     """
-    keyword = cache_keyword(model) if share_prompts else None
+    keyword = cache_keyword(model) if share_prompts and prompt_sharing_blocker(model) is None else None
     if keyword is not None:
         prompt_length = input_ids.size(1) - logits_to_keep
         groups = prompt_groups(input_ids[:, :prompt_length], attention_mask[:, :prompt_length])
@@ -169,8 +174,39 @@ def cache_keyword(model: nn.Module) -> str | None:
 
 def forward_parameters(model: nn.Module) -> Mapping[str, inspect.Parameter]:
     """The parameters of the forward of `model`'s base model (under a PEFT wrapper, the wrapped model's)."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return inspect.signature(base.forward).parameters
+    return inspect.signature(_base_model(model).forward).parameters
+
+
+def _base_model(model: nn.Module) -> nn.Module:
+    """`model`, or under a PEFT wrapper the wrapped model."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def prompt_sharing_blocker(model: nn.Module) -> str | None:
+    """Why `model`'s forwards cannot run a prompt once and extend its key/value cache with each row sharing it; None
+    where they can (`completion_hidden`, `generation.generate_sharing_prompts`).
+
+    An allow-list: every layer of the model's cache must be a full or sliding-window attention layer, whose cached keys
+    and values are the full forward's. The layer types are read from the config as transformers' `DynamicCache`
+    builds its layers. A recurrent, convolutional or linear-attention state (Mamba, LFM2's short convolutions, gated
+    delta rules) is refused even where it would give the same values: reused, such states gave wrong gradients (Bamba,
+    Jamba) or a backward that fails (Qwen3-Next) (docs/verification.md). A forward that declares no cache and a
+    prompt-learning adapter, which brings a cache of its own, are refused too.
+    """
+    name = type(model).__name__
+    if cache_keyword(model) is None:
+        return f"the forward of {name} declares no key/value cache"
+    if brings_own_cache(model):
+        return f"{name}'s prompt-learning adapter brings a cache of its own"
+    config = getattr(_base_model(model), "config", None)
+    try:
+        layer_types, _ = get_layer_types_and_kwargs(config.get_text_config(decoder=True))
+    except AttributeError:  # no config, or one that does not say what its layers are
+        return f"the config of {name} does not say what its cache layers are"
+    others = sorted(set(layer_types) - _SHAREABLE_CACHE_LAYERS)
+    if others:
+        return f"the cache of {name} has {', '.join(others)} layers, not only full or sliding-window attention"
+    return None
 
 
 def brings_own_cache(model: nn.Module) -> bool:

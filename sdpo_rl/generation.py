@@ -4,7 +4,7 @@ A GRPO batch repeats every prompt G times, and `generate` runs each copy through
 `prompts_prefilled_once` runs each distinct prompt once (all but its last token), copies its key/value cache to the
 rows that share it, and lets `generate` go on from there: the same logits up to rounding, and the same random draws,
 as the full prefill. The decoding steps are unchanged; on a CPU it made the learning benchmark's generation 9% shorter
-(docs/results.md).
+(docs/results.md). Only models whose cache holds attention layers alone do it (`forward.prompt_sharing_blocker`).
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import torch
 from torch import nn
 from transformers import GenerationConfig
 
-from .forward import brings_own_cache, cache_keyword, forward_parameters, prompt_groups, returned_cache
+from .forward import cache_keyword, forward_parameters, prompt_groups, prompt_sharing_blocker, returned_cache
 
 _GENERATION_CONFIG_FIELDS = frozenset(GenerationConfig().to_dict())
 
@@ -47,21 +47,19 @@ def generate_sharing_prompts(model: nn.Module, generate, *args, **kwargs):
     row from its prompt's cache. `settings` are `GenerationConfig` fields given as keywords.
 
     Anything else (positional arguments, other inputs or keywords, a cache of the caller's, beam search, several
-    sequences per row, a static cache, prompt lookup, a prompt-learning adapter, a forward that takes no cache, no
-    repeated prompt) goes to `generate` as it came.
+    sequences per row, a static cache, the cache turned off, prompt lookup, a model `forward.prompt_sharing_blocker`
+    refuses, no repeated prompt) goes to `generate` as it came.
     """
-    keyword = cache_keyword(model)
     input_ids, attention_mask = kwargs.get("input_ids"), kwargs.get("attention_mask")
     settings = {name: value for name, value in kwargs.items() if name not in ("input_ids", "attention_mask")}
     groups = (
         prompt_groups(input_ids[:, :-1], attention_mask[:, :-1])
         if not args
-        and keyword is not None
         and input_ids is not None
         and attention_mask is not None
         and input_ids.size(1) > 1
         and _samples_one_sequence_per_row(model, settings)
-        and not brings_own_cache(model)
+        and prompt_sharing_blocker(model) is None
         else None
     )
     if groups is None:
@@ -72,6 +70,7 @@ def generate_sharing_prompts(model: nn.Module, generate, *args, **kwargs):
         prefill["position_ids"] = positions[groups.first_row, :-1]
     with torch.no_grad():
         outputs = model(**prefill, use_cache=True, logits_to_keep=1)
+    keyword = cache_keyword(model)
     cache = returned_cache(model, outputs, keyword)
     cache.reorder_cache(groups.group)
     return generate(**kwargs, **{keyword: cache})
@@ -79,8 +78,9 @@ def generate_sharing_prompts(model: nn.Module, generate, *args, **kwargs):
 
 def _samples_one_sequence_per_row(model: nn.Module, settings: dict) -> bool:
     """Whether `settings` (a ``generation_config`` and `GenerationConfig` fields) ask for plain sampling or greedy
-    search with a dynamic cache: no beams, one sequence per row, no static cache, no prompt lookup, and nothing but
-    generation settings."""
+    search with a dynamic cache: no beams, one sequence per row, no static cache, the cache not turned off (with
+    ``use_cache=False`` `generate` would feed the whole prompt again on top of the shared cache), no prompt lookup,
+    and nothing but generation settings."""
     if any(name != "generation_config" and name not in _GENERATION_CONFIG_FIELDS for name in settings):
         return False
     given = settings.get("generation_config")
@@ -94,5 +94,6 @@ def _samples_one_sequence_per_row(model: nn.Module, settings: dict) -> bool:
         setting("num_beams") in (None, 1)
         and setting("num_return_sequences") in (None, 1)
         and setting("cache_implementation") is None
+        and setting("use_cache") is not False
         and setting("prompt_lookup_num_tokens") is None
     )

@@ -34,6 +34,9 @@ NONFINITE_STEP = PREFIX + "nonfinite_step"
 ROUTED_SDPO_FRACTION = PREFIX + "routed_sdpo_fraction"
 ROUTED_GRPO_FRACTION = PREFIX + "routed_grpo_fraction"
 TEACHER_EDGE = PREFIX + "teacher_edge"  # with SDPOConfig.teacher_edge_every (docs/preflight.md)
+# 1 per forward or sampling call that took the fast path, 0 per call that fell back (an info line names why, once).
+PROMPT_SHARING = PREFIX + "prompt_sharing"  # each distinct prompt run once; logged on a CPU in one process
+ONE_PASS_HYBRID = PREFIX + "one_pass_hybrid"  # one student forward for both of the hybrid's terms
 
 
 def teacher_signal_metrics(

@@ -46,7 +46,7 @@ from trl.trainer.utils import pad
 from . import _trl_compat
 from .config import SDPOConfig
 from .feedback import FEEDBACK_COLUMN, ReturnRecorder, collect_feedback, record_returns, snapshot_feedback
-from .forward import HeadInputs, brings_own_cache, completion_hidden, completion_logits, linear_head
+from .forward import HeadInputs, completion_hidden, completion_logits, linear_head, prompt_sharing_blocker
 from .generation import prompts_prefilled_once
 from .grpo_gradient import GRPOLossSettings, on_policy_logp_gradient
 from .loss import self_distillation_loss, token_entropy
@@ -55,6 +55,8 @@ from .metrics import (
     DISTILLATION_LOSS,
     GRPO_LOSS,
     NONFINITE_STEP,
+    ONE_PASS_HYBRID,
+    PROMPT_SHARING,
     ROUTED_GRPO_FRACTION,
     ROUTED_SDPO_FRACTION,
     STUDENT_ENTROPY,
@@ -163,6 +165,7 @@ class SDPOTrainer(GRPOTrainer):
         self._last_grad_norm_finite = True
         self._collapse_warned = False
         self._scored_completions: tuple[torch.Tensor, torch.Tensor] | None = None  # see `_one_pass_hybrid`
+        self._fast_path_notices: set[tuple[str, str]] = set()  # see `_note_fast_path`
         super().__init__(*arguments.args[1:], **arguments.kwargs)
         _trl_compat.check_trainer_attributes(self)
         self._check_chat_template()
@@ -453,9 +456,11 @@ class SDPOTrainer(GRPOTrainer):
         grpo_weight, distillation_weight = (
             (1.0, 1.0) if config.sample_routing else (config.grpo_weight, 1.0 - config.grpo_weight)
         )
-        head = linear_head(self.accelerator.unwrap_model(model))
-        if head is None or self.aux_loss_enabled or self._entropy_bonus_enabled:
-            # TRL's forward runs the head, returns the MoE aux loss, and the entropies with their gradient
+        student = self.accelerator.unwrap_model(model)
+        head = linear_head(student)
+        blocker = self._one_pass_hybrid_blocker(student, head)
+        self._note_fast_path(ONE_PASS_HYBRID, "The hybrid's one pass", blocker)
+        if blocker is not None:
             grpo_loss = super()._compute_loss(model, grpo_inputs)
             distillation_loss = self._self_distillation_loss(model, inputs).loss
         else:
@@ -464,6 +469,29 @@ class SDPOTrainer(GRPOTrainer):
             )
         self._log_loss_metric(GRPO_LOSS, grpo_loss)
         return grpo_weight * grpo_loss + distillation_weight * distillation_loss
+
+    def _one_pass_hybrid_blocker(self, student, head: nn.Linear | None) -> str | None:
+        """Why the hybrid's terms need TRL's forward and a second one for the distillation; None where
+        `_one_pass_hybrid` serves both."""
+        if head is None:
+            return (
+                f"the logits of {type(student).__name__} are not a plain linear projection of its hidden states "
+                "(`forward.linear_head`), so TRL's forward runs its head"
+            )
+        if self.aux_loss_enabled:
+            return f"TRL's forward returns the MoE balancing loss (router_aux_loss_coef={self.router_aux_loss_coef})"
+        if self._entropy_bonus_enabled:
+            return "TRL's entropy bonus (entropy_coef, use_adaptive_entropy) takes the entropies from its own forward"
+        return None
+
+    def _note_fast_path(self, metric: str, fast_path: str, blocker: str | None) -> None:
+        """Log `metric` 1 where `fast_path` runs and 0 where `blocker` turns it off; the first time each blocker does,
+        one info line naming it."""
+        mode = "train" if self.model.training else "eval"
+        self._metrics[mode][metric].append(float(blocker is None))
+        if blocker is not None and (metric, blocker) not in self._fast_path_notices:
+            self._fast_path_notices.add((metric, blocker))
+            logger.info("%s is off (%s logs 0): %s.", fast_path, metric, blocker)
 
     def _one_pass_hybrid(self, model, inputs, grpo_inputs, head: nn.Linear, relative_grpo_weight: float):
         """``(GRPO loss, distillation loss)`` from one student forward, the head projecting each token once.
@@ -697,20 +725,19 @@ class SDPOTrainer(GRPOTrainer):
 
     def _shares_prompts(self, model, training_forward: bool = True) -> bool:
         """Whether forwards of the student's model run each distinct prompt once (`forward.completion_hidden`; in
-        generation, `generation.prompts_prefilled_once`): on a CPU in one process, where it is measured; not with a
-        prompt-learning adapter, which brings a cache of its own; and, for a `training_forward`, not under gradient
-        checkpointing, which turns the key/value cache off (TRL turns it off to generate; the teachers run in eval
-        mode, where it does not apply)."""
+        generation, `generation.prompts_prefilled_once`): on a CPU in one process, where it is measured; for a model
+        `forward.prompt_sharing_blocker` allows (attention-only caches); and, for a `training_forward`, not under
+        gradient checkpointing, which turns the key/value cache off (TRL turns it off to generate; the teachers run in
+        eval mode, where it does not apply). On a CPU in one process it logs `PROMPT_SHARING` (`_note_fast_path`)."""
+        if self.accelerator.device.type != "cpu" or self.accelerator.num_processes != 1:
+            return False
         student = self.accelerator.unwrap_model(model)
-        return (
-            self.accelerator.device.type == "cpu"
-            and self.accelerator.num_processes == 1
-            and not (
-                training_forward
-                and any(getattr(module, "gradient_checkpointing", False) for module in student.modules())
-            )
-            and not brings_own_cache(student)
-        )
+        blocker = prompt_sharing_blocker(student)
+        if blocker is None and training_forward:
+            if any(getattr(module, "gradient_checkpointing", False) for module in student.modules()):
+                blocker = "gradient checkpointing turns the key/value cache off in the student's training forwards"
+        self._note_fast_path(PROMPT_SHARING, "Running each distinct prompt once", blocker)
+        return blocker is None
 
     def _teacher_outputs(
         self, student, inputs, rows: torch.Tensor, head: nn.Linear | None, prompt: str = "teacher_prompt"

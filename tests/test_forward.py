@@ -5,19 +5,22 @@ from __future__ import annotations
 import pytest
 import torch
 from tiny import (
+    ATTENTION_FAMILIES,
     COMPLETION,
     GROUP_OF_ROW,
     PROMPT,
+    STATE_FAMILIES,
     assert_close_to_scale,
     embedded_positions,
     grouped_batch,
+    make_family_model,
     make_model,
     make_tokenizer,
     model_variant,
 )
 from torch import nn
 
-from sdpo_rl.forward import cache_keyword, completion_hidden, linear_head
+from sdpo_rl.forward import cache_keyword, completion_hidden, linear_head, prompt_sharing_blocker
 
 
 def hidden_and_gradients(model, ids, mask, logits_to_keep, share_prompts):
@@ -31,6 +34,19 @@ def hidden_and_gradients(model, ids, mask, logits_to_keep, share_prompts):
     return hidden, gradients, sum(embedded)
 
 
+def assert_prompts_run_once(model, ids, mask, logits_to_keep):
+    """`completion_hidden` with shared prompts gives the full forward's hidden states (to 1e-5) and gradients (to
+    `assert_close_to_scale`), running each of the batch's 3 distinct prompts once and no row's last token."""
+    full, full_gradients, full_positions = hidden_and_gradients(model, ids, mask, logits_to_keep, False)
+    shared, shared_gradients, shared_positions = hidden_and_gradients(model, ids, mask, logits_to_keep, True)
+    torch.testing.assert_close(shared, full, rtol=1e-5, atol=1e-6)
+    for shared_gradient, full_gradient in zip(shared_gradients, full_gradients, strict=True):
+        assert_close_to_scale(shared_gradient, full_gradient)
+    rows = len(GROUP_OF_ROW)
+    assert full_positions == rows * (PROMPT + logits_to_keep)
+    assert shared_positions == 3 * PROMPT + rows * (logits_to_keep - 1)
+
+
 @pytest.mark.parametrize(
     "variant, logits_to_keep",
     [("plain", COMPLETION), ("plain", 1), ("lora", COMPLETION), ("sliding_window", COMPLETION)],
@@ -39,16 +55,38 @@ def test_shared_prompts_give_the_full_forwards_values_and_gradients(variant, log
     tokenizer = make_tokenizer()
     model = model_variant(tokenizer, variant)
     model.train()
+    ids, mask = (tensor[:, : PROMPT + logits_to_keep] for tensor in grouped_batch(len(tokenizer)))
+    assert_prompts_run_once(model, ids, mask, logits_to_keep)
+
+
+@pytest.mark.parametrize("family", ATTENTION_FAMILIES)
+def test_models_whose_cache_is_attention_only_share_prompts(family):
+    """Qwen3, Qwen3-MoE, Gemma3 (sliding and full layers) and Mistral (a window of 3 positions, shorter than the
+    prompts)."""
+    tokenizer = make_tokenizer()
+    model = make_family_model(tokenizer, family)
+    model.train()
+    assert prompt_sharing_blocker(model) is None
+    assert_prompts_run_once(model, *grouped_batch(len(tokenizer)), COMPLETION)
+
+
+@pytest.mark.parametrize("family", STATE_FAMILIES)
+def test_models_with_recurrent_or_convolution_layers_take_the_full_forward(family):
+    """Bamba, Jamba (Mamba layers), Falcon-H1 (Mamba beside attention in every layer), Qwen3-Next (gated delta rule)
+    and LFM2 (short convolutions) keep a state that is no per-position key/value: extended from a shared prompt it
+    gave Bamba's and Jamba's gradients off by a third and more, and Qwen3-Next's backward failed. They are refused
+    by name, and `share_prompts` gives the full forward itself."""
+    tokenizer = make_tokenizer()
+    model = make_family_model(tokenizer, family)
+    model.train()
     ids, mask = grouped_batch(len(tokenizer))
-    ids, mask = ids[:, : PROMPT + logits_to_keep], mask[:, : PROMPT + logits_to_keep]
-    full, full_gradients, full_positions = hidden_and_gradients(model, ids, mask, logits_to_keep, False)
-    shared, shared_gradients, shared_positions = hidden_and_gradients(model, ids, mask, logits_to_keep, True)
-    torch.testing.assert_close(shared, full, rtol=1e-5, atol=1e-6)
-    for shared_gradient, full_gradient in zip(shared_gradients, full_gradients, strict=True):
-        assert_close_to_scale(shared_gradient, full_gradient)
-    rows = len(GROUP_OF_ROW)
-    assert full_positions == rows * (PROMPT + logits_to_keep)
-    assert shared_positions == 3 * PROMPT + rows * (logits_to_keep - 1)  # each prompt once; the last token not at all
+    blocker = prompt_sharing_blocker(model)
+    assert blocker is not None and blocker.startswith(f"the cache of {type(model).__name__} has ")
+    full, full_gradients, full_positions = hidden_and_gradients(model, ids, mask, COMPLETION, False)
+    shared, shared_gradients, shared_positions = hidden_and_gradients(model, ids, mask, COMPLETION, True)
+    assert shared_positions == full_positions == ids.numel()
+    assert torch.equal(shared, full)
+    assert all(map(torch.equal, shared_gradients, full_gradients))
 
 
 def test_rows_with_distinct_prompts_take_one_full_forward():
@@ -71,6 +109,7 @@ def test_the_cache_goes_by_the_name_the_models_forward_takes():
     assert cache_keyword(make_model(tokenizer)) == "cache"
     assert cache_keyword(model_variant(tokenizer, "lora")) == "cache"
     assert cache_keyword(OlderModel()) == "past_key_values"
+    assert prompt_sharing_blocker(OlderModel()) == "the config of OlderModel does not say what its cache layers are"
 
 
 def test_a_forward_that_takes_no_cache_runs_every_prompt():
@@ -91,6 +130,7 @@ def test_a_forward_that_takes_no_cache_runs_every_prompt():
     model = make_model(tokenizer)
     wrapper = Wrapper(model)
     assert cache_keyword(wrapper) is None
+    assert prompt_sharing_blocker(wrapper) == "the forward of Wrapper declares no key/value cache"
     ids, mask = grouped_batch(len(tokenizer))
     with embedded_positions(model) as embedded:
         shared = completion_hidden(wrapper, model.lm_head, ids, mask, COMPLETION, share_prompts=True)

@@ -6,7 +6,16 @@ from __future__ import annotations
 import pytest
 import torch
 from peft import PromptTuningConfig, get_peft_model
-from tiny import GROUP_OF_ROW, PROMPT, embedded_positions, grouped_batch, make_model, make_tokenizer, model_variant
+from tiny import (
+    GROUP_OF_ROW,
+    PROMPT,
+    embedded_positions,
+    grouped_batch,
+    make_family_model,
+    make_model,
+    make_tokenizer,
+    model_variant,
+)
 from transformers import GenerationConfig, LogitsProcessorList
 
 from sdpo_rl.generation import prompts_prefilled_once
@@ -40,13 +49,20 @@ def sample(model, ids, mask, shared: bool, **generate_kwargs):
     return output, sum(embedded)
 
 
+def sample_both(model, tokenizer, **generate_kwargs):
+    """`sample` of the prompts of `grouped_batch` with the full prefill, then with `prompts_prefilled_once`:
+    ``(full, full_positions), (shared, shared_positions)``."""
+    ids, mask = (tensor[:, :PROMPT] for tensor in grouped_batch(len(tokenizer)))
+    return sample(model, ids, mask, False, **generate_kwargs), sample(model, ids, mask, True, **generate_kwargs)
+
+
 @pytest.mark.parametrize("variant", ["plain", "lora", "sliding_window"])
 def test_shared_prefill_samples_the_full_prefills_tokens_from_its_logits(variant):
     tokenizer = make_tokenizer()
     model = model_variant(tokenizer, variant)
-    ids, mask = (tensor[:, :PROMPT] for tensor in grouped_batch(len(tokenizer)))
-    full, full_positions = sample(model, ids, mask, False, generation_config=sampling_config())
-    shared, shared_positions = sample(model, ids, mask, True, generation_config=sampling_config())
+    (full, full_positions), (shared, shared_positions) = sample_both(
+        model, tokenizer, generation_config=sampling_config()
+    )
     assert torch.equal(shared.sequences, full.sequences)
     for shared_logits, full_logits in zip(shared.logits, full.logits, strict=True):
         torch.testing.assert_close(shared_logits, full_logits, rtol=1e-5, atol=1e-5)
@@ -54,6 +70,20 @@ def test_shared_prefill_samples_the_full_prefills_tokens_from_its_logits(variant
     assert full_positions == rows * PROMPT + rows * (NEW_TOKENS - 1)
     assert shared_positions == 3 * (PROMPT - 1) + rows + rows * (NEW_TOKENS - 1)  # each prompt once, less its last
     assert "generate" not in vars(model)
+
+
+@pytest.mark.parametrize("family", ["lfm2", "bamba"])
+def test_models_with_recurrent_or_convolution_layers_take_the_full_prefill(family):
+    """A model `forward.prompt_sharing_blocker` refuses (LFM2's short convolutions, Bamba's Mamba layers) samples
+    with the full prefill: the same call, the same tokens and logits."""
+    tokenizer = make_tokenizer()
+    model = make_family_model(tokenizer, family)
+    (full, full_positions), (shared, shared_positions) = sample_both(
+        model, tokenizer, generation_config=sampling_config()
+    )
+    assert torch.equal(shared.sequences, full.sequences)
+    assert all(map(torch.equal, shared.logits, full.logits))
+    assert shared_positions == full_positions == len(GROUP_OF_ROW) * (PROMPT + NEW_TOKENS - 1)
 
 
 def test_generation_settings_given_as_keywords_share_too():
@@ -100,6 +130,24 @@ def test_other_calls_go_to_generate_as_they_came():
         assert shared_positions == full_positions >= ids[case_rows].numel()
     beam_positions = [sample(m, ids, mask, False, **kwargs)[1] for m, _, kwargs in cases[2:4]]
     assert min(beam_positions) > rows * (PROMPT + NEW_TOKENS - 1)  # the beams ran
+
+
+@pytest.mark.parametrize("where", ["keyword", "model default"])
+def test_the_cache_turned_off_takes_the_full_prefill(where):
+    """With ``use_cache=False`` `generate` feeds every step the whole sequence, which on top of a shared cache would
+    give other logits: given as a keyword or in the model's generation config, it takes the full prefill."""
+    tokenizer = make_tokenizer()
+    model = make_model(tokenizer)
+    kwargs = dict(generation_config=sampling_config())
+    if where == "keyword":
+        kwargs["use_cache"] = False
+    else:
+        model.generation_config.use_cache = False
+    (full, full_positions), (shared, shared_positions) = sample_both(model, tokenizer, **kwargs)
+    assert torch.equal(shared.sequences, full.sequences)
+    assert all(map(torch.equal, shared.logits, full.logits))
+    rows = len(GROUP_OF_ROW)
+    assert shared_positions == full_positions == rows * sum(range(PROMPT, PROMPT + NEW_TOKENS))  # no cache at all
 
 
 def test_the_models_own_generate_is_restored():

@@ -69,6 +69,12 @@ def make_model(tokenizer: PreTrainedTokenizerFast, seed: int = 0, moe: bool = Fa
         shared_expert_intermediate_size=32,
         router_aux_loss_coef=0.01,
     )
+    return _tiny_model(config_class, model_class, tokenizer, **(experts if moe else {}), **config_overrides)
+
+
+def _tiny_model(config_class, model_class, tokenizer: PreTrainedTokenizerFast, **settings):
+    """A `model_class` of 2 layers, hidden size 32, with random weights sized to `tokenizer`; `settings` configure the
+    rest."""
     config = config_class(
         vocab_size=len(tokenizer),
         hidden_size=32,
@@ -81,8 +87,7 @@ def make_model(tokenizer: PreTrainedTokenizerFast, seed: int = 0, moe: bool = Fa
         pad_token_id=tokenizer.pad_token_id,
         eos_token_id=tokenizer.eos_token_id,
         bos_token_id=None,
-        **(experts if moe else {}),
-        **config_overrides,
+        **settings,
     )
     model = model_class(config)
     model.generation_config.eos_token_id = tokenizer.eos_token_id
@@ -206,3 +211,52 @@ def model_variant(tokenizer: PreTrainedTokenizerFast, variant: str):
     if variant == "lora":
         model = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
     return model
+
+
+_MAMBA = dict(mamba_n_heads=4, mamba_d_head=16, mamba_d_state=8, mamba_n_groups=1, mamba_chunk_size=4)
+_EXPERTS = dict(num_experts=2, num_experts_per_tok=1, moe_intermediate_size=32)
+# `make_family_model`'s families: the names of the config and model classes, and the settings that give each its
+# layer types.
+_FAMILIES = {
+    "bamba": ("BambaConfig", "BambaForCausalLM", dict(attn_layer_indices=[1], **_MAMBA)),
+    "jamba": (
+        "JambaConfig",
+        "JambaForCausalLM",
+        dict(attn_layer_period=2, attn_layer_offset=1, expert_layer_period=2, expert_layer_offset=1)
+        | dict(num_experts=2, num_experts_per_tok=1, mamba_d_state=8),
+    ),
+    "qwen3_next": (
+        "Qwen3NextConfig",
+        "Qwen3NextForCausalLM",
+        dict(layer_types=["linear_attention", "full_attention"], shared_expert_intermediate_size=32, **_EXPERTS)
+        | dict(linear_num_value_heads=4, linear_num_key_heads=2, linear_key_head_dim=8, linear_value_head_dim=8),
+    ),
+    "lfm2": ("Lfm2Config", "Lfm2ForCausalLM", dict(layer_types=["conv", "full_attention"])),
+    "falcon_h1": ("FalconH1Config", "FalconH1ForCausalLM", dict(mamba_d_ssm=None, **_MAMBA)),
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", {}),
+    "qwen3_moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM", _EXPERTS),
+    "gemma3_text": (
+        "Gemma3TextConfig",
+        "Gemma3ForCausalLM",
+        dict(layer_types=["sliding_attention", "full_attention"], sliding_window=3, final_logit_softcapping=None),
+    ),
+    "mistral": ("MistralConfig", "MistralForCausalLM", dict(sliding_window=3)),
+}
+# The families whose cache layers are all full or sliding-window attention (`forward.prompt_sharing_blocker`), and
+# those with a recurrent, convolutional or linear-attention layer.
+ATTENTION_FAMILIES = ["qwen3", "qwen3_moe", "gemma3_text", "mistral"]
+STATE_FAMILIES = ["bamba", "jamba", "qwen3_next", "lfm2", "falcon_h1"]
+
+
+def make_family_model(tokenizer: PreTrainedTokenizerFast, family: str):
+    """A 2-layer float32 model of `family` (`ATTENTION_FAMILIES`, `STATE_FAMILIES`) with random weights, sized to
+    `tokenizer`, with the layer types that matter for sharing prompts: one recurrent or convolutional layer and one
+    attention layer in the hybrids (Falcon-H1's layers are both at once), a sliding window of 3 in Gemma3 and
+    Mistral."""
+    import transformers
+
+    config_name, model_name, settings = _FAMILIES[family]
+    torch.manual_seed(0)
+    return _tiny_model(
+        getattr(transformers, config_name), getattr(transformers, model_name), tokenizer, head_dim=8, **settings
+    ).float()
