@@ -21,7 +21,7 @@ from transformers.cache_utils import get_layer_types_and_kwargs
 from .sharding import is_sharded
 
 # Config fields of models whose logits are a transform of the head's projection (soft-capping, scaling), as read by
-# TRL's fused LM head: the loss from hidden states would miss the transform, so these models use the logits.
+# TRL's fused LM head.
 _LOGIT_TRANSFORM_FIELDS = (
     "final_logit_softcapping",
     "logit_scale",
@@ -29,6 +29,18 @@ _LOGIT_TRANSFORM_FIELDS = (
     "lm_head_multiplier",
     "logits_scaling",
 )
+# Model types whose causal LM multiplies the head's output by a config field (True) or divides it by one (False),
+# right after the head (read in their transformers 5.25 forwards). A scale is linear, so the loss from hidden states
+# applies it exactly (`logit_scale`); soft-capping (Gemma2 and others) and the other families keep their logits.
+_LOGIT_SCALES = {
+    **dict.fromkeys(["cohere", "cohere2", "cohere2_moe"], ("logit_scale", True)),
+    "falcon_h1": ("lm_head_multiplier", True),
+    "hyperclovax": ("logits_scaling", True),
+    **dict.fromkeys(
+        ["granite", "granite_swa", "granitemoe", "granitemoe_swa", "granitemoeshared", "granitemoehybrid"],
+        ("logits_scaling", False),
+    ),
+}
 
 # The cache layers whose states at a position are keys and values computed from the tokens up to it, kept per position
 # (transformers' `DynamicLayer` and `DynamicSlidingWindowLayer`): the only ones a shared prompt's cache may hold.
@@ -61,20 +73,42 @@ class HeadInputs:
 
 
 def linear_head(model: nn.Module) -> nn.Linear | None:
-    """The output head if `model`'s logits are exactly a bias-free `nn.Linear` of its final hidden states, else None.
+    """The output head if `model`'s logits are exactly a bias-free `nn.Linear` of its final hidden states, times
+    `logit_scale(model)`; else None.
 
     None as well for a head that is a subclass or wrapper (PEFT LoRA or `modules_to_save`, quantised layers), a
-    sharded head weight (its full value exists only inside the model's forward), and models whose config transforms
-    the projection (`_LOGIT_TRANSFORM_FIELDS`).
+    sharded head weight (its full value exists only inside the model's forward), and models whose config otherwise
+    transforms the projection (`_LOGIT_TRANSFORM_FIELDS`: soft-capping, a scale outside `_LOGIT_SCALES`, a scale of
+    0).
     """
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     if type(head) is not nn.Linear or head.bias is not None or is_sharded(head.weight):
         return None
     config = getattr(model, "config", None)
     text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
-    if any(getattr(text_config, field, None) not in (None, 1.0) for field in _LOGIT_TRANSFORM_FIELDS):
+    scaled_by, _ = _scaling(config)
+    if any(
+        getattr(text_config, field, None) not in (None, 1.0) for field in _LOGIT_TRANSFORM_FIELDS if field != scaled_by
+    ):
         return None
-    return head
+    return None if scaled_by is not None and getattr(config, scaled_by, None) == 0 else head
+
+
+def logit_scale(model: nn.Module) -> float:
+    """The factor between `model`'s logits and its head's projection for the model types in `_LOGIT_SCALES` (e.g.
+    Cohere's `logit_scale`, Granite's 1 / `logits_scaling`); 1.0 for every other model."""
+    config = getattr(model, "config", None)
+    field, multiplies = _scaling(config)
+    value = None if field is None else getattr(config, field, None)
+    if value is None:
+        return 1.0
+    return float(value) if multiplies else 1.0 / float(value)
+
+
+def _scaling(config) -> tuple[str | None, bool]:
+    """``(config field, whether it multiplies)`` of a text model type in `_LOGIT_SCALES`, else ``(None, True)``."""
+    text_only = config is not None and (not hasattr(config, "get_text_config") or config.get_text_config() is config)
+    return _LOGIT_SCALES.get(getattr(config, "model_type", None), (None, True)) if text_only else (None, True)
 
 
 def completion_hidden(

@@ -18,6 +18,7 @@ losses share one projection of the head.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, fields, replace
 
@@ -120,7 +121,7 @@ class PolicyGradient:
 @dataclass(frozen=True)
 class _ChunkSettings:
     teacher_weight: tuple[torch.Tensor, ...]  # each [V, H_i]
-    temperature: float
+    temperature: float  # the logits are divided by it: the sampling temperature over the logit scale
     chunk_size: int
     dtype: torch.dtype  # of the logits and the loss
     return_entropy: bool
@@ -493,13 +494,15 @@ def self_distillation_loss_from_hidden(
     *,
     settings: LossSettings,
     temperature: float = 1.0,
+    logit_scale: float = 1.0,
     per_token_weight: torch.Tensor | None = None,
     normalizer: torch.Tensor | float | None = None,
     chunk_size: int | None = None,
     return_entropy: bool = False,
     policy_gradient: PolicyGradient | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, ...]:
-    """``self_distillation_loss`` of the logits ``hidden @ weight.T / temperature``, without ``[B, T, V]`` logits.
+    """``self_distillation_loss`` of the logits ``logit_scale * hidden @ weight.T / temperature``, without
+    ``[B, T, V]`` logits.
 
     Only the distilled tokens (``completion_mask * self_distillation_mask``) are projected, ``chunk_size`` at a time,
     so the peak memory beyond the inputs is the head weight's gradient plus O(``chunk_size * V``). The logits are
@@ -513,6 +516,10 @@ def self_distillation_loss_from_hidden(
             products add up to the teacher's logits (the trust-region teacher mixes two models' logits this way).
             They never receive a gradient.
         temperature: the sampling temperature the logits are divided by.
+        logit_scale: the factor the model multiplies its head's projection by, the student's and the teacher's
+            (`sdpo_rl.forward.logit_scale`: Cohere's `logit_scale`, Granite's 1 / `logits_scaling`). Linear, so it
+            is applied with the temperature: the logits are divided by ``temperature / logit_scale``, and the
+            gradient goes through both.
         chunk_size: tokens projected at a time; any value gives the same loss. None: :func:`default_chunk_size`.
         return_entropy: also return the ``[B, T]`` entropies of the student's and the teacher's next-token
             distributions (nats, no gradient, 0 where no token is distilled), which cost one more pass per chunk.
@@ -526,6 +533,8 @@ def self_distillation_loss_from_hidden(
     """
     if chunk_size is not None and not (isinstance(chunk_size, int) and chunk_size >= 1):
         raise ValueError(f"chunk_size={chunk_size!r} must be None or an int >= 1")
+    if not (isinstance(logit_scale, (int, float)) and math.isfinite(logit_scale) and logit_scale != 0):
+        raise ValueError(f"logit_scale={logit_scale!r} must be a finite non-zero number (1.0: logits unscaled)")
     teacher_hidden, teacher_weight = _as_tuple(teacher_hidden), _as_tuple(teacher_lm_head_weight)
     _check_hidden_shapes(
         student_hidden,
@@ -554,7 +563,7 @@ def self_distillation_loss_from_hidden(
     )
     chunk_settings = _ChunkSettings(
         teacher_weight=tuple(w.detach() for w in teacher_weight),
-        temperature=temperature,
+        temperature=temperature / logit_scale,
         chunk_size=chunk_size or default_chunk_size(student_lm_head_weight.shape[0], dtype),
         dtype=dtype,
         return_entropy=return_entropy,

@@ -292,10 +292,12 @@ def solve(
     defaults to `SDPOConfig()`, or `SDPOConfig(teacher_mode="lora_ema")` with a `peft_config`.
 
     The caller's model is never changed. Without `peft_config` a copy of it is trained (one more copy of the
-    weights in memory, besides the EMA teacher's). With one (e.g. `peft.LoraConfig`), the adapter is added to the
-    caller's model for the search and removed afterwards; its base weights stay frozen and its `requires_grad` flags
-    and train/eval mode are restored. The tokenizer is copied. Like `transformers.Trainer`, it seeds the global
-    random number generators (`seed`). Rounds sample at temperature 1 with up to `max_completion_length` tokens.
+    weights in memory, besides the EMA teacher's). With one (e.g. `peft.LoraConfig`, also with `modules_to_save` or
+    `trainable_token_indices`), the adapter is added to the caller's model for the search, whose base weights stay
+    frozen; afterwards, also after an error, every module is the same object with the same attributes as before, the
+    config too, and the `requires_grad` flags and train/eval mode are restored (docs/test-time.md). The tokenizer is
+    copied. Like `transformers.Trainer`, it seeds the global random number generators (`seed`). Rounds sample at
+    temperature 1 with up to `max_completion_length` tokens.
     """
     from datasets import Dataset
 
@@ -391,32 +393,79 @@ def _quiet(trainer) -> None:
 def _student(model, peft_config):
     """The model the trainer trains: a copy of `model`, or, with a PEFT config, `model` itself, restored afterwards.
 
-    PEFT adds its adapter layers into the model's own modules; on exit (also after an error) every adapter layer is
-    replaced by the original module it wraps (unmerged), and the `requires_grad` flags and train/eval mode are
-    restored.
+    PEFT and TRL change the model in place: adapter layers and wrappers (`modules_to_save`, trainable tokens) replace
+    its modules inside their parents, TRL's fused head sets a `forward` attribute, PEFT a `peft_config`, and the base
+    weights are frozen. On exit (also after an error) every module's attributes are put back as they were (`_Restore`)
+    and every parameter's `requires_grad` flag; the base weights themselves are never trained. An error in the search
+    propagates; one in the restoring is raised after it, chained to it.
     """
     if peft_config is None:
         yield copy.deepcopy(model)
         return
-    flags = {name: p.requires_grad for name, p in model.named_parameters()}
-    training = model.training
+    restore = _Restore(model)
     try:
         yield model
-    finally:
-        _remove_adapters(model)
-        for name, parameter in model.named_parameters():
-            parameter.requires_grad_(flags[name])
-        model.train(training)
+    except BaseException as error:
+        try:
+            restore()
+        except Exception as cleanup_error:
+            raise RuntimeError(
+                f"solve could not restore the caller's model after {type(error).__name__} ({error}): "
+                f"{type(cleanup_error).__name__} ({cleanup_error})."
+            ) from error
+        raise
+    restore()
 
 
-def _remove_adapters(model) -> None:
-    """Put back the original module of every PEFT adapter layer inside `model` (what `PeftModel.unload()` does)."""
-    from peft.tuners.tuners_utils import BaseTunerLayer
+class _Restore:
+    """Puts back every module of a model, and every configuration they hold, as it was when this was made: each
+    one's attributes (the same objects, and the same items in those that are dicts, lists or sets: a module's
+    submodules, parameters, buffers and hooks), so the training mode and `config.use_cache` too, and each parameter's
+    `requires_grad` flag. Holds references only: copies no weights."""
 
-    for name, module in list(model.named_modules()):
-        if isinstance(module, BaseTunerLayer):
-            parent_name, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent_name), child, module.get_base_layer())
+    def __init__(self, model: torch.nn.Module):
+        self.objects = [(obj, {k: (v, _items(v)) for k, v in vars(obj).items()}) for obj in _modules_and_configs(model)]
+        self.flags = [(parameter, parameter.requires_grad) for parameter in model.parameters()]
+
+    def __call__(self) -> None:
+        for obj, attributes in self.objects:
+            state = vars(obj)
+            for key in state.keys() - attributes.keys():
+                del state[key]
+            for key, (value, items) in attributes.items():
+                state[key] = value
+                if items is not None:
+                    _put_back(value, items)
+        for parameter, flag in self.flags:
+            parameter.requires_grad_(flag)
+
+
+def _modules_and_configs(model: torch.nn.Module) -> list:
+    """Every module of `model` and every configuration (model or generation config, with their sub-configurations)
+    that one of them holds: the trainer sets attributes of the model's config, such as `use_cache`."""
+    from transformers import GenerationConfig, PretrainedConfig
+
+    found, pending = {}, list(model.modules())
+    while pending:
+        obj = pending.pop()
+        if id(obj) not in found:
+            found[id(obj)] = obj
+            pending += [v for v in vars(obj).values() if isinstance(v, (PretrainedConfig, GenerationConfig))]
+    return list(found.values())
+
+
+def _items(value: Any) -> tuple | None:
+    """A copy of the items of a dict, list or set attribute, whose contents training may change in place."""
+    if isinstance(value, dict):
+        return tuple(value.items())
+    if isinstance(value, (list, set)):
+        return tuple(value)
+    return None
+
+
+def _put_back(container: dict | list | set, items: tuple) -> None:
+    container.clear()
+    container.extend(items) if isinstance(container, list) else container.update(items)
 
 
 # ---- baselines -----------------------------------------------------------------------------------------------------

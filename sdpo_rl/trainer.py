@@ -46,7 +46,14 @@ from trl.trainer.utils import pad
 from . import _trl_compat
 from .config import SDPOConfig
 from .feedback import FEEDBACK_COLUMN, ReturnRecorder, collect_feedback, record_returns, snapshot_feedback
-from .forward import HeadInputs, completion_hidden, completion_logits, linear_head, prompt_sharing_blocker
+from .forward import (
+    HeadInputs,
+    completion_hidden,
+    completion_logits,
+    linear_head,
+    logit_scale,
+    prompt_sharing_blocker,
+)
 from .generation import prompts_prefilled_once
 from .grpo_gradient import GRPOLossSettings, on_policy_logp_gradient
 from .loss import self_distillation_loss, token_entropy
@@ -404,7 +411,8 @@ class SDPOTrainer(GRPOTrainer):
             active = completion_mask > 0
             if isinstance(teacher, HeadInputs):
                 chunk = default_chunk_size(teacher.weight[0].shape[0], torch.float32)
-                values = head_entropy([h[active] for h in teacher.hidden], teacher.weight, self.temperature, chunk)
+                temperature = self.temperature / logit_scale(student)  # the head's logits times the scale
+                values = head_entropy([h[active] for h in teacher.hidden], teacher.weight, temperature, chunk)
             else:
                 values = token_entropy(teacher / self.temperature)[active]
             entropy[part] = torch.zeros_like(completion_mask, dtype=entropy.dtype).masked_scatter(active, values)
@@ -544,13 +552,14 @@ class SDPOTrainer(GRPOTrainer):
 
     def _score_completion_tokens(self, hidden, head: nn.Linear, completion_ids, where, logps, entropies=None):
         """`logps` and `entropies` ``[B, T]`` with the tokens `where` set to their log-probs and entropies under
-        ``head(hidden) / temperature``; `entropies` None: not computed.
+        ``logit_scale * head(hidden) / temperature``; `entropies` None: not computed.
 
         TRL's chunked kernel with TRL's precision settings computes them, as its fused head does; `masked_scatter`
         keeps the result connected to the model when `where` is empty, as TRL's own compact scoring does.
         """
         cast_to_float32 = self.args.cast_lm_head_to_fp32
         outputs = ("entropy",) if entropies is not None else ()
+        scale = logit_scale(self.accelerator.unwrap_model(self.model))
         with torch.autocast(hidden.device.type, enabled=False) if cast_to_float32 else self.accelerator.autocast():
             token_logps, token_entropies, *_ = ChunkedLogProbFunction.apply(
                 hidden[where].float() if cast_to_float32 else hidden[where],
@@ -559,8 +568,8 @@ class SDPOTrainer(GRPOTrainer):
                 completion_ids[where],
                 self.temperature,
                 TRL_LOGPROB_VOCAB_CHUNK,
-                None,
-                1.0,
+                None,  # soft-capping: `linear_head` leaves soft-capped models to TRL's forward
+                scale,
                 outputs,
             )
         logps = logps.masked_scatter(where, token_logps.to(logps.dtype))
@@ -687,6 +696,7 @@ class SDPOTrainer(GRPOTrainer):
                 teacher.weight,
                 *loss_inputs,
                 temperature=self.temperature,
+                logit_scale=logit_scale(student),
                 return_entropy=True,
                 **options,
             )

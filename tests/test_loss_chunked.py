@@ -60,12 +60,14 @@ def on_cpu(*tensors):
     return tuple(tensor.cpu() for tensor in tensors)
 
 
-def reference(student_hidden, student_weight, teacher_hidden, teacher_weight, *args, temperature=1.0, **options):
+def reference(
+    student_hidden, student_weight, teacher_hidden, teacher_weight, *args, temperature=1.0, logit_scale=1.0, **options
+):
     """The loss from materialised logits, and its gradients w.r.t. the student's hidden states and head weight."""
     hidden, weight = leaf(student_hidden), leaf(student_weight)
     teacher_hidden, teacher_weight, *args = on_device((teacher_hidden, teacher_weight, *args))
-    student_logits = hidden @ weight.T / temperature
-    teacher_logits = teacher_hidden @ teacher_weight.T / temperature
+    student_logits = logit_scale * (hidden @ weight.T) / temperature
+    teacher_logits = logit_scale * (teacher_hidden @ teacher_weight.T) / temperature
     loss = self_distillation_loss(student_logits, teacher_logits, *args, **on_device(options))
     return on_cpu(loss.detach(), *torch.autograd.grad(loss, (hidden, weight)))
 
@@ -158,6 +160,32 @@ def test_equals_the_loss_from_logits(name, loss_agg_mode, chunk_size):
     expected = reference(*args, **options)
     assert expected[0].abs() > 1e-3 and expected[2].abs().max() > 1e-3, "the case must have a loss and a gradient"
     assert_same(chunked(*args, chunk_size=chunk_size, **options), expected)
+
+
+@pytest.mark.parametrize("logit_scale", [0.0625, 0.25, 3.0])  # Cohere's, Granite's 1 / 4, HyperCLOVA X-like
+@pytest.mark.parametrize("name", SETTINGS)
+def test_a_logit_scale_equals_the_loss_from_scaled_logits(name, logit_scale):
+    """The loss and gradients of the logits ``logit_scale * hidden @ weight.T / temperature``, and the entropies."""
+    batch = random_batch(seed=3)
+    args = positional(batch, self_distillation_mask=torch.tensor([1.0, 0.0, 1.0]))
+    options = dict(settings=settings(name, is_clip=2.0), temperature=0.7, logit_scale=logit_scale)
+    expected = reference(*args, **options)
+    assert expected[0].abs() > 1e-4 and expected[2].abs().max() > 1e-4, "the case must have a loss and a gradient"
+    assert_same(chunked(*args, chunk_size=4, **options), expected)
+
+    _, student_entropy, teacher_entropy = self_distillation_loss_from_hidden(*args, **options, return_entropy=True)
+    active = (batch["completion_mask"] * torch.tensor([1, 0, 1])[:, None]) > 0
+    for entropy, hidden, weight in [(student_entropy, *args[:2]), (teacher_entropy, *args[2:4])]:
+        logits = logit_scale * (hidden @ weight.T) / 0.7
+        torch.testing.assert_close(entropy[active], token_entropy(logits)[active].float())
+
+
+@pytest.mark.parametrize("logit_scale", [0.0, float("nan"), "2"])
+def test_a_logit_scale_that_is_not_a_finite_non_zero_number_is_refused(logit_scale):
+    with pytest.raises(ValueError, match=r"logit_scale=.* must be a finite non-zero number"):
+        self_distillation_loss_from_hidden(
+            *positional(random_batch())[:6], settings=settings("jsd_top5_tail"), logit_scale=logit_scale
+        )
 
 
 @pytest.mark.parametrize("name", ["jsd_top5_tail", "reverse_top3_renorm", "sampled_token"])
@@ -396,12 +424,13 @@ TEACHER_SETUPS = {
 }
 
 
-def trainer_for(tmp_path, sdpo_config, peft):
+def trainer_for(tmp_path, sdpo_config, peft, model_type=None):
+    """A trainer of the tiny Qwen2 model, or of a tiny model of `model_type` (`tiny_model`)."""
     from peft import LoraConfig, get_peft_model
     from tiny import ParityReward, grpo_args, make_dataset, make_model, make_tokenizer
 
     tokenizer = make_tokenizer()
-    model = make_model(tokenizer)
+    model = make_model(tokenizer) if model_type is None else tiny_model(tokenizer, model_type)
     if peft:
         model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
     return SDPOTrainer(
@@ -414,6 +443,54 @@ def trainer_for(tmp_path, sdpo_config, peft):
     )
 
 
+# Tiny models of families whose logits are their head's projection times a config scale (or soft-capped: gemma2).
+TRANSFORMED_HEADS = {
+    "cohere": dict(logit_scale=0.25),
+    "cohere2": dict(logit_scale=0.25),
+    "granite": dict(logits_scaling=4.0),
+    "hyperclovax": dict(logits_scaling=3.0),
+    "falcon_h1": dict(lm_head_multiplier=0.5),
+    "gemma2": dict(final_logit_softcapping=5.0, head_dim=8),
+}
+
+
+SIZES = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
+SIZES += ("num_key_value_heads", "tie_word_embeddings", "pad_token_id", "eos_token_id", "bos_token_id")
+
+
+def tiny_model(tokenizer, model_type):
+    """A model of `model_type` with random weights, sized as `tiny.make_model`'s, its head transformed as in
+    `TRANSFORMED_HEADS`."""
+    from tiny import make_model
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    qwen = make_model(tokenizer)
+    config = {size: getattr(qwen.config, size) for size in SIZES} | TRANSFORMED_HEADS[model_type]
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **config))
+    model.generation_config = qwen.generation_config
+    return model
+
+
+@pytest.mark.parametrize("model_type", [t for t in TRANSFORMED_HEADS if t != "gemma2"])
+def test_a_scaled_head_takes_the_chunked_path_with_the_models_scale(model_type):
+    """`logit_scale(model)` times the head's projection of `completion_hidden` is the model's logits (in float64;
+    the two are different computations, so to 1e-12 of the logits' scale, not bitwise)."""
+    from tiny import make_tokenizer
+
+    from sdpo_rl.forward import completion_hidden, completion_logits, linear_head, logit_scale
+
+    model = tiny_model(make_tokenizer(), model_type).double()
+    head = linear_head(model)
+    assert head is model.lm_head and logit_scale(model) != 1.0
+    ids = torch.randint(3, model.config.vocab_size, (2, 9), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    with torch.no_grad():
+        logits = completion_logits(model, ids, mask, 4)
+        projected = logit_scale(model) * completion_hidden(model, head, ids, mask, 4) @ head.weight.T
+    torch.testing.assert_close(projected, logits, rtol=0, atol=1e-12 * float(logits.abs().max()))
+
+
 def loss_grads_and_entropies(trainer, batch):
     trainer.model.zero_grad()
     trainer._metrics["train"].clear()
@@ -424,21 +501,22 @@ def loss_grads_and_entropies(trainer, batch):
     return loss.detach(), grads, entropies
 
 
-@pytest.mark.parametrize("setup", TEACHER_SETUPS.values(), ids=TEACHER_SETUPS.keys())
-def test_trainer_loss_from_hidden_states_equals_the_loss_from_logits(tmp_path, monkeypatch, setup):
-    trainer = trainer_for(tmp_path, *setup)
+def assert_chunked_path_equals_logits_path(trainer, monkeypatch) -> None:
+    """On a generated batch with the student moved away from its teacher (so that the loss is not zero): the loss,
+    gradients and logged entropies, and the teacher's entropies, through the chunked loss as through the logits."""
     trainer.model.train()
     torch.manual_seed(0)
     batch = trainer._generate_and_score_completions([trainer.train_dataset[i] for i in range(2) for _ in range(4)])
     assert 0 < batch["self_distillation_mask"].sum() < 8
     trainer.current_gradient_accumulation_steps = 1
-    with torch.no_grad():  # move the student away from the teacher, so that the loss is not zero
+    with torch.no_grad():
         for param in trainer.model.parameters():
             if param.requires_grad:
                 param.add_(0.2 * torch.randn_like(param))
 
     assert trainer_module.linear_head(trainer.model) is not None, "the tiny model's head must take the chunked path"
     chunked_loss, chunked_grads, chunked_entropies = loss_grads_and_entropies(trainer, batch)
+    chunked_teacher_entropy = trainer._teacher_entropy(batch)
     monkeypatch.setattr(trainer_module, "linear_head", lambda model: None)
     loss, grads, entropies = loss_grads_and_entropies(trainer, batch)
 
@@ -448,6 +526,24 @@ def test_trainer_loss_from_hidden_states_equals_the_loss_from_logits(tmp_path, m
     for name in grads:
         torch.testing.assert_close(chunked_grads[name], grads[name], rtol=1e-4, atol=1e-7)
     assert chunked_entropies == pytest.approx(entropies, rel=1e-5)
+    teacher_entropy = trainer._teacher_entropy(batch)
+    assert teacher_entropy.abs().max() > 0.1
+    torch.testing.assert_close(chunked_teacher_entropy, teacher_entropy, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("setup", TEACHER_SETUPS.values(), ids=TEACHER_SETUPS.keys())
+def test_trainer_loss_from_hidden_states_equals_the_loss_from_logits(tmp_path, monkeypatch, setup):
+    assert_chunked_path_equals_logits_path(trainer_for(tmp_path, *setup), monkeypatch)
+
+
+@pytest.mark.parametrize("model_type", ["cohere", "granite"])
+def test_trainer_loss_of_a_scaled_head_from_hidden_states_equals_the_loss_from_logits(
+    tmp_path, monkeypatch, model_type
+):
+    """Through a scaled head: the hybrid's one pass (the distillation and TRL's log-probs of the other tokens) with
+    a two-term (trust-region) teacher."""
+    config = SDPOConfig(teacher_mode="trust_region", teacher_update_rate=0.3, grpo_weight=0.5)
+    assert_chunked_path_equals_logits_path(trainer_for(tmp_path, config, False, model_type), monkeypatch)
 
 
 @pytest.mark.parametrize(
@@ -470,6 +566,11 @@ def test_only_a_plain_bias_free_linear_head_with_untransformed_logits_takes_the_
     assert linear_head(get_peft_model(make_model(tokenizer), LoraConfig(r=4, target_modules=["q_proj"]))) is not None
     assert linear_head(get_peft_model(make_model(tokenizer), LoraConfig(r=4, target_modules=["lm_head"]))) is None
     assert linear_head(make_model(tokenizer, final_logit_softcapping=30.0)) is None
+    assert linear_head(tiny_model(tokenizer, "gemma2")) is None, "soft-capping keeps the logits"
+    assert linear_head(make_model(tokenizer, logits_scaling=2.0)) is None, "a scale of a family not in the table"
+    unscaled = tiny_model(tokenizer, "cohere")
+    unscaled.config.logit_scale = 0.0
+    assert linear_head(unscaled) is None
     with_bias = make_model(tokenizer)
     with_bias.lm_head = torch.nn.Linear(with_bias.config.hidden_size, len(tokenizer), bias=True)
     assert linear_head(with_bias) is None

@@ -3,6 +3,7 @@
 import argparse
 import importlib.util
 import json
+import operator
 import re
 import subprocess
 import sys
@@ -13,7 +14,7 @@ import torch
 from tiny import make_model, make_tokenizer
 
 from sdpo_rl import Scored, SDPOConfig
-from sdpo_rl.solve import _fit, best_of_k, multi_turn, solve
+from sdpo_rl.solve import _fit, _Restore, best_of_k, multi_turn, solve
 from sdpo_rl.solve_cli import add_solve_parser, parse_columns, problem_from_args, run_solve
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -91,34 +92,118 @@ def test_solve_trains_a_copy_and_leaves_the_callers_model_and_tokenizer_unchange
     assert model.training == training and tokenizer.chat_template == template
 
 
-def test_solve_with_a_peft_config_removes_its_adapter_and_keeps_the_base_weights(model, tokenizer):
-    peft = pytest.importorskip("peft")
-    before = parameters(model)
+def model_state(model):
+    """Each module (by name) and configuration with its attributes, the items of those that are containers
+    (submodules, parameters, buffers, hooks); each parameter's value and `requires_grad` flag; and the logits."""
+    objects = [*model.named_modules(), ("config", model.config), ("generation_config", model.generation_config)]
+    attributes = [(name, obj, {key: (v, _items(v)) for key, v in vars(obj).items()}) for name, obj in objects]
     flags = {name: p.requires_grad for name, p in model.named_parameters()}
-    modules = [(name, type(m)) for name, m in model.named_modules()]
+    with torch.no_grad():
+        logits = model(torch.tensor([[1, 2, 5, 6, 7, 8]])).logits  # 1, 2: the chat template's special tokens
+    return attributes, flags, parameters(model), logits
+
+
+def _items(value):
+    if isinstance(value, dict):
+        return tuple(value), tuple(value.values())
+    if isinstance(value, set):
+        return frozenset(value), ()
+    return ((), tuple(value)) if isinstance(value, list) else None
+
+
+def assert_state_is(before, model):
+    """`model` is as in the `model_state` `before`: the same objects, attributes, flags, values and logits."""
+    attributes, flags, values, logits = before
+    after, flags_after, _, logits_after = model_state(model)
+    assert [name for name, *_ in after] == [name for name, *_ in attributes]
+    for (name, obj, attrs), (_, obj_after, attrs_after) in zip(attributes, after, strict=True):
+        assert obj_after is obj, f"{name!r} is another object"
+        assert attrs_after.keys() == attrs.keys(), f"{name!r}: attributes {attrs_after.keys() ^ attrs.keys()}"
+        for key, (value, items) in attrs.items():
+            value_after, items_after = attrs_after[key]
+            assert value_after is value, f"{name!r}.{key} is another object"
+            if items is not None:
+                keys, contents = items
+                assert items_after[0] == keys, f"{name!r}.{key} has other keys"
+                assert all(map(operator.is_, items_after[1], contents)) and len(contents) == len(items_after[1]), key
+    assert flags_after == flags
+    assert_unchanged(values, model)
+    assert torch.equal(logits_after, logits)
+
+
+SPECIAL_IDS = [1, 2]  # <|im_start|>, <|im_end|>: in every prompt, so trainable tokens learn them
+PEFT_OPTIONS = {
+    "lora": dict(target_modules=["q_proj", "v_proj"]),
+    "modules_to_save": dict(target_modules=["q_proj"], modules_to_save=["lm_head"]),
+    "trainable_token_indices": dict(target_modules=["q_proj"], trainable_token_indices=SPECIAL_IDS),
+}
+
+
+@pytest.mark.parametrize("options", list(PEFT_OPTIONS))
+def test_solve_with_a_peft_config_leaves_the_callers_model_exactly_as_it_was(model, tokenizer, options):
+    peft = pytest.importorskip("peft")
     model.eval()
-    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
+    before = model_state(model)
+    config = peft.LoraConfig(r=4, lora_alpha=8, task_type="CAUSAL_LM", **PEFT_OPTIONS[options])
     result = solve(
         model, tokenizer, PROMPT, SucceedsInRound(3), max_attempts=16, attempts_per_round=4, peft_config=config,
         learning_rate=1e-2, **FAST,
     )  # fmt: skip
     assert result.steps == 2 and all(r.loss is not None for r in result.rounds[:2])
-    assert_unchanged(before, model)
-    assert [(name, type(m)) for name, m in model.named_modules()] == modules, "every adapter layer is removed"
-    assert {name: p.requires_grad for name, p in model.named_parameters()} == flags
+    assert_state_is(before, model)
     assert not model.training
 
 
-def test_solve_with_a_peft_config_cleans_up_after_an_error(model, tokenizer):
+class FailsInRound(SucceedsInRound):
+    """Fails with feedback, then raises in round `round` (after a step has trained the adapter)."""
+
+    def __call__(self, prompts, completions, completion_ids, **columns):
+        if len(self.calls) + 1 == self.round:
+            raise OSError("the sandbox is gone")
+        return super().__call__(prompts, completions, completion_ids, **columns)
+
+
+@pytest.mark.parametrize("options", list(PEFT_OPTIONS))
+def test_solve_with_a_peft_config_raises_an_error_of_the_search_and_still_restores_the_model(model, tokenizer, options):
     peft = pytest.importorskip("peft")
-    modules = [name for name, _ in model.named_modules()]
+    before = model_state(model)
+    config = peft.LoraConfig(r=4, task_type="CAUSAL_LM", **PEFT_OPTIONS[options])
+    with pytest.raises(RuntimeError, match=r"reward_func 'succeeds_in_round' raised OSError \(the sandbox is gone\)"):
+        solve(
+            model, tokenizer, PROMPT, FailsInRound(round=2), max_attempts=16, attempts_per_round=4,
+            peft_config=config, learning_rate=1e-2, **FAST,
+        )  # fmt: skip
+    assert_state_is(before, model)
+
+
+def test_solve_with_a_peft_config_restores_the_model_after_an_error_in_the_trainers_setup(model, tokenizer):
+    peft = pytest.importorskip("peft")
+    before = model_state(model)
     config = peft.LoraConfig(r=4, target_modules=["q_proj"], task_type="CAUSAL_LM")
     with pytest.raises(ValueError, match="teacher_mode='ema'"):  # the trainer refuses a full EMA copy of a PEFT model
         solve(
             model, tokenizer, PROMPT, SucceedsInRound(), max_attempts=8, attempts_per_round=4, peft_config=config,
             sdpo_config=SDPOConfig(teacher_mode="ema"), **FAST,
         )  # fmt: skip
-    assert [name for name, _ in model.named_modules()] == modules
+    assert_state_is(before, model)
+
+
+def test_a_failure_to_restore_the_model_is_chained_to_the_error_of_the_search(model, tokenizer, monkeypatch):
+    peft = pytest.importorskip("peft")
+
+    def fails(self):
+        raise KeyError("lm_head.original_module.weight")
+
+    monkeypatch.setattr(_Restore, "__call__", fails)
+    config = peft.LoraConfig(r=4, target_modules=["q_proj"], task_type="CAUSAL_LM")
+    message = r"could not restore the caller's model after RuntimeError \(reward_func"
+    with pytest.raises(RuntimeError, match=message) as error:
+        solve(
+            model, tokenizer, PROMPT, FailsInRound(round=1), max_attempts=8, attempts_per_round=4,
+            peft_config=config, **FAST,
+        )  # fmt: skip
+    assert "KeyError ('lm_head.original_module.weight')" in str(error.value)
+    assert isinstance(error.value.__cause__, RuntimeError) and "the sandbox is gone" in str(error.value.__cause__)
 
 
 def test_feedback_through_last_feedback_reaches_the_rounds(model, tokenizer):
