@@ -148,7 +148,8 @@ def preflight(
     started = time.perf_counter()
     rows = random.Random(seed).sample(range(len(train_dataset)), min(prompts, len(train_dataset)))
     dataset = train_dataset.select(rows)
-    with restored(model) if isinstance(model, torch.nn.Module) else nullcontext(), _global_random_state_kept():
+    kept = restored(model, who="preflight") if isinstance(model, torch.nn.Module) else nullcontext()
+    with kept, _global_random_state_kept():
         trainer = _trainer(model, tokenizer, dataset, reward_funcs, args, sdpo_config)  # Trainer seeds everything
         torch.manual_seed(seed)
         group = trainer.num_generations

@@ -32,6 +32,7 @@ from trl.trainer.utils import is_async_callable
 
 from .config import SDPOConfig
 from .feedback import ReturnRecorder, RewardFunctionError, Scored, collect_feedback, snapshot_feedback
+from .model_state import restored
 from .reprompt import TeacherSignal, build_reprompt_text, last_user_text
 
 # Sampling settings shared by every method (TRL's defaults: temperature 1, no top-k or top-p).
@@ -395,77 +396,15 @@ def _student(model, peft_config):
 
     PEFT and TRL change the model in place: adapter layers and wrappers (`modules_to_save`, trainable tokens) replace
     its modules inside their parents, TRL's fused head sets a `forward` attribute, PEFT a `peft_config`, and the base
-    weights are frozen. On exit (also after an error) every module's attributes are put back as they were (`_Restore`)
+    weights are frozen. On exit (also after an error) every module's attributes are put back as they were (`restored`)
     and every parameter's `requires_grad` flag; the base weights themselves are never trained. An error in the search
     propagates; one in the restoring is raised after it, chained to it.
     """
     if peft_config is None:
         yield copy.deepcopy(model)
         return
-    restore = _Restore(model)
-    try:
+    with restored(model, who="solve"):
         yield model
-    except BaseException as error:
-        try:
-            restore()
-        except Exception as cleanup_error:
-            raise RuntimeError(
-                f"solve could not restore the caller's model after {type(error).__name__} ({error}): "
-                f"{type(cleanup_error).__name__} ({cleanup_error})."
-            ) from error
-        raise
-    restore()
-
-
-class _Restore:
-    """Puts back every module of a model, and every configuration they hold, as it was when this was made: each
-    one's attributes (the same objects, and the same items in those that are dicts, lists or sets: a module's
-    submodules, parameters, buffers and hooks), so the training mode and `config.use_cache` too, and each parameter's
-    `requires_grad` flag. Holds references only: copies no weights."""
-
-    def __init__(self, model: torch.nn.Module):
-        self.objects = [(obj, {k: (v, _items(v)) for k, v in vars(obj).items()}) for obj in _modules_and_configs(model)]
-        self.flags = [(parameter, parameter.requires_grad) for parameter in model.parameters()]
-
-    def __call__(self) -> None:
-        for obj, attributes in self.objects:
-            state = vars(obj)
-            for key in state.keys() - attributes.keys():
-                del state[key]
-            for key, (value, items) in attributes.items():
-                state[key] = value
-                if items is not None:
-                    _put_back(value, items)
-        for parameter, flag in self.flags:
-            parameter.requires_grad_(flag)
-
-
-def _modules_and_configs(model: torch.nn.Module) -> list:
-    """Every module of `model` and every configuration (model or generation config, with their sub-configurations)
-    that one of them holds: the trainer sets attributes of the model's config, such as `use_cache`."""
-    from transformers import GenerationConfig, PretrainedConfig
-
-    found, pending = {}, list(model.modules())
-    while pending:
-        obj = pending.pop()
-        if id(obj) not in found:
-            found[id(obj)] = obj
-            pending += [v for v in vars(obj).values() if isinstance(v, (PretrainedConfig, GenerationConfig))]
-    return list(found.values())
-
-
-def _items(value: Any) -> tuple | None:
-    """A copy of the items of a dict, list or set attribute, whose contents training may change in place."""
-    if isinstance(value, dict):
-        return tuple(value.items())
-    if isinstance(value, (list, set)):
-        return tuple(value)
-    return None
-
-
-def _put_back(container: dict | list | set, items: tuple) -> None:
-    container.clear()
-    container.extend(items) if isinstance(container, list) else container.update(items)
 
 
 # ---- baselines -----------------------------------------------------------------------------------------------------

@@ -14,7 +14,8 @@ import torch
 from tiny import make_model, make_tokenizer
 
 from sdpo_rl import Scored, SDPOConfig
-from sdpo_rl.solve import _fit, _Restore, best_of_k, multi_turn, solve
+from sdpo_rl.model_state import _Restore
+from sdpo_rl.solve import _fit, best_of_k, multi_turn, solve
 from sdpo_rl.solve_cli import add_solve_parser, parse_columns, problem_from_args, run_solve
 
 ROOT = Path(__file__).resolve().parents[1]
