@@ -2,7 +2,7 @@ import logging
 
 import pytest
 
-from sdpo_rl.feedback import collect_feedback, snapshot_feedback
+from sdpo_rl.feedback import collect_feedback, dataset_feedback, snapshot_feedback
 
 
 class Scorer:
@@ -112,3 +112,20 @@ def test_async_recorder_stays_async_and_records():
     assert is_async_callable(recorder)
     assert asyncio.run(recorder([1.0, 0.0])) == [1.0, 0.0]
     assert collect_feedback([recorder], ["judge"], [None], 2) == ["saw 1.0", "saw 0.0"]
+
+
+@pytest.mark.parametrize("column", ["feedback", "privileged_context"])
+def test_dataset_feedback_reads_the_feedback_column_or_its_alias_privileged_context(column):
+    inputs = [{"prompt": "p", column: "The capital of Bhutan is Thimphu."}, {"prompt": "q", column: None}]
+    assert dataset_feedback(inputs) == ["The capital of Bhutan is Thimphu.", None]
+    assert dataset_feedback([{"prompt": "p", "answer": "4"}]) is None
+
+
+def test_dataset_feedback_rejects_both_columns_and_names_them():
+    with pytest.raises(ValueError, match="both a 'feedback' and a 'privileged_context' column"):
+        dataset_feedback([{"prompt": "p", "feedback": "a", "privileged_context": "b"}])
+
+
+def test_dataset_feedback_names_the_column_of_a_bad_entry():
+    with pytest.raises(TypeError, match=r"dataset column 'privileged_context'\[1\] is int"):
+        dataset_feedback([{"privileged_context": "a"}, {"privileged_context": 3}])

@@ -200,3 +200,19 @@ def test_the_documented_vllm_settings_truncate_each_token_ratio_at_two_as_the_re
 
     default = vllm_batch(tmp_path)["importance_sampling_ratio"]
     assert default.shape == (8, 1) and torch.all(default == 0)
+
+
+def test_privileged_context_column_reaches_the_teacher_as_feedback(tmp_path):
+    """TRL's `privileged_context` column is the teacher's feedback, as a `feedback` column is (docs/rewards.md); the
+    student's prompts never hold it."""
+    dataset = make_dataset().map(lambda row: {"privileged_context": f"The capital is {row['answer']}."})
+
+    def never_right(completions, **kwargs):
+        return [0.0] * len(completions)
+
+    trainer = build(tmp_path, reward=never_right, dataset=dataset, max_steps=1)
+    trainer.train()
+    prompts = [p for p in trainer._logs["extra"]["teacher_prompt"] if p]
+    assert prompts and all("feedback from your unsuccessful earlier attempt" in p for p in prompts)
+    assert any("The capital is Paris." in p for p in prompts)
+    assert trainer._logs["prompt"] and not any("The capital is" in str(p) for p in trainer._logs["prompt"])
