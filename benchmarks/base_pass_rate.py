@@ -4,22 +4,24 @@ the share of prompts with at least one passing answer (a GRPO group of that size
 Measured on the train and the held-out prompts, at the learning benchmark's training temperature (1.0) and at its
 evaluation temperature (0.7), with its completion length (24 new tokens) and a fixed sampling seed.
 
-    python benchmarks/base_pass_rate.py                        # every task; writes results/base_pass_rate.json
-    python benchmarks/base_pass_rate.py --tasks one_word --jobs 4
+    python benchmarks/base_pass_rate.py                        # the learning benchmark's tasks
+    python benchmarks/base_pass_rate.py --tasks capitals_hard --prompts 12 --samples 8 --jobs 4
 
-Each (task, split, temperature) runs in one of `--jobs` worker processes with one thread, as in `learning.py`.
+Each (task, split, temperature) runs in one of `--jobs` worker processes with one thread, as in `learning.py`. Each
+invocation appends one run (its command, date, commit, machine and table) to the `runs` of results/base_pass_rate.json.
 """
 
 from __future__ import annotations
 
 import argparse
+import subprocess
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from harness import machine, run_in_workers, save_results  # noqa: E402
+from harness import load_results, machine, run_in_workers, save_results  # noqa: E402
 from learning import EVAL, RESULTS_DIR, SHARED, TASKS  # noqa: E402
 
 TEMPERATURES = (SHARED["temperature"], EVAL["temperature"])
@@ -48,8 +50,9 @@ def pass_rate(model, tokenizer, task, dataset, *, samples_per_prompt: int, tempe
     }
 
 
-def measure(name: str, split: str, temperature: float, samples_per_prompt: int) -> dict:
-    """One row of the table, in a worker process with one thread (the model is loaded per worker)."""
+def measure(name: str, split: str, temperature: float, samples_per_prompt: int, prompts: int | None) -> dict:
+    """One row of the table, in a worker process with one thread (the model is loaded per worker), on the split's
+    first `prompts` rows (all of them when None)."""
     import torch
 
     torch.set_num_threads(1)
@@ -58,26 +61,44 @@ def measure(name: str, split: str, temperature: float, samples_per_prompt: int) 
 
     task = get_task(name)
     dataset = task.train_dataset() if split == "train" else task.heldout_dataset()
+    if prompts is not None:
+        dataset = dataset.select(range(min(prompts, len(dataset))))
     model, tokenizer = load_default_model()
     result = pass_rate(model, tokenizer, task, dataset, samples_per_prompt=samples_per_prompt, temperature=temperature)
     return {"task": name, "split": split, "temperature": temperature, **result}
 
 
+def _commit() -> str:
+    """The checked-out commit of this repository ("unknown" outside a git checkout)."""
+    try:
+        return subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True, text=True, check=True
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
 def main(argv: list[str] | None = None) -> int:
+    from sdpo_rl.tasks import TASKS as ALL_TASKS
+
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--tasks", nargs="+", default=list(TASKS), choices=list(TASKS))
+    parser.add_argument("--tasks", nargs="+", default=list(TASKS), choices=list(ALL_TASKS))
     parser.add_argument("--samples", type=int, default=4, help="samples per prompt (default 4)")
+    parser.add_argument("--prompts", type=int, help="only the first PROMPTS rows of each split (default: all)")
     parser.add_argument("--jobs", type=int, default=2, help="measurements in parallel, one thread each (default 2)")
     parser.add_argument("--json", type=Path, default=RESULTS_DIR / "base_pass_rate.json")
     options = parser.parse_args(argv)
 
+    results = load_results(options.json, runs=[])
     report = {
         "command": " ".join(["python", *sys.argv]),
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "commit": _commit(),
         "machine": machine(),
         "max_new_tokens": EVAL["max_new_tokens"],
         "table": [],
     }
+    results["runs"].append(report)
     todo = [(name, split, temperature) for name in options.tasks for split in SPLITS for temperature in TEMPERATURES]
 
     def record(row_key: tuple, row: dict) -> None:
@@ -88,9 +109,10 @@ def main(argv: list[str] | None = None) -> int:
         )
         report["table"].append(row)
         report["table"].sort(key=lambda r: todo.index((r["task"], r["split"], r["temperature"])))
-        save_results(options.json, report)  # after every measurement, so an interrupted run keeps the finished ones
+        save_results(options.json, results)  # after every measurement, so an interrupted run keeps the finished ones
 
-    failed = run_in_workers([(measure, (*row, options.samples)) for row in todo], options.jobs, record)
+    jobs = [(measure, (*row, options.samples, options.prompts)) for row in todo]
+    failed = run_in_workers(jobs, options.jobs, record)
     if failed:
         print(f"{len(failed)} measurements failed: {[job[:3] for job in failed]}", file=sys.stderr)
         return 1

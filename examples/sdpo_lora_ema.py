@@ -16,7 +16,7 @@ def main():
     args = parse_args(__doc__, __file__)
 
     model, tokenizer = load_model(args.model)
-    task = get_task("short_answer")  # feedback: how many words too many, without the answer
+    task = get_task("short_answer")  # feedback: wrong content, or how many words too many; never the answer
     trainer = SDPOTrainer(
         model=model,
         args=small_grpo_config(

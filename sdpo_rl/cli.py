@@ -61,9 +61,11 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument(
         "--task",
         default="capitals",
-        choices=sorted(TASKS),
-        help="capitals: name a country's capital; short_answer: answer an easy question in at most five words; "
-        "one_word: answer an easy question in exactly one word",
+        choices=list(TASKS),
+        help="answer-checked: capitals (name a country's capital), short_answer (answer an easy question rightly in at "
+        "most five words), one_word (the same in exactly one word); controls: capitals_hard (less-known countries, "
+        "the teacher reads the capital as privileged context), capitals_hard_uninformative (feedback 'Incorrect.'); "
+        "form only, the answer unchecked: short_answer_form, one_word_form",
     )
     demo.add_argument(
         "--lora",

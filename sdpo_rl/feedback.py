@@ -7,15 +7,16 @@ A reward function gives feedback in one of two ways:
 - it assigns a new list to its `last_feedback` attribute each time it is called: one string per completion it just
   scored ("" or None = no feedback for that completion). Ignored for a call whose returned values carry feedback.
 
-A dataset column named `feedback` (one string per prompt, repeated by TRL for each of its completions) is read too.
-Several non-empty sources for one completion are joined with a blank line, dataset first, then reward functions in
-order.
+A dataset column named `feedback` (one string per prompt, repeated by TRL for each of its completions) is read too,
+or under TRL's name for it, `privileged_context` (a reference solution or hint: SDPO as on-policy distillation from
+privileged information, docs/rewards.md); a dataset with both is rejected. Several non-empty sources for one
+completion are joined with a blank line, dataset first, then reward functions in order.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -23,6 +24,7 @@ from trl.trainer.utils import is_async_callable
 
 FEEDBACK_ATTRIBUTE = "last_feedback"
 FEEDBACK_COLUMN = "feedback"
+PRIVILEGED_CONTEXT_COLUMN = "privileged_context"  # TRL's name (trl.experimental.sdpo) for the same column
 _SEPARATOR = "\n\n"
 
 logger = logging.getLogger(__name__)
@@ -129,6 +131,21 @@ def validate_feedback_list(feedback: Any, num_completions: int, source: str) -> 
     return list(feedback)
 
 
+def dataset_feedback(inputs: Sequence[Mapping[str, Any]]) -> list[str | None] | None:
+    """The dataset's feedback for each input (TRL's rows, one per completion): its `feedback` or `privileged_context`
+    column, None when it has neither; a `ValueError` when it has both, as either is the text the teacher reads."""
+    columns = [name for name in (FEEDBACK_COLUMN, PRIVILEGED_CONTEXT_COLUMN) if inputs and name in inputs[0]]
+    if len(columns) == 2:
+        raise ValueError(
+            f"The dataset has both a {FEEDBACK_COLUMN!r} and a {PRIVILEGED_CONTEXT_COLUMN!r} column; SDPOTrainer reads "
+            "either one as the feedback the teacher sees (they are aliases): merge them into one column or remove one "
+            "(docs/rewards.md)."
+        )
+    if not columns:
+        return None
+    return validate_feedback_list([x[columns[0]] for x in inputs], len(inputs), f"The dataset column {columns[0]!r}")
+
+
 def collect_feedback(
     reward_funcs: Sequence[Callable],
     reward_func_names: Sequence[str],
@@ -146,7 +163,11 @@ def collect_feedback(
     sources: list[list[str | None]] = []
     if dataset_feedback is not None:
         sources.append(
-            validate_feedback_list(dataset_feedback, num_completions, f"The dataset column {FEEDBACK_COLUMN!r}")
+            validate_feedback_list(
+                dataset_feedback,
+                num_completions,
+                f"The dataset column {FEEDBACK_COLUMN!r} (or {PRIVILEGED_CONTEXT_COLUMN!r})",
+            )
         )
     for func, name, previous in zip(reward_funcs, reward_func_names, before, strict=True):
         returned = returned_feedback(func.returned) if isinstance(func, ReturnRecorder) else None

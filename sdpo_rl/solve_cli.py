@@ -28,7 +28,9 @@ def add_solve_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     problem = parser.add_argument_group("the problem: --task and --index, or --prompt and --reward")
-    problem.add_argument("--task", help="a built-in task (sdpo_rl.tasks), e.g. short_answer")
+    from .tasks import TASKS
+
+    problem.add_argument("--task", help=f"a built-in task (sdpo_rl.tasks): {', '.join(TASKS)}")
     problem.add_argument("--index", type=int, help="row of the task: its training rows, then its held-out rows")
     problem.add_argument("--prompt", help="the problem, as the user message")
     problem.add_argument("--reward", help="reward function by import path, e.g. my_rewards:check")

@@ -45,7 +45,7 @@ from trl.trainer.utils import pad
 
 from . import _trl_compat
 from .config import SDPOConfig
-from .feedback import FEEDBACK_COLUMN, ReturnRecorder, collect_feedback, record_returns, snapshot_feedback
+from .feedback import ReturnRecorder, collect_feedback, dataset_feedback, record_returns, snapshot_feedback
 from .forward import (
     HeadInputs,
     completion_hidden,
@@ -250,9 +250,8 @@ class SDPOTrainer(GRPOTrainer):
                 func.returned = None
         rewards_per_func = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
         if self.teacher is not None:
-            dataset_feedback = [x[FEEDBACK_COLUMN] for x in inputs] if FEEDBACK_COLUMN in inputs[0] else None
             feedback = collect_feedback(
-                self.reward_funcs, self.reward_func_names, before, len(prompts), dataset_feedback
+                self.reward_funcs, self.reward_func_names, before, len(prompts), dataset_feedback(inputs)
             )
             self._sdpo_rollout = _Rollout(list(prompts), list(completion_ids_list), rewards_per_func, feedback)
         return rewards_per_func

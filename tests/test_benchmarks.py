@@ -85,7 +85,7 @@ def test_base_pass_rate_counts_passing_samples_and_prompts_with_a_pass(monkeypat
     from sdpo_rl import evaluation
     from sdpo_rl.tasks import get_task
 
-    task = get_task("one_word")
+    task = get_task("one_word_form")  # the word count alone: "no" and "Honey" pass for "What color is the sky?"
     rows = task.train_dataset().select(range(3))
     fake = [[("Blue.", 2), ("It is blue.", 4)], [("no", 1), ("Honey", 1)], [("two words", 2), ("", 1)]]
     monkeypatch.setattr(evaluation, "sample_completions", lambda *args, **kwargs: fake)

@@ -28,6 +28,20 @@ def test_demo_help_lists_the_options(capsys):
     assert f"(default: {cli.DEMO_MAX_STEPS})" in text
 
 
+def test_demo_and_solve_offer_every_task_answer_checked_first(capsys):
+    from sdpo_rl.tasks import TASKS
+
+    parser = cli.build_parser()
+    assert parser.parse_args(["demo"]).task == "capitals"
+    assert parser.parse_args(["demo", "--task", "one_word_form"]).task == "one_word_form"
+    with pytest.raises(SystemExit):
+        cli.main(["demo", "--task", "chess"])
+    assert "'capitals', 'short_answer', 'one_word', 'capitals_hard'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cli.main(["solve", "--help"])
+    assert ", ".join(TASKS) in " ".join(capsys.readouterr().out.split())
+
+
 def test_installed_command_runs_help():
     command = shutil.which("sdpo-rl") or shutil.which("sdpo-rl", path=str(sys.prefix) + "/bin")
     args = [command] if command else [sys.executable, "-m", "sdpo_rl.cli"]

@@ -2,7 +2,7 @@ import logging
 
 import pytest
 
-from sdpo_rl.feedback import RewardFunctionError, collect_feedback, record_returns, snapshot_feedback
+from sdpo_rl.feedback import RewardFunctionError, collect_feedback, dataset_feedback, record_returns, snapshot_feedback
 
 
 class Scorer:
@@ -122,3 +122,20 @@ def test_a_reward_function_that_raises_is_named_with_its_error_as_cause():
     with pytest.raises(RewardFunctionError, match="The reward function 'exact_match' raised KeyError") as error:
         recorder(completions=["a"])
     assert isinstance(error.value.__cause__, KeyError)
+
+
+@pytest.mark.parametrize("column", ["feedback", "privileged_context"])
+def test_dataset_feedback_reads_the_feedback_column_or_its_alias_privileged_context(column):
+    inputs = [{"prompt": "p", column: "The capital of Bhutan is Thimphu."}, {"prompt": "q", column: None}]
+    assert dataset_feedback(inputs) == ["The capital of Bhutan is Thimphu.", None]
+    assert dataset_feedback([{"prompt": "p", "answer": "4"}]) is None
+
+
+def test_dataset_feedback_rejects_both_columns_and_names_them():
+    with pytest.raises(ValueError, match="both a 'feedback' and a 'privileged_context' column"):
+        dataset_feedback([{"prompt": "p", "feedback": "a", "privileged_context": "b"}])
+
+
+def test_dataset_feedback_names_the_column_of_a_bad_entry():
+    with pytest.raises(TypeError, match=r"dataset column 'privileged_context'\[1\] is int"):
+        dataset_feedback([{"privileged_context": "a"}, {"privileged_context": 3}])

@@ -3,7 +3,17 @@
 import pytest
 
 from sdpo_rl.feedback import Scored, collect_feedback, record_returns, snapshot_feedback
-from sdpo_rl.tasks import CAPITALS, TASKS, TaskReward, count_words, get_task
+from sdpo_rl.tasks import (
+    CAPITALS,
+    CONTENT_FEEDBACK,
+    HARD_CAPITALS,
+    QUESTIONS,
+    TASKS,
+    TaskReward,
+    _fold,
+    count_words,
+    get_task,
+)
 
 
 def as_completions(*texts):
@@ -35,12 +45,12 @@ def capital_row(country):
 def test_datasets_are_conversational_and_train_heldout_disjoint(name):
     task = get_task(name)
     train, heldout = task.train_dataset(), task.heldout_dataset()
-    assert len(train) == 60 and len(heldout) == 30
+    assert (len(train), len(heldout)) == ((40, 20) if name.startswith("capitals_hard") else (60, 30))
     for row in [*train, *heldout]:
         assert row["prompt"] == [{"role": "user", "content": row["prompt"][0]["content"]}]
     train_prompts = {row["prompt"][0]["content"] for row in train}
     heldout_prompts = {row["prompt"][0]["content"] for row in heldout}
-    assert len(train_prompts) == 60 and len(heldout_prompts) == 30
+    assert (len(train_prompts), len(heldout_prompts)) == (len(train), len(heldout))
     assert not train_prompts & heldout_prompts
     # The split is deterministic.
     assert [r["prompt"] for r in task.heldout_dataset()] == [r["prompt"] for r in heldout]
@@ -64,6 +74,8 @@ def test_capitals_split_by_country_and_unique_countries():
     [
         ("short_answer", ["Answer in at most five words.", "Reply with five words or fewer."]),
         ("one_word", ["Answer in exactly one word.", "Reply with a single word."]),
+        ("short_answer_form", ["Answer in at most five words.", "Reply with five words or fewer."]),
+        ("one_word_form", ["Answer in exactly one word.", "Reply with a single word."]),
     ],
 )
 def test_question_tasks_hold_out_unseen_questions(name, first_heldout_prompts):
@@ -98,8 +110,8 @@ def test_capitals_feedback_never_reveals_the_answer():
         assert all(alias.lower() not in message.lower() for alias in row["aliases"]), message
 
 
-def test_short_answer_reward_and_feedback_count_the_words():
-    task = get_task("short_answer")
+def test_short_answer_form_reward_and_feedback_count_the_words():
+    task = get_task("short_answer_form")
     row = task.train_dataset()[0]
     texts = ["Blue.", "The sky is blue!", "It's a light-blue sky today.", "The sky is blue during the day.", "", "..."]
     rewards, feedback = score(task, texts, [row] * len(texts))
@@ -110,8 +122,8 @@ def test_short_answer_reward_and_feedback_count_the_words():
     assert count_words("Don't use ice-cream, über-cool naïve words") == 6
 
 
-def test_one_word_reward_and_feedback_count_the_words():
-    task = get_task("one_word")
+def test_one_word_form_reward_and_feedback_count_the_words():
+    task = get_task("one_word_form")
     row = task.train_dataset()[0]
     texts = ["Blue.", " **blue**\n", "light-blue", "The sky is blue.", "Blue sky", "", "..."]
     rewards, feedback = score(task, texts, [row] * len(texts))
@@ -126,8 +138,8 @@ def test_one_word_reward_and_feedback_count_the_words():
     )
 
 
-def test_one_word_feedback_never_contains_the_answer():
-    task = get_task("one_word")
+def test_one_word_form_feedback_never_contains_the_answer():
+    task = get_task("one_word_form")
     rows = [*task.train_dataset(), *task.heldout_dataset()]
     answers = {"What color is the sky?": "blue", "What do bees make?": "honey", "Which animal says moo?": "cow"}
     for row in rows:
@@ -137,6 +149,104 @@ def test_one_word_feedback_never_contains_the_answer():
             assert message and answer not in message.lower(), (text, message)
             # It depends on the number of words alone, so no answer can reach it.
             assert message == task.feedback(" ".join(["word"] * count_words(text)), row)
+
+
+# ---- answer-checked questions --------------------------------------------------------------------------------------
+
+
+def question_row(name, question):
+    return next(row for part in get_task(name).rows() for row in part if row["question"] == question)
+
+
+def test_every_question_has_accepted_answers_none_of_them_in_the_question():
+    assert len({question for question, _ in QUESTIONS}) == len(QUESTIONS) == 45
+    for question, answers in QUESTIONS:
+        assert answers and all(answer == _fold(answer) and answer.strip() for answer in answers), question
+        assert not set(answers) & set(_fold(question).replace("?", "").replace("'s", "").split()), question
+    assert question_row("one_word", "What do bees make?")["answers"] == ["honey", "wax", "beeswax"]
+
+
+def test_one_word_checks_the_answer_and_its_form():
+    task = get_task("one_word")
+    row = question_row("one_word", "What do bees make?")
+    texts = ["Honey.", " **HONEY**\n", "double 🌙", "Sugar", "Bees make honey.", "Bees make sugar.", "", "Honeycomb"]
+    rewards, feedback = score(task, texts, [row] * len(texts))
+    assert rewards == [1.0, 1.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0]
+    # Right form, wrong content (the issue's "double 🌙", once accepted): the content feedback alone.
+    assert feedback[2] == feedback[3] == feedback[7] == CONTENT_FEEDBACK
+    # Right content, wrong form: the form feedback alone, as the form-only task gives it.
+    assert feedback[4] == get_task("one_word_form").feedback(texts[4], row)
+    assert feedback[4].startswith("Too long: the answer has 3 words")
+    # Both wrong: both named. No words: the form feedback.
+    assert feedback[5] == f"{CONTENT_FEEDBACK} {feedback[4]}"
+    assert feedback[6] == "Incorrect: the answer has no words; answer the question with exactly one word."
+    assert get_task("one_word_form").is_correct("double 🌙", row)
+
+
+def test_short_answer_checks_the_answer_and_its_form():
+    task = get_task("short_answer")
+    row = question_row("short_answer", "What color is the sky?")
+    texts = ["The sky is blue!", "Light-blue.", "The sky is green.", "The sky is blue during the day.", "Azure"]
+    rewards, feedback = score(task, texts, [row] * len(texts))
+    assert rewards == [1.0, 1.0, 0.0, 0.0, 0.0]
+    assert feedback[2] == feedback[4] == CONTENT_FEEDBACK
+    assert feedback[3] == "Too long: the answer has 7 words, but at most 5 are allowed. Answer in 5 words or fewer."
+
+
+@pytest.mark.parametrize("name", ["short_answer", "one_word"])
+def test_answer_checked_feedback_never_contains_an_accepted_answer(name):
+    task = get_task(name)
+    rows = [*task.train_dataset(), *task.heldout_dataset()]
+    texts = ["zebra", "A zebra, of course, and nothing else at all.", "", "I think that it is a zebra."]
+    for row in rows:
+        for message in score(task, texts, [row] * len(texts))[1]:
+            assert message and not set(row["answers"]) & set(_fold(message).replace(".", " ").split()), message
+
+
+# ---- the controls --------------------------------------------------------------------------------------------------
+
+
+def test_hard_capitals_are_new_unique_and_unambiguous():
+    countries = [country for country, _, _ in HARD_CAPITALS]
+    assert len(set(countries)) == len(countries) == 60
+    assert not set(countries) & {country for country, _, _ in CAPITALS}
+    assert not [(c, a) for c, capital, aliases in HARD_CAPITALS for a in (capital, *aliases) if a.lower() in c.lower()]
+
+
+def test_positive_control_rows_carry_the_capital_as_privileged_context_for_the_teacher_only():
+    task = get_task("capitals_hard")
+    rows = [*task.train_dataset(), *task.heldout_dataset()]
+    for row in rows:
+        assert row["privileged_context"] == f"The capital of {row['country']} is {row['answer']}."
+        assert row["answer"] not in row["prompt"][0]["content"]
+    row = next(row for row in rows if row["country"] == "Bhutan")
+    rewards, feedback = score(task, ["Thimphu", "Paro"], [row, row])
+    assert rewards == [1.0, 0.0] and feedback[1] == "Incorrect: 'Paro' is not the capital of Bhutan."
+
+
+def test_negative_control_asks_the_same_and_says_only_incorrect():
+    positive, negative = get_task("capitals_hard"), get_task("capitals_hard_uninformative")
+    for ours, theirs in zip(negative.rows(), positive.rows(), strict=True):
+        assert [{k: v for k, v in row.items() if k != "privileged_context"} for row in theirs] == ours
+        assert not any("privileged_context" in row for row in ours)
+    rows = negative.rows()[1]
+    texts = [row["answer"] if i % 2 else "Paris" for i, row in enumerate(rows)]
+    rewards, feedback = score(negative, texts, rows)
+    assert rewards == [float(i % 2) for i in range(len(rows))]
+    assert feedback == ["Incorrect." if i % 2 == 0 else "" for i in range(len(rows))]
+    assert [positive.is_correct(t, r) for t, r in zip(texts, rows, strict=True)] == [bool(i % 2) for i in range(20)]
+
+
+def test_answer_checked_tasks_and_controls_come_first_form_only_last():
+    assert list(TASKS) == [
+        "capitals",
+        "short_answer",
+        "one_word",
+        "capitals_hard",
+        "capitals_hard_uninformative",
+        "short_answer_form",
+        "one_word_form",
+    ]
 
 
 @pytest.mark.parametrize("name", sorted(TASKS))

@@ -374,21 +374,6 @@ def test_sdpo_config_type_is_checked(tmp_path):
         build(tmp_path, sdpo_config={"alpha": 0.5})
 
 
-def test_dataset_feedback_column_reaches_the_teacher(tmp_path):
-    dataset = make_dataset().map(lambda row: {"feedback": f"Hint: it is not {row['answer']}ville."})
-
-    def never_right(completions, **kwargs):
-        return [0.0] * len(completions)
-
-    trainer = build(tmp_path, dataset=dataset, reward=never_right, max_steps=1)
-    trainer.train()
-    prompts = [p for p in trainer._logs["extra"]["teacher_prompt"] if p]
-    assert prompts and all("feedback from your unsuccessful earlier attempt" in p for p in prompts)
-    assert any("Hint: it is not Parisville." in p for p in prompts)
-    assert logged(trainer, "self_distillation/success_sample_fraction") == [0.0]
-    assert logged(trainer, "self_distillation/feedback_used_fraction") == [1.0]
-
-
 def test_async_scored_rewards_keep_feedback_on_their_completions(tmp_path):
     import asyncio
 

@@ -200,3 +200,22 @@ def test_the_documented_vllm_settings_truncate_each_token_ratio_at_two_as_the_re
 
     default = vllm_batch(tmp_path)["importance_sampling_ratio"]
     assert default.shape == (8, 1) and torch.all(default == 0)
+
+
+@pytest.mark.parametrize("column", ["feedback", "privileged_context"])
+def test_dataset_feedback_column_or_privileged_context_reaches_the_teacher(tmp_path, column):
+    """A `feedback` column, or TRL's name for it, `privileged_context`, is the teacher's feedback (docs/rewards.md);
+    the student's prompts never hold it."""
+    dataset = make_dataset().map(lambda row: {column: f"Hint: it is not {row['answer']}ville."})
+
+    def never_right(completions, **kwargs):
+        return [0.0] * len(completions)
+
+    trainer = build(tmp_path, reward=never_right, dataset=dataset, max_steps=1)
+    trainer.train()
+    prompts = [p for p in trainer._logs["extra"]["teacher_prompt"] if p]
+    assert prompts and all("feedback from your unsuccessful earlier attempt" in p for p in prompts)
+    assert any("Hint: it is not Parisville." in p for p in prompts)
+    assert trainer._logs["prompt"] and not any("Hint" in str(p) for p in trainer._logs["prompt"])
+    assert logged(trainer, "self_distillation/success_sample_fraction") == [0.0]
+    assert logged(trainer, "self_distillation/feedback_used_fraction") == [1.0]
