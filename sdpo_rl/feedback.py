@@ -59,10 +59,6 @@ def returned_feedback(values: Sequence[Any] | None) -> list[str | None] | None:
     return [value.feedback if isinstance(value, Scored) else None for value in values]
 
 
-class RewardFunctionError(RuntimeError):
-    """A reward function raised; the message names it, and the original error is the cause."""
-
-
 class ReturnRecorder:
     """Wraps a reward function to keep what its latest call returned; everything else is the wrapped function's.
 
@@ -81,16 +77,14 @@ class ReturnRecorder:
 
     @contextmanager
     def _named_errors(self) -> Iterator[None]:
-        """Re-raise the wrapped function's error as a `RewardFunctionError` naming it, the original as its cause."""
+        """Add a note naming the wrapped function to any error it raises (shown under the traceback); the error itself,
+        its type included, is unchanged, so callers that catch it (or stop a search with it) still do."""
         try:
             yield
         except Exception as error:
-            raise RewardFunctionError(
-                f"The reward function {self.__name__!r} raised {type(error).__name__}: {error}"
-            ) from error
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.func, name)
+            if hasattr(error, "add_note"):  # Python >= 3.11
+                error.add_note(f"Raised by the reward function {self.__name__!r}.")
+            raise
 
 
 class AsyncReturnRecorder(ReturnRecorder):

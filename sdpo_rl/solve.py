@@ -31,7 +31,7 @@ from transformers import TrainerCallback
 from trl.trainer.utils import is_async_callable
 
 from .config import SDPOConfig
-from .feedback import ReturnRecorder, RewardFunctionError, Scored, collect_feedback, snapshot_feedback
+from .feedback import ReturnRecorder, Scored, collect_feedback, snapshot_feedback
 from .model_state import restored
 from .reprompt import TeacherSignal, build_reprompt_text, last_user_text
 
@@ -122,8 +122,7 @@ class _Search:
                 completion_ids=completion_ids,
                 **{name: [value] * count for name, value in self.columns.items()},
             )
-        except RewardFunctionError as named:
-            error = named.__cause__
+        except Exception as error:
             raise RuntimeError(
                 f"reward_func {self.name!r} raised {type(error).__name__} ({error}) while scoring {count} attempts "
                 f"(it is called with prompts=, completions=, completion_ids= and the columns {sorted(self.columns)}). "
