@@ -14,12 +14,11 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from harness import machine, run_in_workers, save_results  # noqa: E402
+from harness import provenance, run_in_workers, save_results  # noqa: E402
 from learning import EVAL, RESULTS_DIR, SHARED, TASKS  # noqa: E402
 
 TEMPERATURES = (SHARED["temperature"], EVAL["temperature"])
@@ -72,9 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     options = parser.parse_args(argv)
 
     report = {
-        "command": " ".join(["python", *sys.argv]),
-        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-        "machine": machine(),
+        **provenance(__file__, sys.argv[1:] if argv is None else argv),
         "max_new_tokens": EVAL["max_new_tokens"],
         "table": [],
     }

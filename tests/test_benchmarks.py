@@ -196,8 +196,10 @@ def test_learning_step_time_quick_mode_times_both_versions_of_each_method(tmp_pa
     )  # fmt: skip
     assert completed.returncode == 0, completed.stderr[-3000:]
     report = json.loads(results.read_text())
-    assert [r["method"] for r in report["runs"]] == ["grpo", "hybrid_0.8"]
-    for run in report["runs"]:
+    (repeat,) = report["repeats"]
+    assert [r["method"] for r in repeat["runs"]] == ["grpo", "hybrid_0.8"]
+    assert set(report["median_ratio"]) == {"grpo", "hybrid_0.8"} and report["commit"]
+    for run in repeat["runs"]:
         for version in ("before", "after"):
             timing = run[version]
             assert len(timing["wall"]) == len(timing["cpu"]) == 2 and timing["median_cpu"] > 0
@@ -224,3 +226,10 @@ def test_gpu_check_runs_every_step_on_the_cpu_without_a_gpu(tmp_path):
     assert json.loads((out / "loss_memory.json").read_text())["table"]
     assert json.loads((out / "step_time.json").read_text())["table"]
     assert 'failures="0"' in (out / "loss_tests.xml").read_text()
+
+
+def test_learning_step_time_refuses_fewer_than_one_pass():
+    script = ROOT / "benchmarks" / "learning_step_time.py"
+    command = [sys.executable, str(script), "--before", str(ROOT), "--after", str(ROOT), "--repeats", "0"]
+    completed = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert completed.returncode == 2 and "--repeats=0 must be at least 1" in completed.stderr
