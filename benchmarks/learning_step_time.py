@@ -100,6 +100,24 @@ def median_ratios(repeats: list[dict]) -> dict[str, float]:
     return {method: statistics.median(values) for method, values in ratios.items()}
 
 
+def repeats_table(report: dict) -> str:
+    """A Markdown table: per method, each pass's median wall seconds per step before → after (ratio), and the median
+    ratio over the passes."""
+    repeats = report["repeats"]
+    lines = [
+        "| method | " + " | ".join(f"pass {i}" for i in range(1, len(repeats) + 1)) + " | median ratio |",
+        "|---|" + "---|" * (len(repeats) + 1),
+    ]
+    for method, ratio in report["median_ratio"].items():
+        cells = []
+        for repeat in repeats:
+            r = next(r for r in repeat["runs"] if r["method"] == method)
+            before, after = r["before"]["median_wall"], r["after"]["median_wall"]
+            cells.append(f"{before:.1f} → {after:.1f} ({after / before:.2f}x)")
+        lines.append(f"| {method} | " + " | ".join(cells) + f" | **{ratio:.2f}x** |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--before", type=Path, help="checkout of the earlier version")
@@ -136,9 +154,9 @@ def main(argv: list[str] | None = None) -> int:
         for label, path in versions.items()
     }
     report = provenance(__file__, sys.argv[1:] if argv is None else argv)
-    median_ratio = median_ratios(repeats)
-    save_results(options.results, {**report, "commits": commits, "repeats": repeats, "median_ratio": median_ratio})
-    print("median after / before over the passes: " + ", ".join(f"{m} {r:.2f}x" for m, r in median_ratio.items()))
+    report.update(commits=commits, repeats=repeats, median_ratio=median_ratios(repeats))
+    save_results(options.results, report)
+    print(repeats_table(report))
     return 0
 
 
