@@ -124,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--after", type=Path, help="checkout of the later version")
     parser.add_argument("--quick", action="store_true", help="smoke run: 2 steps of 2 methods")
     parser.add_argument("--repeats", type=int, help="passes over the methods (default 5, 1 with --quick)")
-    parser.add_argument("--results", type=Path, default=RESULTS, help=f"results JSON (default: {RESULTS})")
+    parser.add_argument("--results", type=Path, help=f"results JSON (default: {RESULTS}, *_quick.json with --quick)")
     parser.add_argument("--worker", nargs=3, metavar=("METHOD", "TASK", "STEPS"), help=argparse.SUPPRESS)
     options = parser.parse_args(argv)
     if options.worker:
@@ -155,7 +155,8 @@ def main(argv: list[str] | None = None) -> int:
     }
     report = provenance(__file__, sys.argv[1:] if argv is None else argv)
     report.update(commits=commits, repeats=repeats, median_ratio=median_ratios(repeats))
-    save_results(options.results, report)
+    default = RESULTS.with_name("learning_step_time_quick.json") if options.quick else RESULTS
+    save_results(options.results or default, report)
     print(repeats_table(report))
     return 0
 
