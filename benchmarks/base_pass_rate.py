@@ -14,14 +14,12 @@ invocation appends one run (its command, date, commit, machine and table) to the
 from __future__ import annotations
 
 import argparse
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from harness import load_results, machine, run_in_workers, save_results  # noqa: E402
+from harness import load_results, provenance, run_in_workers, save_results  # noqa: E402
 from learning import EVAL, RESULTS_DIR, SHARED, TASKS  # noqa: E402
 
 TEMPERATURES = (SHARED["temperature"], EVAL["temperature"])
@@ -68,16 +66,6 @@ def measure(name: str, split: str, temperature: float, samples_per_prompt: int, 
     return {"task": name, "split": split, "temperature": temperature, **result}
 
 
-def _commit() -> str:
-    """The checked-out commit of this repository ("unknown" outside a git checkout)."""
-    try:
-        return subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True, text=True, check=True
-        ).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
 def main(argv: list[str] | None = None) -> int:
     from sdpo_rl.tasks import TASKS as ALL_TASKS
 
@@ -91,10 +79,7 @@ def main(argv: list[str] | None = None) -> int:
 
     results = load_results(options.json, runs=[])
     report = {
-        "command": " ".join(["python", *sys.argv]),
-        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-        "commit": _commit(),
-        "machine": machine(),
+        **provenance(__file__, sys.argv[1:] if argv is None else argv),
         "max_new_tokens": EVAL["max_new_tokens"],
         "table": [],
     }

@@ -10,7 +10,7 @@ untrained SmolLM2-135M-Instruct, then measures, on the completions that get a te
 - which next tokens the teacher promotes at the first completion position (teacher minus student probability);
 - how much of the loss comes from completions whose whole group succeeded.
 
-    python benchmarks/diagnose.py [--task capitals] [--batches 4] [--json benchmarks/results/diagnosis.json]
+    python benchmarks/diagnose.py [--task capitals] [--batches 4] [--json benchmarks/results/diagnosis_capitals.json]
         [--sdpo-config '{"solution_template": "..."}']
 """
 
@@ -25,6 +25,10 @@ from collections import Counter
 from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from harness import provenance  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -139,6 +143,7 @@ def main(argv: list[str] | None = None) -> int:
         )
 
     report = {
+        **provenance(__file__, sys.argv[1:] if argv is None else argv),
         "task": options.task,
         "sdpo_config": options.sdpo_config,
         "completions_measured": len(student_entropy),

@@ -65,6 +65,19 @@ def machine() -> dict:
     )
 
 
+def provenance(script: str, argv: list[str]) -> dict:
+    """Where a result comes from, for the top of its results JSON: the command line, the UTC date, the machine and
+    the commit checked out (the docs cite these instead of retyping them)."""
+    root = Path(__file__).resolve().parent.parent
+    head = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+    return dict(
+        command=" ".join(["python", f"benchmarks/{Path(script).name}", *argv]),
+        date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        machine=machine(),
+        commit=head.stdout.strip() or None,
+    )
+
+
 def load_results(path: Path, **empty) -> dict:
     """The results JSON at `path`, with the keys of `empty` (name=default) added where missing."""
     results = json.loads(path.read_text()) if path.exists() else {}

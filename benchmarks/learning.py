@@ -25,7 +25,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from harness import load_results, run_in_workers, save_plot, save_results  # noqa: E402
+from harness import load_results, provenance, run_in_workers, save_plot, save_results  # noqa: E402
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 METHODS = {
@@ -319,6 +319,7 @@ def main(argv: list[str] | None = None) -> int:
         nonlocal results
         results = load_results(results_path, runs=[])
         results["runs"].append(result)
+        results.update(provenance(__file__, sys.argv[1:] if argv is None else argv))  # of the latest run
         save_results(results_path, results)
         print(f"finished {run[:3]} in {result['wall_seconds']:.0f} s", flush=True)
 

@@ -4,7 +4,9 @@ Each method trains a few steps with exactly `learning.py`'s settings (its `METHO
 completions, no evaluation) under each version, the two versions of one method side by side in two fresh processes
 with one thread each, so that they share the machine alike. A version is a checkout of this repository (a `git
 worktree` of an older commit, say); its `sdpo_rl` is imported through `PYTHONPATH`. The first step is a warm-up;
-the report gives the median wall and CPU seconds of the others, and each method's ratio of the two versions.
+the report gives the median wall and CPU seconds of the others, and each method's ratio of the two versions. The
+machine's speed drifts between passes, so the full run makes five passes over the methods (`--repeats`) and the
+results JSON holds every pass and each method's median ratio over them.
 
     git worktree add /tmp/before 70aae25
     python benchmarks/learning_step_time.py --before /tmp/before --after .      # results/learning_step_time.json
@@ -25,13 +27,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from harness import machine, save_results, step_clock  # noqa: E402
+from harness import provenance, save_results, step_clock  # noqa: E402
 from learning import FULL as LEARNING  # noqa: E402
 from learning import make_trainer  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "learning_step_time.json"
-FULL = dict(steps=4, methods=("grpo", "sdpo", "hybrid", "hybrid_0.8"), task="capitals")
-QUICK = dict(steps=2, methods=("grpo", "hybrid_0.8"), task="capitals")
+FULL = dict(steps=4, methods=("grpo", "sdpo", "hybrid", "hybrid_0.8"), task="capitals", repeats=5)
+QUICK = dict(steps=2, methods=("grpo", "hybrid_0.8"), task="capitals", repeats=1)
 
 
 def time_steps(method: str, task_name: str, steps: int) -> dict:
@@ -89,12 +91,40 @@ def summarise(records: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def median_ratios(repeats: list[dict]) -> dict[str, float]:
+    """Each method's median over the passes of its after / before ratio of median wall seconds per step."""
+    ratios: dict[str, list[float]] = {}
+    for repeat in repeats:
+        for r in repeat["runs"]:
+            ratios.setdefault(r["method"], []).append(r["after"]["median_wall"] / r["before"]["median_wall"])
+    return {method: statistics.median(values) for method, values in ratios.items()}
+
+
+def repeats_table(report: dict) -> str:
+    """A Markdown table: per method, each pass's median wall seconds per step before → after (ratio), and the median
+    ratio over the passes."""
+    repeats = report["repeats"]
+    lines = [
+        "| method | " + " | ".join(f"pass {i}" for i in range(1, len(repeats) + 1)) + " | median ratio |",
+        "|---|" + "---|" * (len(repeats) + 1),
+    ]
+    for method, ratio in report["median_ratio"].items():
+        cells = []
+        for repeat in repeats:
+            r = next(r for r in repeat["runs"] if r["method"] == method)
+            before, after = r["before"]["median_wall"], r["after"]["median_wall"]
+            cells.append(f"{before:.1f} → {after:.1f} ({after / before:.2f}x)")
+        lines.append(f"| {method} | " + " | ".join(cells) + f" | **{ratio:.2f}x** |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--before", type=Path, help="checkout of the earlier version")
     parser.add_argument("--after", type=Path, help="checkout of the later version")
     parser.add_argument("--quick", action="store_true", help="smoke run: 2 steps of 2 methods")
-    parser.add_argument("--results", type=Path, default=RESULTS, help=f"results JSON (default: {RESULTS})")
+    parser.add_argument("--repeats", type=int, help="passes over the methods (default 5, 1 with --quick)")
+    parser.add_argument("--results", type=Path, help=f"results JSON (default: {RESULTS}, *_quick.json with --quick)")
     parser.add_argument("--worker", nargs=3, metavar=("METHOD", "TASK", "STEPS"), help=argparse.SUPPRESS)
     options = parser.parse_args(argv)
     if options.worker:
@@ -106,21 +136,28 @@ def main(argv: list[str] | None = None) -> int:
         if checkout is None or not (checkout / "sdpo_rl" / "__init__.py").is_file():
             parser.error(f"--{name}={checkout} must be a checkout of this repository (with sdpo_rl/__init__.py)")
     size = QUICK if options.quick else FULL
+    if options.repeats is not None and options.repeats < 1:
+        parser.error(f"--repeats={options.repeats} must be at least 1")
     versions = {"before": options.before, "after": options.after}
-    records = []
-    for method in size["methods"]:
-        records.append(run_pair(method, versions, size))
-        print(summarise(records).splitlines()[-1], flush=True)
+    repeats = []
+    for _ in range(options.repeats or size["repeats"]):
+        records = []
+        for method in size["methods"]:
+            records.append(run_pair(method, versions, size))
+            print(summarise(records).splitlines()[-1], flush=True)
+        repeats.append({"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "runs": records})
+        print(summarise(records))
     commits = {
         label: subprocess.run(
             ["git", "-C", str(path), "rev-parse", "--short", "HEAD"], capture_output=True, text=True
         ).stdout.strip()
         for label, path in versions.items()
     }
-    command = " ".join(["python", "benchmarks/learning_step_time.py", *(argv if argv is not None else sys.argv[1:])])
-    report = {"command": command, "machine": machine(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
-    save_results(options.results, {**report, "commits": commits, "runs": records})
-    print(summarise(records))
+    report = provenance(__file__, sys.argv[1:] if argv is None else argv)
+    report.update(commits=commits, repeats=repeats, median_ratio=median_ratios(repeats))
+    default = RESULTS.with_name("learning_step_time_quick.json") if options.quick else RESULTS
+    save_results(options.results or default, report)
+    print(repeats_table(report))
     return 0
 
 

@@ -32,7 +32,6 @@ On a GPU, `--device cuda --model qwen2.5-0.5b --dtype bfloat16` times a random m
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import statistics
 import sys
@@ -42,7 +41,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from harness import in_fresh_process, machine, save_results, step_clock  # noqa: E402
+from harness import in_fresh_process, provenance, save_results, step_clock  # noqa: E402
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 TRAINERS = ("grpo", "sdpo", "hybrid", "trl_sdpo")
@@ -315,8 +314,6 @@ def run(size: dict, setup: dict) -> dict:
                     )
     rows = summarise(runs)
     return dict(
-        date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        machine=machine(),
         **setup,
         model_shape=MODELS[setup["model"]],
         batch=BATCH,
@@ -364,7 +361,7 @@ def main() -> None:
         return
     size = QUICK if args.quick else QWEN if args.model == "qwen2.5-0.5b" else FULL
     setup = dict(device=args.device, model=args.model, dtype=args.dtype)
-    report = dict(command=" ".join(["python", "benchmarks/step_time.py", *sys.argv[1:]]), **run(size, setup))
+    report = {**provenance(__file__, sys.argv[1:]), **run(size, setup)}
     name = "step_time" + ("_cuda" if args.device == "cuda" else "") + ("_quick" if args.quick else "")
     results_path = args.results or RESULTS_DIR / f"{name}.json"
     save_results(results_path, report)

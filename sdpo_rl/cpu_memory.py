@@ -4,8 +4,8 @@ PyTorch allocates CPU tensors with `malloc`. glibc keeps blocks below its mmap t
 32 MiB as larger blocks are freed) in heaps that stay resident after the tensors are freed, so the memory of a
 finished training run stays with the process. `trim` returns the heaps' free pages now; it does nothing where the C
 library is not glibc. (Lowering the mmap threshold instead, so that every block is unmapped when freed, kept the
-demo's resident memory at 2.9 GB between steps but did not lower its peak, and cost 13% more CPU in page faults:
-benchmarks/README.md.)
+demo's resident memory lower between steps but did not lower its peak, and cost much CPU in page faults:
+benchmarks/README.md#the-demo-and-its-training-step-step_profilepy.)
 """
 
 from __future__ import annotations

@@ -25,15 +25,15 @@ from .config import SDPOConfig
 from .metrics import DISTILLATION_LOSS, REWARD
 from .plotting import plot_metrics
 
-# The demo's settings, in one place: those of `hybrid_0.8` in benchmarks/learning.py, measured to improve this 135M
-# model on both tasks (`capitals`, and the form-only `short_answer_form`, then called `short_answer`) in every seed
-# (benchmarks/README.md): the library's SDPO defaults (JSD, top-100 + tail, EMA teacher at rate 0.05) in the hybrid
-# with grpo_weight=0.8, 10 steps of 4 prompts x 4 completions. Pure SDPO (`--grpo-weight 0`) degrades this model.
+# The demo's settings, in one place: those of `hybrid_0.8` in benchmarks/learning.py, the setting recommended for
+# small models (docs/results.md#what-we-recommend-for-small-models): the library's SDPO defaults (JSD, top-100 + tail,
+# EMA teacher at rate 0.05) in the hybrid with grpo_weight=0.8, 10 steps of 4 prompts x 4 completions, on `capitals`.
+# Pure SDPO (`--grpo-weight 0`) degrades this model.
 DEMO_SDPO_CONFIG = SDPOConfig(grpo_weight=0.8)
 # By default the demo trains a LoRA adapter with the `lora_ema` teacher (an EMA copy of the adapter on the shared base
-# model): no full teacher copy, AdamW state or gradient of the 135M weights, so about half the peak memory of full
-# fine-tuning at the same held-out accuracy (three seeds, docs/results.md#the-demo). `--no-lora` fine-tunes every weight
-# at the learning rate of `hybrid_0.8` with a full EMA teacher.
+# model): no full teacher copy, AdamW state or gradient of the 135M weights, so a lower peak memory than full
+# fine-tuning at the same held-out accuracy (docs/results.md#the-demo). `--no-lora` fine-tunes every weight at the
+# learning rate of `hybrid_0.8` with a full EMA teacher.
 DEMO_LORA = dict(r=16, lora_alpha=32, target_modules="all-linear")
 DEMO_LORA_LEARNING_RATE = 3e-4
 DEMO_FULL_LEARNING_RATE = 2e-5
@@ -68,7 +68,7 @@ def idle_cores(interval: float = 0.5) -> int:
 
     Measured over `interval` seconds from /proc/stat (all cores if it cannot be read). PyTorch's threads wait for each
     other, so on cores that other programs keep busy two threads can be several times slower than one
-    (benchmarks/README.md).
+    (benchmarks/README.md#the-demo-and-its-training-step-step_profilepy).
     """
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     try:

@@ -3,8 +3,8 @@
 On small models, pure SDPO can degrade fast: the teacher's distribution carries the reprompt's framing ("the
 correct answer would be", apologies, talk about hints) into the student, answers stop being correct, fewer groups
 contain a success, so fewer completions get a demonstration, and the student's entropy or answer length runs away
-(benchmarks/README.md). `collapse_signs` compares the most recent logged steps with the first ones and names what
-went wrong, so the trainer can warn while the run can still be saved.
+(docs/results.md#why-pure-sdpo-degrades-the-135m-model-diagnosepy). `collapse_signs` compares the most recent
+logged steps with the first ones and names what went wrong, so the trainer can warn while the run can still be saved.
 """
 
 from __future__ import annotations
@@ -19,8 +19,8 @@ from .metrics import STUDENT_ENTROPY as ENTROPY
 from .metrics import SUCCESS_SAMPLE_FRACTION as DEMONSTRATIONS
 
 ADVICE = (
-    "Consider the hybrid SDPOConfig(grpo_weight=0.8), which stayed above its starting accuracy in every measured "
-    "run, or GRPO (enabled=False); see benchmarks/README.md."
+    "Consider the hybrid SDPOConfig(grpo_weight=0.8) or GRPO (enabled=False), and compare held-out accuracy with its "
+    "starting value; see docs/results.md#what-we-recommend-for-small-models."
 )
 
 

@@ -1,4 +1,5 @@
-"""The benchmarks: their --quick smoke runs (CI executes them) on SmolLM2-135M-Instruct, and their harness."""
+"""The benchmarks: their --quick smoke runs (CI executes them) on SmolLM2-135M-Instruct, their harness, and
+docs/results.md, rendered from their results JSON."""
 
 import importlib.util
 import json
@@ -196,8 +197,10 @@ def test_learning_step_time_quick_mode_times_both_versions_of_each_method(tmp_pa
     )  # fmt: skip
     assert completed.returncode == 0, completed.stderr[-3000:]
     report = json.loads(results.read_text())
-    assert [r["method"] for r in report["runs"]] == ["grpo", "hybrid_0.8"]
-    for run in report["runs"]:
+    (repeat,) = report["repeats"]
+    assert [r["method"] for r in repeat["runs"]] == ["grpo", "hybrid_0.8"]
+    assert set(report["median_ratio"]) == {"grpo", "hybrid_0.8"} and report["commit"]
+    for run in repeat["runs"]:
         for version in ("before", "after"):
             timing = run[version]
             assert len(timing["wall"]) == len(timing["cpu"]) == 2 and timing["median_cpu"] > 0
@@ -224,3 +227,49 @@ def test_gpu_check_runs_every_step_on_the_cpu_without_a_gpu(tmp_path):
     assert json.loads((out / "loss_memory.json").read_text())["table"]
     assert json.loads((out / "step_time.json").read_text())["table"]
     assert 'failures="0"' in (out / "loss_tests.xml").read_text()
+
+
+def test_learning_step_time_refuses_fewer_than_one_pass():
+    script = ROOT / "benchmarks" / "learning_step_time.py"
+    command = [sys.executable, str(script), "--before", str(ROOT), "--after", str(ROOT), "--repeats", "0"]
+    completed = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert completed.returncode == 2 and "--repeats=0 must be at least 1" in completed.stderr
+
+
+def test_results_page_is_what_the_results_json_render():
+    render = benchmark_module("render_results")
+    text = render.DOC.read_text()
+    assert render.render(text) == text, "docs/results.md is out of date: run python benchmarks/render_results.py"
+    assert render.main(["--check"]) == 0
+
+
+def test_every_results_json_is_rendered_on_the_results_page():
+    render = benchmark_module("render_results")
+    text = render.DOC.read_text()
+    shown = set(re.findall(r"`benchmarks/results/([\w.]+\.json)`", text))
+    assert {path.name for path in render.RESULTS.glob("*.json")} <= shown
+    assert set(re.findall(r"^<!-- results:([\w.]+) -->$", text, flags=re.M)) == set(render.RENDERERS)
+
+
+def test_a_changed_number_in_a_results_json_makes_the_results_page_out_of_date(tmp_path, capsys):
+    render = benchmark_module("render_results")
+    results = tmp_path / "results"
+    results.mkdir()
+    for path in render.RESULTS.glob("*.json"):
+        (results / path.name).write_text(path.read_text())
+    report = json.loads((results / "step_time.json").read_text())
+    report["table"][0]["sdpo / grpo"] = 0.123
+    (results / "step_time.json").write_text(json.dumps(report))
+    assert render.main(["--check", "--results", str(results)]) == 1
+    assert "docs/results.md is out of date" in capsys.readouterr().err
+    doc = tmp_path / "results.md"
+    doc.write_text(render.DOC.read_text())
+    assert render.main(["--results", str(results), "--doc", str(doc)]) == 0
+    assert "| 0.123x |" in doc.read_text()
+    assert render.main(["--check", "--results", str(results), "--doc", str(doc)]) == 0
+
+
+def test_an_unknown_results_marker_is_refused_with_the_known_names():
+    render = benchmark_module("render_results")
+    with pytest.raises(ValueError, match=r"<!-- results:nope --> names no renderer; known: learning_curves_10steps, "):
+        render.render("<!-- results:nope -->\n<!-- /results -->\n")

@@ -1,4 +1,4 @@
-"""docs/configuration.md must list every SDPOConfig field with its real default."""
+"""docs/configuration.md must list every SDPOConfig field with its real default; docs/README.md every page."""
 
 import dataclasses
 import re
@@ -55,3 +55,9 @@ def test_every_field_states_its_valid_values_and_documented_intervals_are_enforc
             assert accepts(name, float(high)) == (closing == "]"), name
             assert not accepts(name, float(high) + 1e-9), name
         assert not accepts(name, float("nan")), name
+
+
+def test_the_reading_order_lists_every_docs_page():
+    docs = DOC.parent
+    listed = set(re.findall(r"\]\(([\w-]+\.md)\)", (docs / "README.md").read_text()))
+    assert listed == {path.name for path in docs.glob("*.md")} - {"README.md"}

@@ -1,6 +1,10 @@
 import math
+import re
+from pathlib import Path
 
-from sdpo_rl.monitor import collapse_signs
+from sdpo_rl.monitor import ADVICE, collapse_signs
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def entries(rewards, demos, entropy=None, length=None):
@@ -42,3 +46,11 @@ def test_missing_and_nan_values_are_ignored():
         row["self_distillation/student_entropy"] = math.nan
     rows.insert(3, {"loss": 1.0})  # an entry without reward (e.g. eval) is skipped
     assert collapse_signs(rows) == []
+
+
+def test_advice_cites_the_recommendation_in_the_docs_not_measured_numbers():
+    (link,) = re.findall(r"docs/[\w-]+\.md#[\w-]+", ADVICE)
+    page, anchor = link.split("#")
+    headings = re.findall(r"^#+ (.+)$", (ROOT / page).read_text(), flags=re.M)
+    assert anchor in {re.sub(r"[^\w -]", "", h.lower()).replace(" ", "-") for h in headings}, link
+    assert "grpo_weight=0.8" in ADVICE and not re.search(r"\d+(\.\d+)?%|\d+ of \d+", ADVICE)

@@ -371,7 +371,7 @@ def test_cli_errors_exit_2_with_the_flag_and_the_fix_before_loading_a_model(argv
 
 
 def benchmark_module():
-    spec = importlib.util.spec_from_file_location("test_time", ROOT / "benchmarks" / "test_time.py")
+    spec = importlib.util.spec_from_file_location("discovery", ROOT / "benchmarks" / "discovery.py")
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # its dataclasses look their module up
     spec.loader.exec_module(module)
@@ -449,7 +449,7 @@ def test_benchmark_pass_at_1_retries_each_failure_with_its_feedback(monkeypatch)
 
 def test_benchmark_problems_are_the_candidates_measured_hard():
     bench = benchmark_module()
-    measured = json.loads((ROOT / "benchmarks" / "results" / "test_time.json").read_text())["pass_at_1"]
+    measured = json.loads((ROOT / "benchmarks" / "results" / "discovery.json").read_text())["pass_at_1"]
     assert len(bench.PROBLEMS) >= 12
     for name in bench.PROBLEMS:
         assert measured[name]["samples"] == 64 and measured[name]["pass_at_1"] <= 0.05, name
@@ -460,7 +460,7 @@ def test_benchmark_problems_are_the_candidates_measured_hard():
 @pytest.mark.slow
 def test_benchmark_quick_mode_writes_every_run_and_skips_them_on_a_rerun(tmp_path):
     results = tmp_path / "quick.json"
-    command = [sys.executable, str(ROOT / "benchmarks" / "test_time.py"), "--quick", "--results", str(results)]
+    command = [sys.executable, str(ROOT / "benchmarks" / "discovery.py"), "--quick", "--results", str(results)]
     completed = subprocess.run(command, capture_output=True, text=True, timeout=600)
     assert completed.returncode == 0, completed.stderr[-3000:]
     runs = json.loads(results.read_text())["runs"]

@@ -6,10 +6,10 @@ The problems are easy questions under a strict form constraint that the model ra
 5%, `--pass-at-1`); the verifier's feedback says what was wrong with the form, never the answer. Each finished run
 is appended to the results JSON at once, and a rerun skips the runs already there.
 
-    python benchmarks/test_time.py                  # the full benchmark: every problem x 3 seeds x 3 methods
-    python benchmarks/test_time.py --pass-at-1      # measure every candidate's pass@1 (stored in the JSON)
-    python benchmarks/test_time.py --quick          # a smoke run (CI): one problem, a small budget, separate output
-    python benchmarks/test_time.py --plot-only      # redraw the discovery@k plot from the results JSON
+    python benchmarks/discovery.py                  # the full benchmark: every problem x 3 seeds x 3 methods
+    python benchmarks/discovery.py --pass-at-1      # measure every candidate's pass@1 (stored in the JSON)
+    python benchmarks/discovery.py --quick          # a smoke run (CI): one problem, a small budget, separate output
+    python benchmarks/discovery.py --plot-only      # redraw the discovery@k plot from the results JSON
 
 Runs execute in `--jobs` worker processes with one thread each.
 """
@@ -25,7 +25,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from harness import load_results, run_in_workers, save_plot, save_results  # noqa: E402
+from harness import load_results, provenance, run_in_workers, save_plot, save_results  # noqa: E402
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 METHODS = ("sdpo", "best_of_k", "multi_turn")
@@ -107,7 +107,7 @@ CANDIDATES = {
     for constraint in CONSTRAINTS
 }
 # The candidates whose measured pass@1 is at most 5% (at most 3 successes in 64 samples at temperature 1.0, with
-# `--pass-at-1`'s seed, which no search run uses; measured 2026-12-05, results/test_time.json's "pass_at_1").
+# `--pass-at-1`'s seed, which no search run uses; results/discovery.json's "pass_at_1").
 PROBLEMS = (
     "q0-exactly_3",
     "q0-one_lowercase_word",
@@ -376,7 +376,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--seeds", nargs="+", type=int, help="seeds (default: 0 1 2, or 0 with --quick)")
     parser.add_argument("--jobs", type=int, default=2, help="runs in parallel, one thread each (default 2)")
-    parser.add_argument("--results", type=Path, help="results JSON (default: benchmarks/results/test_time.json)")
+    parser.add_argument("--results", type=Path, help="results JSON (default: benchmarks/results/discovery.json)")
     parser.add_argument("--pass-at-1", action="store_true", help="measure each problem's pass@1 instead of searching")
     parser.add_argument("--plot-only", action="store_true", help="only redraw the plot and print the table")
     options = parser.parse_args(argv)
@@ -384,7 +384,7 @@ def main(argv: list[str] | None = None) -> int:
     size = QUICK if options.quick else FULL
     default = sorted(CANDIDATES) if options.pass_at_1 else sorted(PROBLEMS)
     problems = options.problems or (default[:1] if options.quick else default)
-    results_path = options.results or RESULTS_DIR / ("test_time_quick.json" if options.quick else "test_time.json")
+    results_path = options.results or RESULTS_DIR / ("discovery_quick.json" if options.quick else "discovery.json")
     results = load_results(results_path, runs=[], pass_at_1={})
     seeds = options.seeds if options.seeds is not None else list(size["seeds"])
     if options.pass_at_1:
@@ -409,6 +409,7 @@ def main(argv: list[str] | None = None) -> int:
             results["pass_at_1"][result["problem"]] = result
         else:
             results["runs"].append(result)
+        results.update(provenance(__file__, sys.argv[1:] if argv is None else argv))  # of the latest job
         save_results(results_path, results)
         shown = {k: result[k] for k in ("attempts_to_solve", "pass_at_1", "wall_seconds") if k in result}
         print(f"finished {arguments[:3]}: {shown}", flush=True)
