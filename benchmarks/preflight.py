@@ -22,7 +22,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from harness import load_results, machine, save_plot, save_results  # noqa: E402
+from harness import load_results, provenance, save_plot, save_results  # noqa: E402
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 FAMILY = ("sdpo", "srpo", "hybrid_0.8")  # the SDPO-family methods whose gains are related to the measures
@@ -149,7 +149,9 @@ def main(argv: list[str] | None = None) -> int:
     size = QUICK if options.quick else FULL
     tasks = options.tasks[:1] if options.quick else options.tasks
     path = options.results or RESULTS_DIR / ("preflight_quick.json" if options.quick else "preflight.json")
-    results = load_results(path, reports={}, settings={**size, "seed": options.seed}, machine=machine())
+    results = load_results(path, reports={})
+    results.update(provenance(__file__, sys.argv[1:] if argv is None else argv))
+    results["settings"] = {**size, "seed": options.seed}
     if not options.fit_only:
         for task in tasks:
             if task in results["reports"]:
