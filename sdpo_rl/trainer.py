@@ -151,9 +151,10 @@ class _TeacherUpdateCallback(TrainerCallback):
 class SDPOTrainer(GRPOTrainer):
     """Self-Distilled Policy Optimization on top of `trl.GRPOTrainer`.
 
-    Accepts every argument of `GRPOTrainer`, plus `sdpo_config` (an `SDPOConfig`, default `SDPOConfig()`). With
-    `SDPOConfig(enabled=False)` it trains as GRPOTrainer does; only, on a CPU, its GRPO forward projects the
-    completion tokens alone (`_get_per_token_logps_and_entropies`), with the same log-probs and gradients.
+    Accepts every argument of `GRPOTrainer`, plus `sdpo_config` (an `SDPOConfig`, default `SDPOConfig()`). Without
+    a distillation term (`SDPOConfig(enabled=False)` or `grpo_weight=1.0`) every step runs TRL's own code, so that
+    it trains exactly as GRPOTrainer does, to the bit on any CPU; the CPU savings of generation
+    (`_generate_single_turn`) and scoring (`_get_per_token_logps_and_entropies`) serve the distilling configurations.
     """
 
     _tag_names = ["trl", "grpo", "sdpo"]
@@ -231,11 +232,15 @@ class SDPOTrainer(GRPOTrainer):
     def _generate_single_turn(self, prompt_ids, images, multimodal_fields, num_generations, has_tool_images=False):
         """TRL's sampling, with `generation.prompts_prefilled_once` on the model TRL unwraps for it where prompts are
         shared (`_shares_prompts`; TRL turns gradient checkpointing off to generate) and TRL samples text prompts with
-        transformers' `generate`."""
+        transformers' `generate`. Without a distillation term, TRL's alone (the class docstring)."""
         student = self.accelerator.unwrap_model(self.model_wrapped)
-        prefills_once = not (
-            self.use_vllm or self.use_transformers_continuous_batching or images is not None or multimodal_fields
-        ) and self._shares_prompts(student, training_forward=False)
+        prefills_once = (
+            self.sdpo_config.distills
+            and not (
+                self.use_vllm or self.use_transformers_continuous_batching or images is not None or multimodal_fields
+            )
+            and self._shares_prompts(student, training_forward=False)
+        )
         with prompts_prefilled_once(student) if prefills_once else nullcontext():
             return super()._generate_single_turn(
                 prompt_ids, images, multimodal_fields, num_generations, has_tool_images
@@ -592,15 +597,17 @@ class SDPOTrainer(GRPOTrainer):
 
         TRL's fused head projects the prompt positions too where it has no Triton kernel (a CPU among them), so that
         compiled backends see one tile shape; a CPU compiles nothing, and skipping the prompt positions skips most
-        of the head's work, with the same values. The backbone runs each group's prompt once where `_shares_prompts`.
-        Images, an MoE aux loss or a head that is not a plain linear layer go to TRL's.
+        of the head's work, with the same values up to float rounding. The backbone runs each group's prompt once
+        where `_shares_prompts`. Images, an MoE aux loss, a head that is not a plain linear layer or no distillation
+        term (the class docstring) go to TRL's.
         """
         if self._scored_completions is not None:
             logps, entropies = self._scored_completions
             return logps, entropies, None
         head = linear_head(self.accelerator.unwrap_model(model))
         text_only = all(value is None for value in model_inputs.values())
-        if head is None or compute_aux_loss or not text_only or input_ids.device.type != "cpu":
+        trls = not self.sdpo_config.distills or head is None or compute_aux_loss or not text_only
+        if trls or input_ids.device.type != "cpu":
             return super()._get_per_token_logps_and_entropies(
                 model,
                 input_ids,

@@ -185,7 +185,16 @@ def test_gradient_accumulation_equals_one_big_batch(tmp_path, sdpo_config):
 
 
 @pytest.mark.parametrize("sdpo_config", [SDPOConfig(enabled=False), SDPOConfig(grpo_weight=1.0)], ids=["off", "w1"])
-def test_disabled_or_pure_grpo_weight_is_exactly_grpo(tmp_path, sdpo_config):
+def test_disabled_or_pure_grpo_weight_is_exactly_grpo(tmp_path, monkeypatch, sdpo_config):
+    """Without a distillation term every step is TRL's own code, so the weights and losses are GRPOTrainer's to the
+    bit on any CPU: neither the CPU scoring (`completion_hidden`) nor the shared prefill runs (each rounds otherwise
+    than TRL's forward, differently from one CPU to another)."""
+
+    def not_trls(*args, **kwargs):
+        raise AssertionError("SDPOTrainer left TRL's code path without a distillation term")
+
+    monkeypatch.setattr(trainer_module, "completion_hidden", not_trls)
+    monkeypatch.setattr(trainer_module, "prompts_prefilled_once", not_trls)
     tokenizer = make_tokenizer()
     sdpo = build(tmp_path / "a", sdpo_config=sdpo_config, tokenizer=tokenizer)
     sdpo.train()
@@ -228,12 +237,13 @@ class _ProjectedRows:
 def test_cpu_scoring_projects_only_completion_tokens_with_trls_values(
     tmp_path, monkeypatch, compute_entropy, batch_size, precision
 ):
-    """On a CPU, TRL's fused head projects every position; ours the completion tokens only, with TRL's log-probs,
-    entropies and gradients, in `batch_size` chunks as TRL's, and its precision settings. Each prompt runs once per
-    row here, as in TRL's forward; sharing it across its group is the next test's."""
+    """On a CPU, with a distillation term (routing here; without one the trainer runs TRL's code), TRL's fused head
+    projects every position; ours the completion tokens only, with TRL's log-probs, entropies and gradients, in
+    `batch_size` chunks as TRL's, and its precision settings. Each prompt runs once per row here, as in TRL's
+    forward; sharing it across its group is the next test's."""
     trainer = build(
         tmp_path,
-        sdpo_config=SDPOConfig(enabled=False),
+        sdpo_config=SDPOConfig(sample_routing=True),
         max_completion_length=8,
         gradient_checkpointing=False,
         **precision,
@@ -274,7 +284,7 @@ def test_cpu_scoring_runs_each_groups_prompt_once(tmp_path, gradient_checkpointi
     their prompt, with TRL's log-probs and gradients up to rounding (`assert_close_to_scale`)."""
     trainer = build(
         tmp_path,
-        sdpo_config=SDPOConfig(enabled=False),
+        sdpo_config=SDPOConfig(sample_routing=True),
         max_completion_length=8,
         gradient_checkpointing=gradient_checkpointing,
     )
@@ -311,7 +321,9 @@ def test_cpu_scoring_runs_each_groups_prompt_once(tmp_path, gradient_checkpointi
 def test_generation_prefills_each_groups_prompt_once(tmp_path, monkeypatch, gradient_checkpointing):
     """TRL samples the same completions with the 4 rows of a group prefilling their prompt once, under gradient
     checkpointing too (TRL turns it off while generating, then back on); the model's own `generate` is back after."""
-    trainer = build(tmp_path, sdpo_config=SDPOConfig(enabled=False), gradient_checkpointing=gradient_checkpointing)
+    trainer = build(
+        tmp_path, sdpo_config=SDPOConfig(sample_routing=True), gradient_checkpointing=gradient_checkpointing
+    )
     if gradient_checkpointing:  # as `train()` does
         trainer.model.gradient_checkpointing_enable(trainer.args.gradient_checkpointing_kwargs)
     trainer.model.train()
@@ -335,7 +347,7 @@ def test_generation_prefills_each_groups_prompt_once(tmp_path, monkeypatch, grad
 
 
 def test_scoring_goes_to_trl_for_a_head_that_is_not_plain_linear(tmp_path, monkeypatch):
-    trainer = build(tmp_path, sdpo_config=SDPOConfig(enabled=False))
+    trainer = build(tmp_path, sdpo_config=SDPOConfig(sample_routing=True))
     calls = []
     monkeypatch.setattr(trainer_module, "linear_head", lambda model: None)
     monkeypatch.setattr(GRPOTrainer, "_get_per_token_logps_and_entropies", lambda *args, **kwargs: calls.append(1))
