@@ -41,8 +41,8 @@ METHODS = {
 }
 # The methods of the 30-step benchmark (`hybrid` was measured in the 10-step one and is not rerun by default).
 DEFAULT_METHODS = ("grpo", "sdpo", "hybrid_0.8", "srpo", "srpo_plain", "sc_sdpo", "contrast")
-# The default tasks, answer-checked (`--tasks` takes any of sdpo_rl.tasks.TASKS; before 2026-12-07 `short_answer` and
-# `one_word` checked the form alone: results/learning_curves*.json's runs of those names are today's `*_form` tasks).
+# The default tasks, answer-checked (`--tasks` takes any of sdpo_rl.tasks.TASKS; the committed runs on `*_form` tasks
+# were measured when those were called `short_answer` and `one_word`).
 TASKS = ("capitals", "short_answer", "one_word")
 FULL = dict(steps=30, eval_every=5, seeds=(0, 1, 2), heldout_rows=None, samples_per_prompt=4, batch=16)
 QUICK = dict(steps=1, eval_every=1, seeds=(0,), heldout_rows=4, samples_per_prompt=1, batch=8)
