@@ -54,3 +54,12 @@ def test_advice_cites_the_recommendation_in_the_docs_not_measured_numbers():
     headings = re.findall(r"^#+ (.+)$", (ROOT / page).read_text(), flags=re.M)
     assert anchor in {re.sub(r"[^\w -]", "", h.lower()).replace(" ", "-") for h in headings}, link
     assert "grpo_weight=0.8" in ADVICE and not re.search(r"\d+(\.\d+)?%|\d+ of \d+", ADVICE)
+
+
+def test_a_teacher_edge_at_or_below_zero_is_a_sign():
+    history = [{"self_distillation/teacher_edge": e} for e in (0.3, 0.1, -0.1, 0.0)]
+    signs = collapse_signs(history)
+    assert len(signs) == 1 and "averaged +0.000 over its last 3 measurements" in signs[0]
+    assert collapse_signs(history[:3]) == []  # mean +0.100 over the last three: the teacher still knows more
+    assert collapse_signs(history[2:]) == []  # two measurements are too few to judge
+    assert "docs/preflight.md" in ADVICE
