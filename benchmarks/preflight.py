@@ -110,6 +110,46 @@ def relate(reports: dict[str, dict], table: dict[str, dict]) -> dict:
     return {"fits": fits, "agreement": agreement}
 
 
+def _edge_cell(edge: dict) -> str:
+    if edge["edge"] is None:
+        return "-"
+    e = edge["edge"]
+    return f"{e['value']:+.2f} [{e['low']:+.2f}, {e['high']:+.2f}] ({edge['prompts']} prompts)"
+
+
+def _number(value, pattern: str = "{:.2f}") -> str:
+    return "-" if value is None else pattern.format(value)
+
+
+def summarise(results: dict) -> str:
+    """Markdown tables: each task's measures and verdict, the measured outcome, and the fits with an r."""
+    lines = [
+        "| task | student pass rate | groups none / some / all succeed | failed with a signal | edge, all | edge, "
+        "demonstration | edge, feedback only | log-prob gain | first-3-token share | verdict | SDPO family above GRPO "
+        "at step 30 | agrees |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for task, r in results["reports"].items():
+        check = results.get("agreement", {}).get(task, {})
+        groups = " / ".join(
+            f"{r[k]:.2f}" for k in ("groups_without_success", "groups_with_some_success", "groups_all_successful")
+        )
+        measured = {None: "not measured", True: "yes", False: "no"}[
+            None if check.get("measured") is None else check["measured"].startswith("sdpo")
+        ]
+        edges = " | ".join(_edge_cell(r[k]) for k in ("edge", "edge_demonstration", "edge_feedback_only"))
+        lines.append(
+            f"| {task} | {r['student_pass_rate']:.3f} | {groups} | {_number(r['failed_with_signal'])} | {edges} "
+            f"| {_number(r['log_prob_gain'], '{:+.2f}')} | {_number(r['frame_share'])} | {r['verdict']} | {measured} "
+            f"| {_number(check.get('agrees'), '{}')} |"
+        )
+    fits = [(name, line) for name, line in results.get("fits", {}).items() if line["r"] is not None]
+    if fits:
+        lines += ["", "| measure vs gain | slope | r | n |", "|---|---|---|---|"]
+        lines += [f"| {name} | {line['slope']:+.3f} | {line['r']:+.2f} | {line['n']} |" for name, line in fits]
+    return "\n".join(lines)
+
+
 def plot(results: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
@@ -165,11 +205,7 @@ def main(argv: list[str] | None = None) -> int:
     results["outcomes"] = outcomes(learning["runs"])
     results.update(relate(results["reports"], results["outcomes"]))
     save_results(path, results)
-    for task, check in results["agreement"].items():
-        print(f"{task}: verdict {check['verdict']}, measured {check['measured']}, agrees {check['agrees']}")
-    for name, line in results["fits"].items():
-        if line["r"] is not None:
-            print(f"{name}: slope {line['slope']:+.3f}, r {line['r']:+.2f}, n {line['n']}")
+    print(summarise(results))
     save_plot(plot, results, path.with_suffix(".png"))
     return 0
 

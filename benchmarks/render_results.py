@@ -24,6 +24,7 @@ import discovery  # noqa: E402
 import learning  # noqa: E402
 import learning_step_time  # noqa: E402
 import loss_memory  # noqa: E402
+import preflight  # noqa: E402
 import step_time  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -206,6 +207,11 @@ def discovery_table(results: Path) -> str:
     return f"{measured(report)}\n\n{table}\n\n{feedback}"
 
 
+def preflight_table(results: Path) -> str:
+    report = _with_file(_load(results, "preflight"), "preflight")
+    return f"{measured(report)}\n\n{preflight.summarise(report)}"
+
+
 RENDERERS: dict[str, Callable[[Path], str]] = {
     "learning_curves_10steps": lambda results: learning_table(results, "learning_curves_10steps"),
     "learning_curves": lambda results: learning_table(results, "learning_curves"),
@@ -222,6 +228,7 @@ RENDERERS: dict[str, Callable[[Path], str]] = {
     "step_profile.learning_generation_sharing": lambda results: step_profile(results, "learning_generation_sharing"),
     "demo": demo,
     "discovery": discovery_table,
+    "preflight": preflight_table,
 }
 
 
