@@ -87,8 +87,9 @@ def relate(reports: dict[str, dict], table: dict[str, dict]) -> dict:
                 points = []
                 for task, report in reports.items():
                     x = measure_value(report, measure_name)
-                    methods = table.get(task, {}).get("methods", {})
-                    base = table[task]["start"] if baseline == "start" else methods.get("grpo", {}).get(step)
+                    outcome = table.get(task, {})
+                    methods = outcome.get("methods", {})
+                    base = outcome.get("start") if baseline == "start" else methods.get("grpo", {}).get(step)
                     for method in FAMILY:
                         y = methods.get(method, {}).get(step)
                         if x is not None and y is not None and base is not None:
