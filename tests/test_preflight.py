@@ -9,6 +9,7 @@ import pytest
 import torch
 import yaml
 from datasets import Dataset
+from test_train_cli import model_dir  # noqa: F401  (the saved tiny model, a fixture)
 from tiny import ParityReward, grpo_args, make_dataset, make_model, make_tokenizer
 
 from sdpo_rl import SDPOConfig, cli
@@ -187,15 +188,6 @@ def test_a_reward_of_the_wrong_length_is_named(tmp_path):
 
     with pytest.raises(ValueError, match="'short_reward' returned 3 rewards, but 4 were expected"):
         run(tmp_path, reward=short_reward)
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("tiny_model")
-    tokenizer = make_tokenizer()
-    make_model(tokenizer).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
 
 
 def test_the_command_measures_a_train_config_and_writes_json(tmp_path, model_dir, capsys):
