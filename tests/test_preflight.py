@@ -9,7 +9,6 @@ import pytest
 import torch
 import yaml
 from datasets import Dataset
-from test_train_cli import model_dir  # noqa: F401  (the saved tiny model, a fixture)
 from tiny import ParityReward, grpo_args, make_dataset, make_model, make_tokenizer
 
 from sdpo_rl import SDPOConfig, cli
