@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from tiny import make_dataset, make_model, make_tokenizer
+from tiny import make_dataset
 from transformers import AutoModelForCausalLM
 
 from sdpo_rl import cli
