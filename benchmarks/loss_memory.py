@@ -32,6 +32,7 @@ import datetime
 import json
 import resource
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -286,6 +287,7 @@ def run(size: dict, lengths: list[int], chunk_size: int | None, device: str) -> 
     rows = summarise(memory, timing)
     return dict(
         date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        commit=commit(),
         machine=machine(),
         device=device,
         memory_measure="torch.cuda.max_memory_allocated" if device == "cuda" else "resident high-water (ru_maxrss)",
@@ -354,6 +356,18 @@ def main() -> None:
     save_results(results_path, report)
     print_report(report)
     print(f"wrote {results_path} in {report['wall_seconds']} s")
+
+
+def commit() -> str:
+    """The checkout's commit (with "+changes" when its tracked files differ from it), or "unknown" outside git."""
+
+    def git(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(["git", *args], cwd=Path(__file__).parent, capture_output=True, text=True, check=False)
+
+    head = git("rev-parse", "--short", "HEAD")
+    if head.returncode != 0:
+        return "unknown"
+    return head.stdout.strip() + ("+changes" if git("diff", "--quiet", "HEAD").returncode else "")
 
 
 def sdpo_rl_chunk_size(head: dict) -> int:

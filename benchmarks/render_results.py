@@ -114,8 +114,8 @@ def diagnosis(results: Path) -> str:
     return "\n".join(sources) + "\n\n" + "\n".join(lines)
 
 
-def loss(results: Path) -> str:
-    report = _with_file(_load(results, "loss_memory"), "loss_memory")
+def loss(results: Path, name: str = "loss_memory") -> str:
+    report = _with_file(_load(results, name), name)
     targets = "; ".join(
         f"{t['implementation']} {t['ratio']} {t['value']} (target ≤ {t['target']}: {'met' if t['met'] else 'not met'})"
         for t in report["targets"]
@@ -220,6 +220,7 @@ RENDERERS: dict[str, Callable[[Path], str]] = {
     "base_pass_rate": base_pass_rate,
     "diagnosis": diagnosis,
     "loss_memory": loss,
+    "loss_memory_amd": lambda results: loss(results, "loss_memory_amd"),
     "step_time": steps,
     "learning_step_time": learning_steps,
     "step_profile.demo": lambda results: step_profile(results, "demo"),
