@@ -63,6 +63,9 @@ def test_shared_prefill_samples_the_full_prefills_tokens_from_its_logits(variant
     (full, full_positions), (shared, shared_positions) = sample_both(
         model, tokenizer, generation_config=sampling_config()
     )
+    # Two paths, so the logits are compared to float32 rounding (a prompt prefilled once rounds differently); the
+    # sampled tokens can then differ only where a seeded draw falls within that rounding of a boundary, which these
+    # few fixed draws do not (checked on Intel and AMD CPUs).
     assert torch.equal(shared.sequences, full.sequences)
     for shared_logits, full_logits in zip(shared.logits, full.logits, strict=True):
         torch.testing.assert_close(shared_logits, full_logits, rtol=1e-5, atol=1e-5)
