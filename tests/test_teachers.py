@@ -92,7 +92,7 @@ def test_each_teacher_runs_equal_prompts_once_with_the_full_forwards_values(mode
 
     (full, full_positions), (shared, shared_positions) = head_inputs(False), head_inputs(True)
     assert all(a is b for a, b in zip(shared.weight, full.weight, strict=True))
-    for shared_hidden, full_hidden in zip(shared.hidden, full.hidden, strict=True):  # float32 rounding, as in test_forward
+    for shared_hidden, full_hidden in zip(shared.hidden, full.hidden, strict=True):  # float32 rounding: test_forward
         torch.testing.assert_close(shared_hidden, full_hidden, rtol=1e-5, atol=1e-6)
     forwards, rows = len(full.hidden), len(GROUP_OF_ROW)
     assert full_positions == forwards * rows * (PROMPT + COMPLETION)
