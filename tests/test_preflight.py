@@ -234,6 +234,17 @@ def test_other_commands_still_reject_unknown_arguments():
         cli.main(["solve", "--task", "capitals", "--index", "0", "--nope"])
 
 
+class HalfRight:
+    """Every other completion of a call succeeds; the others get feedback: each group has a signalled failure."""
+
+    __name__ = "half_right"
+
+    def __call__(self, completions, **kwargs):
+        rewards = [float(i % 2 == 0) for i in range(len(completions))]
+        self.last_feedback = ["" if r else "Wrong." for r in rewards]
+        return rewards
+
+
 @pytest.mark.parametrize("every, measured_steps", [(1, 2), (2, 1), (None, 0)])
 def test_training_logs_the_teacher_edge_every_so_many_steps(tmp_path, every, measured_steps):
     tokenizer = make_tokenizer()
@@ -242,10 +253,11 @@ def test_training_logs_the_teacher_edge_every_so_many_steps(tmp_path, every, mea
         args=grpo_args(tmp_path),
         sdpo_config=SDPOConfig(teacher_edge_every=every),
         processing_class=tokenizer,
-        reward_funcs=[ParityReward()],
+        reward_funcs=[HalfRight()],
         train_dataset=make_dataset(),
     )
     trainer.train()
     edges = [entry[TEACHER_EDGE] for entry in trainer.state.log_history if TEACHER_EDGE in entry]
     assert len(edges) == measured_steps
-    assert all(-1.0 <= edge <= 1.0 for edge in edges)
+    # Half of each group succeeds (pass rate 0.5), so the teacher's pass rate minus it lies in [-0.5, 0.5].
+    assert all(-0.5 <= edge <= 0.5 for edge in edges)
