@@ -1,6 +1,7 @@
 """benchmarks/preflight.py: how it relates preflight's measures to the learning runs, and its --quick smoke run."""
 
 import json
+import statistics
 import subprocess
 import sys
 
@@ -34,7 +35,12 @@ def test_outcomes_average_the_seeds_at_steps_10_and_30():
         ]
     )
     assert table["a"]["start"] == 0.2
-    assert table["a"]["methods"]["grpo"] == {"10": pytest.approx(0.5), "30": pytest.approx(0.7), "seeds": 2}
+    assert table["a"]["methods"]["grpo"] == {
+        "10": pytest.approx(0.5),
+        "30": pytest.approx(0.7),
+        "spread": pytest.approx(0.1414, abs=1e-4),
+        "seeds": 2,
+    }
     assert table["a"]["methods"]["srpo"]["30"] == 0.9
 
 
@@ -47,19 +53,27 @@ def test_the_verdict_agrees_when_its_sign_matches_the_measured_outcome():
         run("down", "sdpo", 0, [0.1, 0.1, 0.0]),
         run("flat", "grpo", 0, [0.4, 0.5, 0.6]),
         run("flat", "hybrid_0.8", 0, [0.4, 0.5, 0.5]),
+        run("noisy", "grpo", 0, [0.4, 0.5, 0.6]),
+        run("noisy", "grpo", 1, [0.4, 0.5, 0.8]),
+        run("noisy", "srpo", 0, [0.4, 0.5, 0.7]),
+        run("noisy", "srpo", 1, [0.4, 0.5, 0.8]),
     ]
     reports = {
         "up": report(0.3, "srpo"),
         "down": report(0.2, "sdpo"),
         "flat": report(-0.1, "grpo"),
         "new": report(None, "grpo"),
+        "noisy": report(0.2, "sdpo"),
     }
     related = preflight.relate(reports, preflight.outcomes(runs))
     agreement = related["agreement"]
     assert agreement["up"]["agrees"] is True and agreement["down"]["agrees"] is False
     assert agreement["flat"]["agrees"] is True and agreement["new"]["measured"] is None
+    assert agreement["noisy"]["agrees"] is False  # srpo's 0.75 is 0.05 above GRPO's 0.7, within the spread 0.14
     line = related["fits"]["edge vs gain over grpo at step 30"]
-    assert line["n"] == 3 and line["r"] > 0  # (0.3, +0.3), (0.2, -0.9), (-0.1, -0.1)
+    points = [(0.3, 0.3), (0.2, -0.9), (-0.1, -0.1), (0.2, 0.05)]  # (edge, family's step-30 gain over GRPO)
+    expected = statistics.correlation([x for x, _ in points], [y for _, y in points])
+    assert line["n"] == 4 and line["r"] == pytest.approx(expected)
     assert preflight.fit([(0.0, 1.0), (1.0, 3.0), (2.0, 5.0)]) == {
         "slope": pytest.approx(2.0),
         "r": pytest.approx(1.0),
