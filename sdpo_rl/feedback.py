@@ -86,6 +86,9 @@ class ReturnRecorder:
                 error.add_note(f"Raised by the reward function {self.__name__!r}.")
             raise
 
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.func, name)
+
 
 class AsyncReturnRecorder(ReturnRecorder):
     """`ReturnRecorder` for an async reward function (TRL awaits it on its event loop)."""
