@@ -8,7 +8,8 @@ import torch
 from tiny import ParityReward, assert_close_to_scale, grpo_args, make_dataset, make_model, make_tokenizer
 from trl import GRPOTrainer
 
-import sdpo_rl.trainer as trainer_module
+import sdpo_rl.hybrid as hybrid_module
+import sdpo_rl.teacher_batch as teacher_batch_module
 from sdpo_rl import SDPOConfig, SDPOTrainer
 from sdpo_rl.loss_chunked import PolicyGradient
 from sdpo_rl.reprompt import select_teacher_signals
@@ -181,7 +182,7 @@ def test_one_forward_gives_the_gradients_of_two_forwards(
         batch["old_per_token_logps"] = current - 0.1
     policies = []
     monkeypatch.setattr(
-        trainer_module, "PolicyGradient", lambda *args: policies.append(PolicyGradient(*args)) or policies[-1]
+        hybrid_module, "PolicyGradient", lambda *args: policies.append(PolicyGradient(*args)) or policies[-1]
     )
     calls = []
     handle = trainer.model.model.register_forward_hook(lambda *args: calls.append(1))
@@ -218,8 +219,8 @@ def test_the_expected_grpo_gradient_is_trls_on_policy(tmp_path, loss_type, train
     trainer.current_gradient_accumulation_steps = 2
     trainer.model.train(training)
     logps = torch.randn(batch["completion_ids"].shape).requires_grad_()
-    trainer._scored_completions = (logps, torch.zeros_like(logps))
-    loss = GRPOTrainer._compute_loss(trainer, trainer.model, batch)
+    with trainer.scored_completions(logps, torch.zeros_like(logps)):
+        loss = GRPOTrainer._compute_loss(trainer, trainer.model, batch)
     actual = torch.autograd.grad(loss, logps)[0]
     assert actual.abs().max() > 0
     torch.testing.assert_close(trainer._expected_grpo_logp_gradient(batch), actual)
@@ -270,7 +271,8 @@ def test_hindsight_contrast_is_zero_when_the_hindsight_has_no_effect(tmp_path, m
     assert batch["self_distillation_mask"].sum() > 0
     with_hindsight = trainer._compute_loss(trainer.model, batch).item()
 
-    monkeypatch.setattr(trainer_module, "without_hindsight", lambda signal: signal)  # the frame keeps the hindsight
+    # The frame keeps the hindsight.
+    monkeypatch.setattr(teacher_batch_module, "without_hindsight", lambda signal: signal)
     same = batch_of(trainer)
     assert torch.equal(same["frame_prompt_ids"], same["teacher_prompt_ids"])
     without_effect = trainer._compute_loss(trainer.model, same).item()
