@@ -226,6 +226,20 @@ def test_the_expected_grpo_gradient_is_trls_on_policy(tmp_path, loss_type, train
     torch.testing.assert_close(trainer._expected_grpo_logp_gradient(batch), actual)
 
 
+def test_scored_completions_are_handed_over_only_inside_their_block(tmp_path):
+    """The one-pass hybrid's hand-off to TRL's scoring holds inside `scored_completions` only, even when the block
+    fails: after it, scoring runs a forward again."""
+    trainer = build(tmp_path, SDPOConfig(grpo_weight=0.5))
+    ids = torch.ones(2, 5, dtype=torch.long)
+    logps, entropies = torch.randn(2, 2), torch.randn(2, 2)
+    with pytest.raises(RuntimeError, match="inside"), trainer.scored_completions(logps, entropies):
+        handed = trainer._get_per_token_logps_and_entropies(trainer.model, ids, torch.ones_like(ids), 2)
+        assert handed[0] is logps and handed[1] is entropies
+        raise RuntimeError("inside")
+    scored, _, _ = trainer._get_per_token_logps_and_entropies(trainer.model, ids, torch.ones_like(ids), 2)
+    assert scored is not logps and scored.shape == (2, 2) and (scored < 0).all()
+
+
 @pytest.mark.parametrize(
     "sdpo_config", [SDPOConfig(teacher_entropy_weighting=1.0), SDPOConfig(pass_rate_weighting=True)]
 )
