@@ -1,5 +1,8 @@
 """Every TRL / transformers internal that `SDPOTrainer` relies on, checked once at import.
 
+`SDPOTrainer` includes its mixins (`cpu_fast_path.CPUFastPath`, `distillation.DistillationStep`, `hybrid.HybridLoss`)
+and what it hands `teacher_batch.TeacherBatchBuilder`.
+
 `SDPOTrainer` extends `trl.GRPOTrainer` through private methods and attributes that TRL may change in any release.
 Listing them here, and checking them when `sdpo_rl` is imported, turns a silent misbehaviour after a TRL upgrade into
 one clear error that names the supported versions.

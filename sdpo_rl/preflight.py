@@ -35,6 +35,7 @@ from .config import SDPOConfig
 from .forward import no_grad_logits
 from .loss import per_token_divergence, sampled_token_logps
 from .model_state import restored
+from .teacher_batch import total_rewards
 
 BOOTSTRAP_RESAMPLES = 1000
 FRAME_POSITIONS = 3  # the first completion positions, where a reprompt's frame shows (docs/preflight.md)
@@ -338,8 +339,6 @@ def _sample(trainer, prompt_ids: list[list[int]]) -> list[list[int]]:
 def _scores(trainer, rows: list[dict], completion_ids: list[list[int]]) -> list[float]:
     """The trainer's total weighted reward of each completion, each scored against its dataset row."""
     from trl.data_utils import is_conversational
-
-    from .trainer import total_rewards
 
     texts = trainer.processing_class.batch_decode(completion_ids, skip_special_tokens=True)
     completions = [[{"role": "assistant", "content": t}] for t in texts] if is_conversational(rows[0]) else texts

@@ -26,7 +26,7 @@ def test_prompt_sharing_says_why_it_is_off(tmp_path, caplog, case):
     if case == "gradient checkpointing":  # as `train()` does
         trainer.model.gradient_checkpointing_enable(trainer.args.gradient_checkpointing_kwargs)
     trainer.model.train()
-    with caplog.at_level("INFO", logger="sdpo_rl.trainer"):
+    with caplog.at_level("INFO", logger="sdpo_rl.cpu_fast_path"):
         shared = [trainer._shares_prompts(trainer.model, training_forward) for training_forward in (True, True, False)]
     said = notices(caplog)
     expected = {
@@ -58,7 +58,7 @@ def test_the_hybrids_one_pass_says_why_it_is_off(tmp_path, caplog, entropy_coef)
     trainer.current_gradient_accumulation_steps = 1  # set by the training loop, which this test does not run
     torch.manual_seed(0)
     batch = trainer._generate_and_score_completions([trainer.train_dataset[i] for i in range(2) for _ in range(4)])
-    with caplog.at_level("INFO", logger="sdpo_rl.trainer"):
+    with caplog.at_level("INFO", logger="sdpo_rl.cpu_fast_path"):
         for _ in range(2):
             trainer._compute_loss(trainer.model, batch)
     one_pass = entropy_coef == 0.0

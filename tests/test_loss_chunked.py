@@ -11,8 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from sdpo_rl import SDPOConfig, SDPOTrainer, loss_chunked
-from sdpo_rl import trainer as trainer_module
+from sdpo_rl import SDPOConfig, SDPOTrainer, cpu_fast_path, distillation, hybrid, loss_chunked
 from sdpo_rl.loss import LOSS_AGG_MODES, LossSettings, sampled_token_logps, self_distillation_loss, token_entropy
 from sdpo_rl.loss_chunked import (
     CHUNK_BYTES,
@@ -514,10 +513,12 @@ def assert_chunked_path_equals_logits_path(trainer, monkeypatch) -> None:
             if param.requires_grad:
                 param.add_(0.2 * torch.randn_like(param))
 
-    assert trainer_module.linear_head(trainer.model) is not None, "the tiny model's head must take the chunked path"
+    head = distillation.linear_head(trainer.model)
+    assert head is not None, "the tiny model's head must take the chunked path"
     chunked_loss, chunked_grads, chunked_entropies = loss_grads_and_entropies(trainer, batch)
     chunked_teacher_entropy = trainer._teacher_entropy(batch)
-    monkeypatch.setattr(trainer_module, "linear_head", lambda model: None)
+    for module in (distillation, hybrid, cpu_fast_path):  # every module of the trainer that looks the head up
+        monkeypatch.setattr(module, "linear_head", lambda model: None)
     loss, grads, entropies = loss_grads_and_entropies(trainer, batch)
 
     assert loss.abs() > 1e-4

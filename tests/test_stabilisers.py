@@ -8,7 +8,8 @@ import torch
 from tiny import ParityReward, assert_close_to_scale, grpo_args, make_dataset, make_model, make_tokenizer
 from trl import GRPOTrainer
 
-import sdpo_rl.trainer as trainer_module
+import sdpo_rl.hybrid as hybrid_module
+import sdpo_rl.teacher_batch as teacher_batch_module
 from sdpo_rl import SDPOConfig, SDPOTrainer
 from sdpo_rl.loss_chunked import PolicyGradient
 from sdpo_rl.reprompt import select_teacher_signals
@@ -181,7 +182,7 @@ def test_one_forward_gives_the_gradients_of_two_forwards(
         batch["old_per_token_logps"] = current - 0.1
     policies = []
     monkeypatch.setattr(
-        trainer_module, "PolicyGradient", lambda *args: policies.append(PolicyGradient(*args)) or policies[-1]
+        hybrid_module, "PolicyGradient", lambda *args: policies.append(PolicyGradient(*args)) or policies[-1]
     )
     calls = []
     handle = trainer.model.model.register_forward_hook(lambda *args: calls.append(1))
@@ -218,11 +219,25 @@ def test_the_expected_grpo_gradient_is_trls_on_policy(tmp_path, loss_type, train
     trainer.current_gradient_accumulation_steps = 2
     trainer.model.train(training)
     logps = torch.randn(batch["completion_ids"].shape).requires_grad_()
-    trainer._scored_completions = (logps, torch.zeros_like(logps))
-    loss = GRPOTrainer._compute_loss(trainer, trainer.model, batch)
+    with trainer.scored_completions(logps, torch.zeros_like(logps)):
+        loss = GRPOTrainer._compute_loss(trainer, trainer.model, batch)
     actual = torch.autograd.grad(loss, logps)[0]
     assert actual.abs().max() > 0
     torch.testing.assert_close(trainer._expected_grpo_logp_gradient(batch), actual)
+
+
+def test_scored_completions_are_handed_over_only_inside_their_block(tmp_path):
+    """The one-pass hybrid's hand-off to TRL's scoring holds inside `scored_completions` only, even when the block
+    fails: after it, scoring runs a forward again."""
+    trainer = build(tmp_path, SDPOConfig(grpo_weight=0.5))
+    ids = torch.ones(2, 5, dtype=torch.long)
+    logps, entropies = torch.randn(2, 2), torch.randn(2, 2)
+    with pytest.raises(RuntimeError, match="inside"), trainer.scored_completions(logps, entropies):
+        handed = trainer._get_per_token_logps_and_entropies(trainer.model, ids, torch.ones_like(ids), 2)
+        assert handed[0] is logps and handed[1] is entropies
+        raise RuntimeError("inside")
+    scored, _, _ = trainer._get_per_token_logps_and_entropies(trainer.model, ids, torch.ones_like(ids), 2)
+    assert scored is not logps and scored.shape == (2, 2) and (scored < 0).all()
 
 
 @pytest.mark.parametrize(
@@ -270,7 +285,8 @@ def test_hindsight_contrast_is_zero_when_the_hindsight_has_no_effect(tmp_path, m
     assert batch["self_distillation_mask"].sum() > 0
     with_hindsight = trainer._compute_loss(trainer.model, batch).item()
 
-    monkeypatch.setattr(trainer_module, "without_hindsight", lambda signal: signal)  # the frame keeps the hindsight
+    # The frame keeps the hindsight.
+    monkeypatch.setattr(teacher_batch_module, "without_hindsight", lambda signal: signal)
     same = batch_of(trainer)
     assert torch.equal(same["frame_prompt_ids"], same["teacher_prompt_ids"])
     without_effect = trainer._compute_loss(trainer.model, same).item()

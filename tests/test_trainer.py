@@ -20,7 +20,8 @@ from tiny import (
 from trl import GRPOTrainer
 from trl.trainer.utils import split_tensor_dict
 
-import sdpo_rl.trainer as trainer_module
+import sdpo_rl.cpu_fast_path as cpu_fast_path_module
+import sdpo_rl.distillation as distillation_module
 from sdpo_rl import SDPOConfig, SDPOTrainer
 
 
@@ -195,8 +196,9 @@ def test_disabled_or_pure_grpo_weight_is_exactly_grpo(tmp_path, monkeypatch, sdp
     def not_trls(*args, **kwargs):
         raise AssertionError("SDPOTrainer left TRL's code path without a distillation term")
 
-    monkeypatch.setattr(trainer_module, "completion_hidden", not_trls)
-    monkeypatch.setattr(trainer_module, "prompts_prefilled_once", not_trls)
+    monkeypatch.setattr(cpu_fast_path_module, "completion_hidden", not_trls)
+    monkeypatch.setattr(distillation_module, "completion_hidden", not_trls)
+    monkeypatch.setattr(cpu_fast_path_module, "prompts_prefilled_once", not_trls)
     tokenizer = make_tokenizer()
     sdpo = build(tmp_path / "a", sdpo_config=sdpo_config, tokenizer=tokenizer)
     sdpo.train()
@@ -216,7 +218,7 @@ def test_disabled_or_pure_grpo_weight_is_exactly_grpo(tmp_path, monkeypatch, sdp
 
 
 class _ProjectedRows:
-    """Stands in for `ChunkedLogProbFunction` in `sdpo_rl.trainer` and counts the rows the head projects."""
+    """Stands in for `ChunkedLogProbFunction` in `sdpo_rl.cpu_fast_path` and counts the rows the head projects."""
 
     def __init__(self, kernel):
         self.kernel, self.rows = kernel, []
@@ -266,8 +268,8 @@ def test_cpu_scoring_projects_only_completion_tokens_with_trls_values(
         return logps, entropies, {n: p.grad.clone() for n, p in trainer.model.named_parameters() if p.grad is not None}
 
     monkeypatch.setattr(trainer, "_shares_prompts", lambda model, training_forward=True: False)
-    projected = _ProjectedRows(trainer_module.ChunkedLogProbFunction)
-    monkeypatch.setattr(trainer_module, "ChunkedLogProbFunction", projected)
+    projected = _ProjectedRows(cpu_fast_path_module.ChunkedLogProbFunction)
+    monkeypatch.setattr(cpu_fast_path_module, "ChunkedLogProbFunction", projected)
     ours = scored(trainer._get_per_token_logps_and_entropies)
     trls = scored(partial(GRPOTrainer._get_per_token_logps_and_entropies, trainer))
     assert sum(projected.rows) == batch["completion_mask"].sum() and len(projected.rows) == (3 if batch_size else 1)
@@ -353,7 +355,7 @@ def test_generation_prefills_each_groups_prompt_once(tmp_path, monkeypatch, grad
 def test_scoring_goes_to_trl_for_a_head_that_is_not_plain_linear(tmp_path, monkeypatch):
     trainer = build(tmp_path, sdpo_config=SDPOConfig(sample_routing=True))
     calls = []
-    monkeypatch.setattr(trainer_module, "linear_head", lambda model: None)
+    monkeypatch.setattr(cpu_fast_path_module, "linear_head", lambda model: None)
     monkeypatch.setattr(GRPOTrainer, "_get_per_token_logps_and_entropies", lambda *args, **kwargs: calls.append(1))
     ids = torch.ones(2, 5, dtype=torch.long)
     trainer._get_per_token_logps_and_entropies(trainer.model, ids, torch.ones_like(ids), 2)
