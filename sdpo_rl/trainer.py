@@ -55,9 +55,9 @@ from .forward import (
     prompt_sharing_blocker,
 )
 from .generation import prompts_prefilled_once
-from .grpo_gradient import GRPOLossSettings, on_policy_logp_gradient
 from .loss import self_distillation_loss, token_entropy
-from .loss_chunked import PolicyGradient, default_chunk_size, self_distillation_loss_from_hidden
+from .loss.chunked import PolicyGradient, default_chunk_size, self_distillation_loss_from_hidden
+from .loss.grpo_gradient import GRPOLossSettings, on_policy_logp_gradient
 from .metrics import (
     DISTILLATION_LOSS,
     GRPO_LOSS,
@@ -91,7 +91,7 @@ from .stabilisers import (
     routed_to_distillation,
 )
 from .teacher import Teacher, build_teacher
-from .teacher_checkpoint import hidden_teacher_adapter, load_teacher, save_teacher
+from .teacher.checkpoint import hidden_teacher_adapter, load_teacher, save_teacher
 
 TEACHER_DIR = "teacher"
 # Dataset columns through which TRL feeds images to vision-language models; SDPO's forwards carry no images.

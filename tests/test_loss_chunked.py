@@ -11,10 +11,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from sdpo_rl import SDPOConfig, SDPOTrainer, loss_chunked
+from sdpo_rl import SDPOConfig, SDPOTrainer
 from sdpo_rl import trainer as trainer_module
 from sdpo_rl.loss import LOSS_AGG_MODES, LossSettings, sampled_token_logps, self_distillation_loss, token_entropy
-from sdpo_rl.loss_chunked import (
+from sdpo_rl.loss import chunked as loss_chunked
+from sdpo_rl.loss.chunked import (
     CHUNK_BYTES,
     PolicyGradient,
     default_chunk_size,

@@ -10,7 +10,7 @@ from trl import GRPOTrainer
 
 import sdpo_rl.trainer as trainer_module
 from sdpo_rl import SDPOConfig, SDPOTrainer
-from sdpo_rl.loss_chunked import PolicyGradient
+from sdpo_rl.loss.chunked import PolicyGradient
 from sdpo_rl.reprompt import select_teacher_signals
 from sdpo_rl.stabilisers import (
     group_pass_rates,
