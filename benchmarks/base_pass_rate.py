@@ -54,8 +54,8 @@ def measure(name: str, split: str, temperature: float, samples_per_prompt: int, 
     import torch
 
     torch.set_num_threads(1)
+    from sdpo_rl.apps.tasks import get_task
     from sdpo_rl.models import load_default_model
-    from sdpo_rl.tasks import get_task
 
     task = get_task(name)
     dataset = task.train_dataset() if split == "train" else task.heldout_dataset()
@@ -67,7 +67,7 @@ def measure(name: str, split: str, temperature: float, samples_per_prompt: int, 
 
 
 def main(argv: list[str] | None = None) -> int:
-    from sdpo_rl.tasks import TASKS as ALL_TASKS
+    from sdpo_rl.apps.tasks import TASKS as ALL_TASKS
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tasks", nargs="+", default=list(TASKS), choices=list(ALL_TASKS))

@@ -45,10 +45,10 @@ def main(argv: list[str] | None = None) -> int:
     from trl import GRPOConfig
 
     from sdpo_rl import SDPOConfig, SDPOTrainer
+    from sdpo_rl.apps.tasks import get_task
     from sdpo_rl.forward import completion_logits
     from sdpo_rl.loss import per_token_divergence, sampled_token_logps, token_entropy
     from sdpo_rl.models import load_default_model
-    from sdpo_rl.tasks import get_task
 
     task = get_task(options.task)
     model, tokenizer = load_default_model()

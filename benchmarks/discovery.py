@@ -47,7 +47,7 @@ class Constraint:
 
 
 def _words(text: str) -> list[str]:
-    from sdpo_rl.tasks import _WORD
+    from sdpo_rl.apps.tasks import _WORD
 
     return _WORD.findall(text)
 
@@ -153,7 +153,7 @@ def run_one(method: str, problem: str, seed: int, size: dict) -> dict:
     import torch
 
     torch.set_num_threads(1)
-    from sdpo_rl import solve as search
+    from sdpo_rl import solving as search
     from sdpo_rl.models import load_default_model
 
     model, tokenizer = load_default_model()

@@ -41,8 +41,8 @@ METHODS = {
 }
 # The methods of the 30-step benchmark (`hybrid` was measured in the 10-step one and is not rerun by default).
 DEFAULT_METHODS = ("grpo", "sdpo", "hybrid_0.8", "srpo", "srpo_plain", "sc_sdpo", "contrast")
-# The default tasks, answer-checked (`--tasks` takes any of sdpo_rl.tasks.TASKS; the committed runs on `*_form` tasks
-# were measured when those were called `short_answer` and `one_word`).
+# The default tasks, answer-checked (`--tasks` takes any of sdpo_rl.apps.tasks.TASKS; the committed runs on `*_form`
+# tasks were measured when those were called `short_answer` and `one_word`).
 TASKS = ("capitals", "short_answer", "one_word")
 FULL = dict(steps=30, eval_every=5, seeds=(0, 1, 2), heldout_rows=None, samples_per_prompt=4, batch=16)
 QUICK = dict(steps=1, eval_every=1, seeds=(0,), heldout_rows=4, samples_per_prompt=1, batch=8)
@@ -90,9 +90,9 @@ def run_one(method: str, task_name: str, seed: int, size: dict, output_dir: str)
     from transformers import TrainerCallback
 
     from sdpo_rl import metrics as m
+    from sdpo_rl.apps.tasks import get_task
     from sdpo_rl.evaluation import heldout_accuracy
     from sdpo_rl.models import load_default_model
-    from sdpo_rl.tasks import get_task
 
     task = get_task(task_name)
     heldout = task.heldout_dataset()
@@ -298,7 +298,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="smoke run: one step, tiny evaluation")
     parser.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS), choices=list(METHODS))
-    from sdpo_rl.tasks import TASKS as ALL_TASKS
+    from sdpo_rl.apps.tasks import TASKS as ALL_TASKS
 
     parser.add_argument("--tasks", nargs="+", default=list(TASKS), choices=list(ALL_TASKS))
     parser.add_argument("--seeds", nargs="+", type=int, help="seeds (default: 0 1 2, or 0 with --quick)")

@@ -42,8 +42,8 @@ def time_steps(method: str, task_name: str, steps: int) -> dict:
 
     torch.set_num_threads(1)
     import sdpo_rl
+    from sdpo_rl.apps.tasks import get_task
     from sdpo_rl.models import load_default_model
-    from sdpo_rl.tasks import get_task
 
     task = get_task(task_name)
     model, tokenizer = load_default_model()

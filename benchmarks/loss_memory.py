@@ -6,7 +6,7 @@ hidden states and head weight (the teacher has its own head, as an EMA teacher d
 - `trl`: TRL's experimental SDPOTrainer path (`distillation_mode="topk_logits"`): `[B, T, V]` logits of student and
   teacher, `compute_topk_self_distillation_loss`, `apply_importance_sampling_clipping`, mean over sequences of the
   token mean (`_compute_self_distillation_loss`);
-- `sdpo_rl`: `sdpo_rl.loss_chunked.self_distillation_loss_from_hidden` with the same settings
+- `sdpo_rl`: `sdpo_rl.loss.chunked.self_distillation_loss_from_hidden` with the same settings
   (`loss_agg_mode="seq-mean-token-mean"`);
 - `sdpo_rl+entropy`: the same with `return_entropy=True`, as the trainer calls it to log both models' entropies.
 
@@ -102,7 +102,7 @@ def trl_loss(inputs: dict):
 
 def sdpo_rl_loss(inputs: dict, return_entropy: bool = False, chunk_size: int | None = None):
     from sdpo_rl.loss import LossSettings
-    from sdpo_rl.loss_chunked import self_distillation_loss_from_hidden
+    from sdpo_rl.loss.chunked import self_distillation_loss_from_hidden
 
     settings = LossSettings(
         alpha=SETTINGS["alpha"],
@@ -373,7 +373,7 @@ def commit() -> str:
 def sdpo_rl_chunk_size(head: dict) -> int:
     import torch
 
-    from sdpo_rl.loss_chunked import default_chunk_size
+    from sdpo_rl.loss.chunked import default_chunk_size
 
     return default_chunk_size(head["vocab_size"], torch.float32)
 

@@ -36,8 +36,8 @@ def measure(task: str, size: dict, seed: int) -> dict:
     """The preflight report of `task` at step 0, as a dict."""
     import torch
 
+    from sdpo_rl.cli.preflight import task_inputs
     from sdpo_rl.preflight import preflight
-    from sdpo_rl.preflight_cli import task_inputs
 
     torch.set_num_threads(1)
     report = preflight(*task_inputs(task), seed=seed, progress=False, **size)

@@ -1,6 +1,6 @@
 """Where the demo's training step spends its time and memory: CPU seconds and peak resident memory per phase.
 
-Builds the trainer exactly as `sdpo-rl demo` does (`sdpo_rl.demo.demo_grpo_config`, the demo's options after `--`),
+Builds the trainer exactly as `sdpo-rl demo` does (`sdpo_rl.apps.demo.demo_grpo_config`, the demo's options after `--`),
 or with `--learning METHOD` as `learning.py` does for that method (its settings and batch, on the task that
 `learning_step_time.py` times), trains `--steps` steps after one warm-up step, and times each phase of a step:
 generation, rewards, teacher prompts, the GRPO forward (GRPO, and the hybrid of a model without a plain linear
@@ -114,9 +114,9 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from sdpo_rl import cli
-    from sdpo_rl.demo import build_demo_trainer
+    from sdpo_rl.apps.demo import build_demo_trainer
+    from sdpo_rl.apps.tasks import get_task
     from sdpo_rl.models import load_default_model
-    from sdpo_rl.tasks import get_task
 
     output_dir = "/tmp/sdpo-rl-step-profile"
     args = cli.build_parser().parse_args(

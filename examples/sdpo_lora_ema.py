@@ -8,8 +8,8 @@ from common import parse_args, print_last_step_metrics, small_grpo_config
 from peft import LoraConfig
 
 from sdpo_rl import SDPOConfig, SDPOTrainer
+from sdpo_rl.apps.tasks import get_task
 from sdpo_rl.models import load_model
-from sdpo_rl.tasks import get_task
 
 
 def main():

@@ -35,8 +35,8 @@ def main():
     from unsloth import FastLanguageModel  # first: it patches transformers and TRL; `common` imports TRL lazily
 
     from sdpo_rl import SDPOConfig, SDPOTrainer
+    from sdpo_rl.apps.tasks import get_task
     from sdpo_rl.models import prepare_default_model
-    from sdpo_rl.tasks import get_task
 
     model, tokenizer = FastLanguageModel.from_pretrained(
         model_name=args.model or str(prepare_default_model()), max_seq_length=1024, load_in_4bit=False

@@ -1,7 +1,7 @@
 """`DistillationStep`: the self-distillation loss of a micro-batch (docs/how-it-works.md section 4).
 
 The student's forward on prompt + completion, the teacher's on teacher prompt + the same completion, the hindsight
-contrast target, the per-token weights and the loss normaliser, and the loss of `sdpo_rl.loss_chunked` (from final
+contrast target, the per-token weights and the loss normaliser, and the loss of `sdpo_rl.loss.chunked` (from final
 hidden states, for a plain linear head) or `sdpo_rl.loss` (from logits). A mixin of `SDPOTrainer`; it reads the
 trainer's `sdpo_config`, `teacher`, `accelerator`, `temperature`, `args` and `_metrics`, and `_shares_prompts`
 (`sdpo_rl.cpu_fast_path`).
@@ -18,7 +18,7 @@ from torch import nn
 
 from .forward import HeadInputs, completion_hidden, completion_logits, linear_head, logit_scale
 from .loss import self_distillation_loss, token_entropy
-from .loss_chunked import PolicyGradient, default_chunk_size, self_distillation_loss_from_hidden
+from .loss.chunked import PolicyGradient, default_chunk_size, self_distillation_loss_from_hidden
 from .metrics import DISTILLATION_LOSS, STUDENT_ENTROPY, TEACHER_ENTROPY
 from .stabilisers import head_entropy
 

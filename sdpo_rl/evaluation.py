@@ -1,4 +1,4 @@
-"""Held-out accuracy of a chat model on a task from `sdpo_rl.tasks`, by sampling (no gradients).
+"""Held-out accuracy of a chat model on a task from `sdpo_rl.apps.tasks`, by sampling (no gradients).
 
 `heldout_accuracy` renders every prompt with the tokenizer's chat template (`add_generation_prompt=True`), samples
 `samples_per_prompt` completions per prompt with `model.generate` in left-padded batches (on a CPU with each batch's

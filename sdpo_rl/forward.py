@@ -3,7 +3,7 @@
 The student's forward (with gradient) and every teacher's (without) go through these helpers, so that both score
 exactly the same positions. For a model whose logits are a plain linear projection of its final hidden states
 (`linear_head`), `completion_hidden` returns those hidden states instead, and the loss projects them a chunk of tokens
-at a time (`sdpo_rl.loss_chunked`).
+at a time (`sdpo_rl.loss.chunked`).
 """
 
 from __future__ import annotations

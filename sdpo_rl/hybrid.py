@@ -1,10 +1,10 @@
 """`HybridLoss`: TRL's GRPO loss as a second term beside the distillation, the routed sum or the `grpo_weight` blend.
 
 With a model whose head is a plain linear layer, one student forward serves both terms and the head projects each
-completion token once for both (`_one_pass_hybrid`): the distillation's chunk pass folds TRL's GRPO gradient, known in
-advance on policy (`_expected_grpo_logp_gradient`, `sdpo_rl.grpo_gradient`), into its own, and hands the completions'
-log-probs and entropies to TRL's `_compute_loss` through `CPUFastPath.scored_completions` (`sdpo_rl.cpu_fast_path`).
-A mixin of `SDPOTrainer`, next to `DistillationStep` (`sdpo_rl.distillation`) and `CPUFastPath`, whose methods it calls.
+completion token once for both (`_one_pass_hybrid`): the distillation's chunk pass folds TRL's GRPO gradient, known
+in advance on policy (`_expected_grpo_logp_gradient`, `sdpo_rl.loss.grpo_gradient`), into its own, and hands the
+completions' log-probs and entropies to TRL's `_compute_loss` through `CPUFastPath.scored_completions`
+(`sdpo_rl.cpu_fast_path`). A mixin of `SDPOTrainer`, next to `DistillationStep` (`sdpo_rl.distillation`) and `CPUFastPath`, whose methods it calls.
 """
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ from trl import GRPOTrainer
 
 from .distillation import distilled_rows
 from .forward import linear_head
-from .grpo_gradient import GRPOLossSettings, on_policy_logp_gradient
-from .loss_chunked import PolicyGradient
+from .loss.chunked import PolicyGradient
+from .loss.grpo_gradient import GRPOLossSettings, on_policy_logp_gradient
 from .metrics import GRPO_LOSS, ONE_PASS_HYBRID
 
 
@@ -67,7 +67,7 @@ class HybridLoss:
         """``(GRPO loss, distillation loss)`` from one student forward, the head projecting each token once.
 
         The distillation's chunk pass also returns the student's log-probs of the distilled tokens and folds TRL's
-        GRPO gradient w.r.t. them into its own (`sdpo_rl.grpo_gradient`); the other completion tokens are scored by
+        GRPO gradient w.r.t. them into its own (`sdpo_rl.loss.grpo_gradient`); the other completion tokens are scored by
         TRL's chunked log-prob kernel, compact. TRL's `_compute_loss` then computes its loss and metrics from these
         log-probs and entropies, handed over by `scored_completions`, instead of running its own forward.
         """

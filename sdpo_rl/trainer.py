@@ -14,7 +14,7 @@ order a training step meets them; each hook delegates to the module named for it
    splits it like every other batch tensor).
 3. `_compute_loss`: the distillation step (`sdpo_rl.distillation.DistillationStep._self_distillation_loss`: student
    forward on prompt + completion, teacher forward on teacher prompt + the same completion, the loss of
-   `sdpo_rl.loss_chunked` or `sdpo_rl.loss`); with routing or the hybrid, TRL's own GRPO loss beside it, from the
+   `sdpo_rl.loss.chunked` or `sdpo_rl.loss`); with routing or the hybrid, TRL's own GRPO loss beside it, from the
    same student forward (`sdpo_rl.hybrid.HybridLoss`); TRL's scoring of the completions on a CPU
    (`CPUFastPath._get_per_token_logps_and_entropies`).
 4. `_get_grad_norm` and a callback after each optimizer step: a non-finite step changes nothing; otherwise the
@@ -52,8 +52,8 @@ from .monitor import ADVICE, collapse_signs
 from .preflight import EDGE_KINDS, pooled_edge, teacher_edge_counts
 from .reprompt import check_prompts_end_with_user_turn
 from .teacher import Teacher, build_teacher
+from .teacher.checkpoint import hidden_teacher_adapter, load_teacher, save_teacher
 from .teacher_batch import TeacherBatch, TeacherBatchBuilder, _Rollout
-from .teacher_checkpoint import hidden_teacher_adapter, load_teacher, save_teacher
 
 TEACHER_DIR = "teacher"
 # Dataset columns through which TRL feeds images to vision-language models; SDPO's forwards carry no images.

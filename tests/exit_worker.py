@@ -38,7 +38,7 @@ if __name__ == "__main__":
     before = thread_names()
     trainer = SimpleNamespace(model=model, model_wrapped=wrapped, accelerator=accelerator)
     rank = accelerator.process_index
-    del wrapped  # the trainer's references are the script's only ones, as in `sdpo_rl.train_cli.train`
+    del wrapped  # the trainer's references are the script's only ones, as in `sdpo_rl.cli.train.train`
     end_training(trainer)
     report = {"before": before, "after": thread_names()}
     Path(sys.argv[1], f"rank{rank}.json").write_text(json.dumps(report))

@@ -84,7 +84,7 @@ def test_step_time_benchmark_quick_mode_times_every_trainer_with_and_without_tea
 
 def test_base_pass_rate_counts_passing_samples_and_prompts_with_a_pass(monkeypatch):
     from sdpo_rl import evaluation
-    from sdpo_rl.tasks import get_task
+    from sdpo_rl.apps.tasks import get_task
 
     task = get_task("one_word_form")  # the word count alone: "no" and "Honey" pass for "What color is the sky?"
     rows = task.train_dataset().select(range(3))

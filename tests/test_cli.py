@@ -9,7 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from sdpo_rl import cli, demo, plotting
+from sdpo_rl import cli
+from sdpo_rl.apps import demo, plotting
+from sdpo_rl.cli import demo as demo_cli
 
 
 def test_console_script_is_declared():
@@ -25,11 +27,11 @@ def test_demo_help_lists_the_options(capsys):
     text = capsys.readouterr().out
     for option in ("--max-steps", "--output-dir", "--seed", "--task", "--lr", "capitals", "short_answer"):
         assert option in text
-    assert f"(default: {cli.DEMO_MAX_STEPS})" in text
+    assert f"(default: {demo.DEMO_MAX_STEPS})" in text
 
 
 def test_demo_and_solve_offer_every_task_answer_checked_first(capsys):
-    from sdpo_rl.tasks import TASKS
+    from sdpo_rl.apps.tasks import TASKS
 
     parser = cli.build_parser()
     assert parser.parse_args(["demo"]).task == "capitals"
@@ -66,8 +68,8 @@ def test_demo_settings_are_the_library_defaults_in_the_benchmarked_hybrid():
 
     from sdpo_rl import SDPOConfig
 
-    assert cli.DEMO_SDPO_CONFIG.grpo_weight == 0.8  # hybrid_0.8 of benchmarks/learning.py
-    assert dataclasses.replace(cli.DEMO_SDPO_CONFIG, grpo_weight=0.0) == SDPOConfig()
+    assert demo.DEMO_SDPO_CONFIG.grpo_weight == 0.8  # hybrid_0.8 of benchmarks/learning.py
+    assert dataclasses.replace(demo.DEMO_SDPO_CONFIG, grpo_weight=0.0) == SDPOConfig()
 
 
 LOG_HISTORY = [
@@ -196,10 +198,10 @@ def test_the_thread_count_falls_back_to_the_cores_without_proc_stat(monkeypatch)
 def test_the_demo_trains_a_lora_adapter_unless_told_not_to(options, rate, teacher_mode, tmp_path):
     from tiny import make_model, make_tokenizer
 
-    from sdpo_rl.tasks import get_task
+    from sdpo_rl.apps.tasks import get_task
 
     args = cli.build_parser().parse_args(["demo", f"--output-dir={tmp_path}", *options])
-    cli.check_demo_arguments(args)
+    demo_cli.check_demo_arguments(args)
     tokenizer = make_tokenizer()
     model = make_model(tokenizer)
     trainer = demo.build_demo_trainer(args, model, tokenizer, get_task("capitals"), use_cuda=False)
@@ -211,12 +213,14 @@ def test_the_demo_trains_a_lora_adapter_unless_told_not_to(options, rate, teache
 
 
 def test_the_demo_names_the_fix_when_peft_is_missing(monkeypatch):
-    real_find_spec = cli.importlib.util.find_spec
-    monkeypatch.setattr(cli.importlib.util, "find_spec", lambda name: None if name == "peft" else real_find_spec(name))
+    real_find_spec = demo_cli.importlib.util.find_spec
+    monkeypatch.setattr(
+        demo_cli.importlib.util, "find_spec", lambda name: None if name == "peft" else real_find_spec(name)
+    )
     with pytest.raises(SystemExit, match=r"needs peft.*pip install 'sdpo-rl\[embedded\]'.*--no-lora"):
         cli.main(["demo"])
     args = cli.build_parser().parse_args(["demo", "--no-lora"])
-    cli.check_demo_arguments(args)  # fine-tuning every weight does not need peft
+    demo_cli.check_demo_arguments(args)  # fine-tuning every weight does not need peft
 
 
 @pytest.mark.parametrize("rate", ["0.0", "-0.5", "nan"])

@@ -4,7 +4,7 @@ import platform
 
 import pytest
 
-from sdpo_rl import cpu_memory
+from sdpo_rl.apps import cpu_memory
 
 
 @pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="malloc_trim exists in glibc only")

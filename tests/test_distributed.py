@@ -20,10 +20,11 @@ from safetensors.torch import load_file
 from tiny import make_model, make_tokenizer
 
 import sdpo_rl.teacher as teacher_module
+import sdpo_rl.teacher.copied as copied_teacher_module
 from sdpo_rl import SDPOConfig
 from sdpo_rl.sharding import paired_shards
 from sdpo_rl.teacher import Teacher, build_teacher, ema_update_
-from sdpo_rl.teacher_checkpoint import save_teacher
+from sdpo_rl.teacher.checkpoint import save_teacher
 
 PROCESSES = 2
 # Logged once per micro-batch as the mean over that micro-batch's tokens: with several micro-batches per step they
@@ -208,7 +209,7 @@ def test_a_sharded_teacher_is_not_saved_silently_empty(tmp_path):
 @pytest.mark.parametrize("sharding", ["DeepSpeed ZeRO-3", "FSDP2"])
 @pytest.mark.parametrize("mode", ["ema", "frozen", "trust_region"])
 def test_full_copy_teachers_are_refused_when_parameters_are_sharded(monkeypatch, sharding, mode):
-    monkeypatch.setattr(teacher_module, "parameter_sharding", lambda: sharding)
+    monkeypatch.setattr(copied_teacher_module, "parameter_sharding", lambda: sharding)
     with pytest.raises(ValueError, match=rf"shards parameters \({sharding}\).*teacher_mode='lora_ema'"):
         build_teacher(SDPOConfig(teacher_mode=mode), make_model(make_tokenizer()))
 

@@ -11,9 +11,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from sdpo_rl import SDPOConfig, SDPOTrainer, cpu_fast_path, distillation, hybrid, loss_chunked
+from sdpo_rl import SDPOConfig, SDPOTrainer, cpu_fast_path, distillation, hybrid
 from sdpo_rl.loss import LOSS_AGG_MODES, LossSettings, sampled_token_logps, self_distillation_loss, token_entropy
-from sdpo_rl.loss_chunked import (
+from sdpo_rl.loss import chunked as loss_chunked
+from sdpo_rl.loss.chunked import (
     CHUNK_BYTES,
     PolicyGradient,
     default_chunk_size,

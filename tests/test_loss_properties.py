@@ -9,7 +9,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from sdpo_rl.loss import LossSettings, divergence, per_token_divergence, self_distillation_loss
-from sdpo_rl.loss_chunked import self_distillation_loss_from_hidden
+from sdpo_rl.loss.chunked import self_distillation_loss_from_hidden
 
 PROPERTY_SETTINGS = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 alphas = st.sampled_from([0.0, 0.25, 0.5, 0.9, 1.0]) | st.floats(0.0, 1.0)

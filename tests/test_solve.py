@@ -14,9 +14,11 @@ import torch
 from tiny import make_model, make_tokenizer
 
 from sdpo_rl import Scored, SDPOConfig
+from sdpo_rl.cli.solve import add_parser as add_solve_parser
+from sdpo_rl.cli.solve import parse_columns, problem_from_args
+from sdpo_rl.cli.solve import run as run_solve
 from sdpo_rl.model_state import _Restore
-from sdpo_rl.solve import _fit, best_of_k, multi_turn, solve
-from sdpo_rl.solve_cli import add_solve_parser, parse_columns, problem_from_args, run_solve
+from sdpo_rl.solving import _fit, best_of_k, multi_turn, solve
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMPT = "What is the capital of France?"
@@ -325,7 +327,7 @@ def parse(argv):
 
 
 def test_cli_takes_a_problem_from_a_builtin_task():
-    from sdpo_rl.tasks import get_task
+    from sdpo_rl.apps.tasks import get_task
 
     args = parse(["--task", "short_answer", "--index", "3", "--method", "best_of_k", "--max-attempts", "16"])
     messages, reward, columns = problem_from_args(args)
@@ -486,3 +488,10 @@ def test_cli_runs_a_search_and_reports_it(method, monkeypatch, capsys, tokenizer
         assert f"Solved by {method} in " in output
     else:
         assert code == 1 and f"Not solved by {method} in 4 attempts" in output
+
+
+def test_sdpo_rl_solve_is_the_search_function():
+    import sdpo_rl
+
+    assert sdpo_rl.solve is solve
+    assert "solve" in sdpo_rl.__all__

@@ -11,7 +11,7 @@ from trl import GRPOTrainer
 import sdpo_rl.hybrid as hybrid_module
 import sdpo_rl.teacher_batch as teacher_batch_module
 from sdpo_rl import SDPOConfig, SDPOTrainer
-from sdpo_rl.loss_chunked import PolicyGradient
+from sdpo_rl.loss.chunked import PolicyGradient
 from sdpo_rl.reprompt import select_teacher_signals
 from sdpo_rl.stabilisers import (
     group_pass_rates,

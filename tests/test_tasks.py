@@ -2,8 +2,7 @@
 
 import pytest
 
-from sdpo_rl.feedback import Scored, collect_feedback, record_returns, snapshot_feedback
-from sdpo_rl.tasks import (
+from sdpo_rl.apps.tasks import (
     CAPITALS,
     CONTENT_FEEDBACK,
     HARD_CAPITALS,
@@ -14,6 +13,7 @@ from sdpo_rl.tasks import (
     count_words,
     get_task,
 )
+from sdpo_rl.feedback import Scored, collect_feedback, record_returns, snapshot_feedback
 
 
 def as_completions(*texts):

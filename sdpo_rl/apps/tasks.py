@@ -42,8 +42,8 @@ from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
-from .feedback import Scored
-from .rewards.base import TRL_ARGUMENTS, FeedbackReward
+from ..feedback import Scored
+from ..rewards.base import TRL_ARGUMENTS, FeedbackReward
 
 # ---- capitals ------------------------------------------------------------------------------------------------------
 

@@ -3,7 +3,7 @@
     sdpo-rl train --config config.yaml [--field value ...]
     accelerate launch [launcher options] -m sdpo_rl.cli train --config config.yaml [--field value ...]
 
-`sdpo_rl.train_config` reads the configuration; this module loads the dataset and the reward functions it names,
+`sdpo_rl.cli.train_config` reads the configuration; this module loads the dataset and the reward functions it names,
 builds `SDPOTrainer` (which loads the model from `model_name_or_path`, with a LoRA adapter when `use_peft` is set),
 trains, and saves the student to `output_dir`. Every process of an `accelerate launch` runs the same code; the dataset
 is prepared by the main process first, then read from the cache by the others. See docs/cli.md.
@@ -19,25 +19,29 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from .process_group import end_training
+from ..process_group import end_training
+from .common import command_parser
 from .train_config import ConfigError, TrainArguments, TrainScriptArguments, parse_arguments
 
 DATASET_BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet"}
 
 
-def add_train_command(commands: argparse._SubParsersAction) -> None:
+def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """Register `sdpo-rl train` on the `sdpo-rl` command's subparsers."""
-    train = commands.add_parser(
+    parser = command_parser(
+        subparsers,
         "train",
+        __doc__,
         help="train a model with SDPO from a YAML file (GRPOConfig, SDPOConfig and model/data/reward fields)",
         add_help=False,  # `sdpo-rl train --help` is answered by the configuration parser, with every field
         prefix_chars="\0",  # hand every argument, flags included, to the configuration parser untouched
     )
-    train.add_argument("arguments", nargs=argparse.REMAINDER)
-    train.set_defaults(func=run_train)
+    parser.add_argument("arguments", nargs=argparse.REMAINDER)
+    parser.set_defaults(func=run)
+    return parser
 
 
-def run_train(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace) -> int:
     try:
         arguments = parse_arguments(args.arguments)
         check_required(arguments.script, arguments.model)
@@ -66,7 +70,7 @@ def train(arguments: TrainArguments):
     """
     from trl import get_peft_config, get_quantization_config
 
-    from .trainer import SDPOTrainer
+    from ..trainer import SDPOTrainer
 
     script, training, model = arguments.script, arguments.training, arguments.model
     # As `trl grpo`: the model is loaded by the trainer, with these settings of trl.ModelConfig.

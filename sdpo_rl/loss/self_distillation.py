@@ -5,7 +5,7 @@ sampling temperature. ``s = log_softmax(student_logits)``, ``q = log_softmax(tea
 ``KL(a || b) = sum_v e^a_v (a_v - b_v)`` over the distillation support.
 
 :func:`self_distillation_loss` computes the loss from ``[B, T, V]`` logits; :func:`per_token_loss` is the per-token
-math it shares with the chunked twin in :mod:`sdpo_rl.loss_chunked`, which never materialises those logits. Both take
+math it shares with the chunked twin in :mod:`sdpo_rl.loss.chunked`, which never materialises those logits. Both take
 the loss's settings as one validated :class:`LossSettings`.
 """
 

@@ -3,7 +3,7 @@
     sdpo-rl solve --task short_answer --index 3 [--method sdpo|best_of_k|multi_turn] [--max-attempts 64]
     sdpo-rl solve --prompt "..." --reward my_rewards:check [--column tests='[...]'] [...]
 
-The problem is a row of a built-in task (`sdpo_rl.tasks`, its training rows then its held-out rows, numbered from
+The problem is a row of a built-in task (`sdpo_rl.apps.tasks`, its training rows then its held-out rows, numbered from
 0), or a prompt given here with a reward function named by import path (as in `sdpo-rl train`) and the dataset
 columns it reads. The model is the embedded SmolLM2-135M-Instruct unless `--model` names another. Prints the first
 successful completion and how many attempts it took; exits with 0 when solved, 1 when not (docs/test-time.md).
@@ -16,21 +16,22 @@ import json
 import sys
 from typing import Any
 
+from ..apps.tasks import TASKS
+from .common import command_parser
+
 METHODS = ("sdpo", "best_of_k", "multi_turn")
 
 
-def add_solve_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """Register `sdpo-rl solve` on the `sdpo-rl` command's subparsers."""
-    parser = subparsers.add_parser(
+    parser = command_parser(
+        subparsers,
         "solve",
+        __doc__,
         help="search for a solution to one problem, learning from failed attempts with SDPO (test time)",
-        description=__doc__.split("\n\n")[0],
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     problem = parser.add_argument_group("the problem: --task and --index, or --prompt and --reward")
-    from .tasks import TASKS
-
-    problem.add_argument("--task", help=f"a built-in task (sdpo_rl.tasks): {', '.join(TASKS)}")
+    problem.add_argument("--task", help=f"a built-in task (sdpo_rl.apps.tasks): {', '.join(TASKS)}")
     problem.add_argument("--index", type=int, help="row of the task: its training rows, then its held-out rows")
     problem.add_argument("--prompt", help="the problem, as the user message")
     problem.add_argument("--reward", help="reward function by import path, e.g. my_rewards:check")
@@ -50,7 +51,7 @@ def add_solve_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
     parser.add_argument("--model", default=None, help="model path or name (default: the embedded SmolLM2-135M)")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads for PyTorch")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-    parser.set_defaults(func=run_solve)
+    parser.set_defaults(func=run)
     return parser
 
 
@@ -59,7 +60,7 @@ def problem_from_args(args: argparse.Namespace) -> tuple[list[dict], Any, dict[s
     if args.task is not None:
         if args.prompt is not None or args.reward is not None or args.column:
             raise ValueError("give either --task and --index, or --prompt and --reward (with --column), not both")
-        from .tasks import get_task
+        from ..apps.tasks import get_task
 
         task = get_task(args.task)
         rows = [row for part in task.rows() for row in part]
@@ -71,7 +72,7 @@ def problem_from_args(args: argparse.Namespace) -> tuple[list[dict], Any, dict[s
         raise ValueError("name the problem: --task NAME --index I, or --prompt TEXT --reward module:function")
     if args.index is not None:
         raise ValueError("--index selects a row of --task; with --prompt, leave it out")
-    from .train_cli import load_reward_function
+    from .train import load_reward_function
     from .train_config import ConfigError
 
     try:
@@ -95,8 +96,8 @@ def parse_columns(items: list[str]) -> dict[str, Any]:
     return columns
 
 
-def run_solve(args: argparse.Namespace) -> int:
-    from . import solve as search
+def run(args: argparse.Namespace) -> int:
+    from .. import solving as search
 
     try:
         messages, reward, columns = problem_from_args(args)
@@ -113,7 +114,7 @@ def run_solve(args: argparse.Namespace) -> int:
         return 2
     import torch
 
-    from .models import load_model
+    from ..models import load_model
 
     if args.threads is not None:
         torch.set_num_threads(args.threads)

@@ -72,12 +72,13 @@ class _SearchOver(Exception):
 class _Search:
     """The bookkeeping shared by every method: scores rounds, numbers attempts, stops, shows progress."""
 
-    def __init__(self, method, messages, reward_func, columns, max_attempts, threshold, require_feedback, progress):
+    def __init__(self, method: str, problem: Problem, max_attempts: int, threshold: float, require_feedback: bool,
+                 progress: bool):  # fmt: skip
         from tqdm.auto import tqdm
 
-        self.method, self.messages, self.reward_func, self.columns = method, messages, reward_func, columns
-        self.max_attempts, self.threshold, self.require_feedback = max_attempts, threshold, require_feedback
-        self.name = getattr(reward_func, "__name__", type(reward_func).__name__)
+        self.method, self.problem, self.max_attempts = method, problem, max_attempts
+        self.threshold, self.require_feedback = threshold, require_feedback
+        self.name = getattr(problem.reward_func, "__name__", type(problem.reward_func).__name__)
         self.used = 0
         self.solution: str | None = None
         self.best = -math.inf
@@ -113,19 +114,21 @@ class _Search:
     def _call_reward(self, texts: list[str], completion_ids: list[list[int]]) -> tuple[list[float], list[str]]:
         """Call the reward function as the trainer does; its rewards (None -> NaN) and feedback."""
         count = len(texts)
-        recorder = ReturnRecorder(self.reward_func)
-        before = snapshot_feedback([self.reward_func])
+        problem = self.problem
+        recorder = ReturnRecorder(problem.reward_func)
+        before = snapshot_feedback([problem.reward_func])
         try:
             values = recorder(
-                prompts=[self.messages] * count,
+                prompts=[problem.messages] * count,
                 completions=[[{"role": "assistant", "content": text}] for text in texts],
                 completion_ids=completion_ids,
-                **{name: [value] * count for name, value in self.columns.items()},
+                **{name: [value] * count for name, value in problem.columns.items()},
             )
         except Exception as error:
             raise RuntimeError(
                 f"reward_func {self.name!r} raised {type(error).__name__} ({error}) while scoring {count} attempts "
-                f"(it is called with prompts=, completions=, completion_ids= and the columns {sorted(self.columns)}). "
+                "(it is called with prompts=, completions=, completion_ids= and the columns "
+                f"{sorted(problem.columns)}). "
                 "Fix the reward function; try it on one completion first."
             ) from error
         if isinstance(values, (str, bytes)) or not isinstance(values, Sequence) or len(values) != count:
@@ -159,7 +162,7 @@ class _TrainerReward:
     """The trainer's reward function: scores through the search, and ends training when the search is over.
 
     TRL's dataset columns, `trainer_state`, `log_extra` and `log_metric` are not forwarded: the user's reward
-    function gets the same arguments as in the baselines (the search's `columns`).
+    function gets the same arguments as in the baselines (the problem's `columns`).
     """
 
     def __init__(self, search: _Search):
@@ -220,47 +223,77 @@ def check_budget(
         )
 
 
-def _prepare(
-    method, model, tokenizer, prompt, reward_func, max_attempts, attempts_per_round, columns, seed, max_length, minimum
-) -> tuple[list[dict], dict]:
-    """Check the arguments every method shares; the prompt as messages and the columns as a dict."""
+@dataclass(frozen=True)
+class Problem:
+    """The problem a search works on: the prompt as chat messages ending with the user turn, the reward function,
+    and this problem's dataset columns, passed to the reward function with every attempt. `of` checks and builds it."""
+
+    messages: list[dict]
+    reward_func: Callable
+    columns: dict[str, Any]
+
+    @classmethod
+    def of(cls, prompt: str | list[dict], reward_func: Callable, columns: dict[str, Any] | None) -> Problem:
+        """The problem of a method's `prompt`, `reward_func` and `columns` arguments; errors name the argument."""
+        if isinstance(prompt, str):
+            messages = [{"role": "user", "content": prompt}]
+        elif isinstance(prompt, list) and prompt and all(isinstance(m, dict) for m in prompt):
+            messages = [dict(m) for m in prompt]
+            if messages[-1].get("role") != "user":
+                raise ValueError(
+                    f"prompt must end with a user turn, got a last turn with role {messages[-1].get('role')!r}: the "
+                    "problem is the last user message."
+                )
+        else:
+            raise TypeError(f"prompt must be a str or a non-empty list of chat messages (dicts), got {prompt!r}.")
+        if not callable(reward_func) or isinstance(reward_func, type):
+            raise TypeError(f"reward_func must be a reward function (callable), got {reward_func!r}.")
+        if columns is None:
+            columns = {}
+        if not isinstance(columns, dict) or not all(isinstance(k, str) for k in columns):
+            raise TypeError(
+                f"columns must be a dict of dataset column name -> this problem's value (e.g. {{'tests': [...]}}), "
+                f"got {columns!r}."
+            )
+        reserved = {"prompts", "completions", "completion_ids"} & set(columns)
+        if reserved:
+            raise ValueError(f"columns may not be named {sorted(reserved)}: the reward function gets those itself.")
+        return cls(messages, reward_func, dict(columns))
+
+
+def _open(
+    caller: str,
+    model,
+    tokenizer,
+    problem: Problem,
+    *,
+    max_attempts: Any,
+    attempts_per_round: Any,
+    max_completion_length: Any,
+    seed: Any,
+    threshold: float,
+    progress: bool,
+) -> _Search:
+    """The opening every method shares: check the model, the tokenizer and the settings, and start the search.
+
+    `caller` is the public function (`solve`, `best_of_k`, `multi_turn`); SDPO's rounds need two attempts or more (a
+    group needs peers), and every method but best-of-k learns from feedback, so it must be given.
+    """
     if not isinstance(model, torch.nn.Module) or not hasattr(model, "generate"):
         raise TypeError(f"model must be a transformers causal LM (a torch.nn.Module with generate), got {model!r}.")
     if not hasattr(tokenizer, "apply_chat_template"):
         raise TypeError(f"tokenizer must be the model's tokenizer (with a chat template), got {tokenizer!r}.")
-    if isinstance(prompt, str):
-        messages = [{"role": "user", "content": prompt}]
-    elif isinstance(prompt, list) and prompt and all(isinstance(m, dict) for m in prompt):
-        messages = [dict(m) for m in prompt]
-        if messages[-1].get("role") != "user":
-            raise ValueError(
-                f"prompt must end with a user turn, got a last turn with role {messages[-1].get('role')!r}: the "
-                "problem is the last user message."
-            )
-    else:
-        raise TypeError(f"prompt must be a str or a non-empty list of chat messages (dicts), got {prompt!r}.")
-    if not callable(reward_func) or isinstance(reward_func, type):
-        raise TypeError(f"reward_func must be a reward function (callable), got {reward_func!r}.")
-    if is_async_callable(reward_func):
+    if is_async_callable(problem.reward_func):
         raise TypeError(
-            f"reward_func {reward_func!r} is async; {method} calls it synchronously. Pass a sync function (e.g. the "
-            "function that sdpo_rl.rewards.AsyncReward wraps)."
+            f"reward_func {problem.reward_func!r} is async; {caller} calls it synchronously. Pass a sync function "
+            "(e.g. the function that sdpo_rl.rewards.AsyncReward wraps)."
         )
-    check_budget(max_attempts, attempts_per_round, minimum)
-    _check_int("max_completion_length", max_length, 1, "allow at least one generated token")
+    check_budget(max_attempts, attempts_per_round, 2 if caller == "solve" else 1)
+    _check_int("max_completion_length", max_completion_length, 1, "allow at least one generated token")
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise TypeError(f"seed must be an int, got {seed!r}.")
-    if columns is None:
-        columns = {}
-    if not isinstance(columns, dict) or not all(isinstance(k, str) for k in columns):
-        raise TypeError(
-            f"columns must be a dict of dataset column name -> this problem's value (e.g. {{'tests': [...]}}), got "
-            f"{columns!r}."
-        )
-    reserved = {"prompts", "completions", "completion_ids"} & set(columns)
-    if reserved:
-        raise ValueError(f"columns may not be named {sorted(reserved)}: the reward function gets those itself.")
-    return messages, dict(columns)
+    method = "sdpo" if caller == "solve" else caller
+    return _Search(method, problem, max_attempts, threshold, caller != "best_of_k", progress)
 
 
 # ---- SDPO ----------------------------------------------------------------------------------------------------------
@@ -303,16 +336,15 @@ def solve(
 
     from .trainer import SDPOTrainer
 
-    messages, columns = _prepare(
-        "solve", model, tokenizer, prompt, reward_func, max_attempts, attempts_per_round, columns, seed,
-        max_completion_length, 2,
-    )  # fmt: skip
+    problem = Problem.of(prompt, reward_func, columns)
     sdpo_config = _sdpo_config(sdpo_config, peft_config)
     if isinstance(learning_rate, bool) or not isinstance(learning_rate, (int, float)) or not learning_rate > 0:
         raise ValueError(f"learning_rate must be a positive number, got {learning_rate!r}: e.g. 1e-5.")
-    search = _Search(
-        "sdpo", messages, reward_func, columns, max_attempts, sdpo_config.success_reward_threshold, True, progress
-    )
+    search = _open(
+        "solve", model, tokenizer, problem, max_attempts=max_attempts, attempts_per_round=attempts_per_round,
+        max_completion_length=max_completion_length, seed=seed, threshold=sdpo_config.success_reward_threshold,
+        progress=progress,
+    )  # fmt: skip
     on_cpu = next(model.parameters()).device.type == "cpu"
     with tempfile.TemporaryDirectory(prefix="sdpo-solve-") as output_dir, _student(model, peft_config) as student:
         trainer = SDPOTrainer(
@@ -329,7 +361,7 @@ def solve(
             sdpo_config=sdpo_config,
             processing_class=copy.deepcopy(tokenizer),
             reward_funcs=[_TrainerReward(search)],
-            train_dataset=Dataset.from_list([{"prompt": messages}]),
+            train_dataset=Dataset.from_list([{"prompt": problem.messages}]),
             peft_config=peft_config,
             callbacks=[_RecordSteps(search)],
         )
@@ -429,15 +461,14 @@ def best_of_k(
     is recorded but not used. The model is not changed (sampling runs in eval mode, restored afterwards) and the
     global random state is left as it was.
     """
-    messages, columns = _prepare(
-        "best_of_k", model, tokenizer, prompt, reward_func, max_attempts, attempts_per_round, columns, seed,
-        max_completion_length, 1,
+    search = _open(
+        "best_of_k", model, tokenizer, Problem.of(prompt, reward_func, columns), max_attempts=max_attempts,
+        attempts_per_round=attempts_per_round, max_completion_length=max_completion_length, seed=seed,
+        threshold=_success(success_reward_threshold), progress=progress,
     )  # fmt: skip
-    search = _Search(
-        "best_of_k", messages, reward_func, columns, max_attempts, _success(success_reward_threshold), False, progress
-    )
     while not search.done:
-        texts = _sample(model, tokenizer, [messages], attempts_per_round, max_completion_length, seed, search)
+        prompts = [search.problem.messages]
+        texts = _sample(model, tokenizer, prompts, attempts_per_round, max_completion_length, seed, search)
         search.score(texts, _token_ids(tokenizer, texts))
     return search.result()
 
@@ -464,16 +495,16 @@ def multi_turn(
     `sdpo_config.max_reprompt_length` tokens loses its oldest attempts (with their feedback) until it fits; the
     original prompt always stays. Otherwise as `best_of_k`; the reward function must give feedback.
     """
-    messages, columns = _prepare(
-        "multi_turn", model, tokenizer, prompt, reward_func, max_attempts, attempts_per_round, columns, seed,
-        max_completion_length, 1,
-    )  # fmt: skip
+    problem = Problem.of(prompt, reward_func, columns)
     if sdpo_config is not None and not isinstance(sdpo_config, SDPOConfig):
         raise TypeError(f"sdpo_config must be an SDPOConfig or None, got {sdpo_config!r}.")
     config = sdpo_config or SDPOConfig()
-    search = _Search(
-        "multi_turn", messages, reward_func, columns, max_attempts, config.success_reward_threshold, True, progress
-    )
+    search = _open(
+        "multi_turn", model, tokenizer, problem, max_attempts=max_attempts, attempts_per_round=attempts_per_round,
+        max_completion_length=max_completion_length, seed=seed, threshold=config.success_reward_threshold,
+        progress=progress,
+    )  # fmt: skip
+    messages = problem.messages
     conversations = [list(messages) for _ in range(attempts_per_round)]
     while not search.done:
         texts = _sample(model, tokenizer, conversations, 1, max_completion_length, seed, search)

@@ -4,7 +4,7 @@
     sdpo-rl preflight --task capitals [--prompts 32] [--teacher-samples 4] [--json OUT]
 
 `--config` reads the same YAML file as `sdpo-rl train` (model, dataset, reward functions, GRPOConfig and SDPOConfig
-fields; `--field value` overrides it); `--task` measures a built-in task (`sdpo_rl.tasks`) on the embedded
+fields; `--field value` overrides it); `--task` measures a built-in task (`sdpo_rl.apps.tasks`) on the embedded
 SmolLM2-135M-Instruct with the learning benchmark's sampling settings (`TASK_SETTINGS`). Prints a table of the
 measures and the verdict; `--json` also writes the report. See docs/preflight.md.
 """
@@ -18,40 +18,43 @@ import sys
 import tempfile
 from pathlib import Path
 
+from .common import command_parser
+
 # The sampling settings of `--task`: those of the learning benchmark (benchmarks/learning.py), which validates them.
 TASK_SETTINGS = dict(num_generations=4, max_completion_length=24, temperature=1.0)
 
 
-def add_preflight_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """Register `sdpo-rl preflight` on the `sdpo-rl` command's subparsers."""
-    parser = subparsers.add_parser(
+    parser = command_parser(
+        subparsers,
         "preflight",
+        __doc__,
         help="measure before training whether the model's own teacher knows more than it does (will SDPO help?)",
-        description=__doc__.split("\n\n")[0],
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     source = parser.add_argument_group("what to measure: --config (as sdpo-rl train) or --task")
     source.add_argument("--config", help="the YAML file of sdpo-rl train; --field value pairs after it override it")
-    source.add_argument("--task", help="a built-in task (sdpo_rl.tasks) on the embedded model, e.g. capitals")
+    source.add_argument("--task", help="a built-in task (sdpo_rl.apps.tasks) on the embedded model, e.g. capitals")
     parser.add_argument("--prompts", type=int, default=32, help="training prompts to sample")
     parser.add_argument("--teacher-samples", type=int, default=4, help="teacher completions per failed completion")
     parser.add_argument("--seed", type=int, default=0, help="seed of the prompt sample and of sampling")
     parser.add_argument("--json", type=Path, default=None, metavar="OUT", help="also write the report to OUT")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads for PyTorch")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-    parser.set_defaults(func=run_preflight, takes_overrides=True)
+    parser.set_defaults(func=run, takes_overrides=True)
     return parser
 
 
-def run_preflight(args: argparse.Namespace, overrides: list[str] | None = None) -> int:
+def run(args: argparse.Namespace) -> int:
+    """Run `sdpo-rl preflight`; `args.overrides` are the `--field value` pairs after `--config`."""
     try:
-        measured = _inputs(args, overrides or [])
+        measured = _inputs(args, getattr(args, "overrides", []))
     except ValueError as error:
         print(f"sdpo-rl preflight: error: {error}", file=sys.stderr)
         return 2
     import torch
 
-    from .preflight import preflight
+    from ..preflight import preflight
 
     if args.threads is not None:
         torch.set_num_threads(args.threads)
@@ -81,7 +84,7 @@ def _inputs(args: argparse.Namespace, overrides: list[str]) -> tuple:
         if overrides:
             raise ValueError(f"--field value overrides apply to --config only, got {' '.join(overrides)}")
         return task_inputs(args.task)
-    from .train_cli import check_required, load_reward_function, load_train_dataset
+    from .train import check_required, load_reward_function, load_train_dataset
     from .train_config import ConfigError, parse_arguments
 
     try:
@@ -99,9 +102,9 @@ def task_inputs(name: str) -> tuple:
     """What `--task NAME` measures: the embedded model on the task's training rows, with `TASK_SETTINGS`."""
     from trl import GRPOConfig
 
-    from .config import SDPOConfig
-    from .models import load_model
-    from .tasks import get_task
+    from ..apps.tasks import get_task
+    from ..config import SDPOConfig
+    from ..models import load_model
 
     task = get_task(name)
     model, tokenizer = load_model()

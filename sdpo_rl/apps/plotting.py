@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from .metrics import (
+from ..metrics import (
     COMPLETION_LENGTH,
     DISTILLATION_LOSS,
     FEEDBACK_USED_FRACTION,
