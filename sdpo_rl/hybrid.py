@@ -4,7 +4,8 @@ With a model whose head is a plain linear layer, one student forward serves both
 completion token once for both (`_one_pass_hybrid`): the distillation's chunk pass folds TRL's GRPO gradient, known
 in advance on policy (`_expected_grpo_logp_gradient`, `sdpo_rl.loss.grpo_gradient`), into its own, and hands the
 completions' log-probs and entropies to TRL's `_compute_loss` through `CPUFastPath.scored_completions`
-(`sdpo_rl.cpu_fast_path`). A mixin of `SDPOTrainer`, next to `DistillationStep` (`sdpo_rl.distillation`) and `CPUFastPath`, whose methods it calls.
+(`sdpo_rl.cpu_fast_path`). A mixin of `SDPOTrainer`, next to `DistillationStep` (`sdpo_rl.distillation`) and
+`CPUFastPath`, whose methods it calls.
 """
 
 from __future__ import annotations
