@@ -1,6 +1,23 @@
+import copy
 import os
 import sys
+
+import pytest
 
 sys.path.insert(0, os.path.dirname(__file__))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session")
+def session_tokenizer():
+    """`tiny.make_tokenizer()`, trained once per test process; tests take the `tokenizer` fixture, a copy of it."""
+    from tiny import make_tokenizer
+
+    return make_tokenizer()
+
+
+@pytest.fixture
+def tokenizer(session_tokenizer):
+    """A fresh copy of `tiny.make_tokenizer()`'s tokenizer for one test, which may change it (padding side, tokens)."""
+    return copy.deepcopy(session_tokenizer)
