@@ -208,6 +208,7 @@ def final_weights(trainer):
     return student, teacher
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["ema", "lora_ema"])
 def test_resume_is_bit_identical(tmp_path, mode, tokenizer):
 
