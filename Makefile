@@ -33,9 +33,8 @@ lint: $(VENV)/.dev-installed
 	$(BIN)/ruff check sdpo_rl tests benchmarks examples
 	$(BIN)/ruff format --check sdpo_rl tests benchmarks examples
 
-# -n auto: one pytest-xdist worker per core; --dist loadgroup keeps the tests of one xdist_group (those sharing an
-# expensive module fixture) on one worker.
-PYTEST_PARALLEL := -n auto --dist loadgroup --durations=20
+# -n auto: one pytest-xdist worker per core. A module-scoped fixture runs once in each worker that runs a test using it.
+PYTEST_PARALLEL := -n auto --durations=20
 test: lint
 	$(BIN)/python -m pytest -q $(PYTEST_PARALLEL) -m "not slow"
 

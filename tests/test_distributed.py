@@ -79,7 +79,6 @@ def weights(folder: Path, rank: int = 0) -> dict[str, torch.Tensor]:
 
 @pytest.mark.parametrize("scenario", worker.SCENARIOS)
 @pytest.mark.slow
-@pytest.mark.xdist_group("two_processes")
 def test_demonstrations_and_feedback_are_those_of_one_process(two_processes, one_process, scenario):
     expected = report(one_process[scenario])["generations"]
     assert len(expected) == 2
@@ -100,7 +99,6 @@ def test_demonstrations_and_feedback_are_those_of_one_process(two_processes, one
 
 @pytest.mark.parametrize("scenario", worker.SCENARIOS)
 @pytest.mark.slow
-@pytest.mark.xdist_group("two_processes")
 def test_losses_metrics_and_weights_are_those_of_one_process(two_processes, one_process, scenario):
     expected_logs = [entry for entry in report(one_process[scenario])["log_history"] if "loss" in entry]
     expected_weights = weights(one_process[scenario])
@@ -132,7 +130,6 @@ def test_losses_metrics_and_weights_are_those_of_one_process(two_processes, one_
 
 
 @pytest.mark.slow
-@pytest.mark.xdist_group("two_processes")
 def test_lora_ema_update_of_fsdp2_shards_equals_the_update_of_whole_tensors(two_processes):
     for rank in range(PROCESSES):
         result = report(two_processes / worker.FSDP2_CHECK, rank)

@@ -200,7 +200,6 @@ def test_real_gguf_is_found_without_importing_the_package():
 
 
 @pytest.mark.slow
-@pytest.mark.xdist_group("converted")
 def test_real_conversion_gives_a_trainable_chat_model_that_knows_paris(converted):
     cache, model, tokenizer, seconds = converted
     print(f"conversion took {seconds:.1f} s")
@@ -226,7 +225,6 @@ def test_real_conversion_gives_a_trainable_chat_model_that_knows_paris(converted
 
 
 @pytest.mark.slow
-@pytest.mark.xdist_group("converted")
 def test_real_cache_is_reused(converted, monkeypatch):
     cache, _, _, conversion_seconds = converted
     weights = cache / "smollm2-135m-instruct" / "model.safetensors"
