@@ -1,3 +1,4 @@
+import copy
 import os
 import sys
 
@@ -18,3 +19,17 @@ def model_dir(tmp_path_factory):
     make_model(tokenizer).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
+
+
+@pytest.fixture(scope="session")
+def session_tokenizer():
+    """`tiny.make_tokenizer()`, trained once per test process; tests take the `tokenizer` fixture, a copy of it."""
+    from tiny import make_tokenizer
+
+    return make_tokenizer()
+
+
+@pytest.fixture
+def tokenizer(session_tokenizer):
+    """A fresh copy of `tiny.make_tokenizer()`'s tokenizer for one test, which may change it (padding side, tokens)."""
+    return copy.deepcopy(session_tokenizer)

@@ -126,6 +126,7 @@ def test_step_profile_of_a_learning_method_times_its_grpo_forward():
     assert "hybrid forward" not in rows and "distillation forward" not in rows
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "options, message",
     [(["--learning=sgd"], "not a method of learning.py"), (["--learning=sdpo", "--", "--no-lora"], "no demo options")],
@@ -136,6 +137,7 @@ def test_step_profile_refuses_a_learning_method_it_cannot_profile(options, messa
     assert completed.returncode == 2 and message in completed.stderr
 
 
+@pytest.mark.slow
 def test_a_failed_benchmark_job_is_reported_and_the_others_still_land():
     harness = benchmark_module("harness")
     landed = []
@@ -229,6 +231,7 @@ def test_gpu_check_runs_every_step_on_the_cpu_without_a_gpu(tmp_path):
     assert 'failures="0"' in (out / "loss_tests.xml").read_text()
 
 
+@pytest.mark.slow
 def test_learning_step_time_refuses_fewer_than_one_pass():
     script = ROOT / "benchmarks" / "learning_step_time.py"
     command = [sys.executable, str(script), "--before", str(ROOT), "--after", str(ROOT), "--repeats", "0"]

@@ -44,6 +44,7 @@ def test_demo_and_solve_offer_every_task_answer_checked_first(capsys):
     assert ", ".join(TASKS) in " ".join(capsys.readouterr().out.split())
 
 
+@pytest.mark.slow
 def test_installed_command_runs_help():
     command = shutil.which("sdpo-rl") or shutil.which("sdpo-rl", path=str(sys.prefix) + "/bin")
     args = [command] if command else [sys.executable, "-m", "sdpo_rl.cli"]

@@ -79,6 +79,7 @@ def weights(folder: Path, rank: int = 0) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.parametrize("scenario", worker.SCENARIOS)
+@pytest.mark.slow
 def test_demonstrations_and_feedback_are_those_of_one_process(two_processes, one_process, scenario):
     expected = report(one_process[scenario])["generations"]
     assert len(expected) == 2
@@ -98,6 +99,7 @@ def test_demonstrations_and_feedback_are_those_of_one_process(two_processes, one
 
 
 @pytest.mark.parametrize("scenario", worker.SCENARIOS)
+@pytest.mark.slow
 def test_losses_metrics_and_weights_are_those_of_one_process(two_processes, one_process, scenario):
     expected_logs = [entry for entry in report(one_process[scenario])["log_history"] if "loss" in entry]
     expected_weights = weights(one_process[scenario])
@@ -128,6 +130,7 @@ def test_losses_metrics_and_weights_are_those_of_one_process(two_processes, one_
     assert max(float((teachers[n] - students[n]).abs().max()) for n in teachers) > 1e-3
 
 
+@pytest.mark.slow
 def test_lora_ema_update_of_fsdp2_shards_equals_the_update_of_whole_tensors(two_processes):
     for rank in range(PROCESSES):
         result = report(two_processes / worker.FSDP2_CHECK, rank)
@@ -137,6 +140,7 @@ def test_lora_ema_update_of_fsdp2_shards_equals_the_update_of_whole_tensors(two_
         assert "do not line up" in result["full_copy_refusal"]
 
 
+@pytest.mark.slow
 def test_every_process_runs_as_many_forwards_of_a_sharded_teacher(tmp_path):
     """Issue #26, item 7: unequal signal rows leave no process waiting in a sharded teacher's collectives.
 

@@ -1,4 +1,5 @@
-"""docs/configuration.md must list every SDPOConfig field with its real default; docs/README.md every page."""
+"""docs/configuration.md must list every SDPOConfig field with its real default; docs/README.md every page; the README
+the command CI runs."""
 
 import dataclasses
 import re
@@ -6,7 +7,8 @@ from pathlib import Path
 
 from sdpo_rl import SDPOConfig
 
-DOC = Path(__file__).resolve().parents[1] / "docs" / "configuration.md"
+ROOT = Path(__file__).resolve().parents[1]
+DOC = ROOT / "docs" / "configuration.md"
 
 
 def documented_defaults() -> dict[str, str]:
@@ -61,3 +63,19 @@ def test_the_reading_order_lists_every_docs_page():
     docs = DOC.parent
     listed = set(re.findall(r"\]\(([\w-]+\.md)\)", (docs / "README.md").read_text()))
     assert listed == {path.name for path in docs.glob("*.md")} - {"README.md"}
+
+
+def make_recipe(target: str) -> str:
+    """The commands of `target` in the Makefile."""
+    makefile = (ROOT / "Makefile").read_text()
+    return re.search(rf"^{target}:.*\n((?:\t.*\n)+)", makefile, flags=re.MULTILINE).group(1)
+
+
+def test_ci_runs_the_readmes_ci_command_which_runs_every_test():
+    """Issue #28: `.ci/run` calls what the README gives for CI, `make test-all`, which deselects no test, while
+    `make test` runs the fast tier."""
+    commands = [line for line in (ROOT / ".ci" / "run").read_text().splitlines() if line and line[0] not in "# "]
+    assert commands[-1] == "make test-all"
+    assert "CI runs exactly `make test-all` through `.ci/run`" in " ".join((ROOT / "README.md").read_text().split())
+    assert "pytest" in make_recipe("test-all") and "slow" not in make_recipe("test-all")
+    assert '-m "not slow"' in make_recipe("test")

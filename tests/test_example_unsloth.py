@@ -10,6 +10,7 @@ import torch
 SCRIPT = Path(__file__).resolve().parents[1] / "examples" / "sdpo_with_unsloth.py"
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU path; with a GPU the example trains")
 def test_unsloth_example_exits_with_a_message_without_cuda(tmp_path):
     command = [sys.executable, str(SCRIPT), "--max-steps", "1", "--output-dir", str(tmp_path)]

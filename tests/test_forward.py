@@ -15,7 +15,6 @@ from tiny import (
     grouped_batch,
     make_family_model,
     make_model,
-    make_tokenizer,
     model_variant,
 )
 from torch import nn
@@ -53,8 +52,7 @@ def assert_prompts_run_once(model, ids, mask, logits_to_keep):
     "variant, logits_to_keep",
     [("plain", COMPLETION), ("plain", 1), ("lora", COMPLETION), ("sliding_window", COMPLETION)],
 )
-def test_shared_prompts_give_the_full_forwards_values_and_gradients(variant, logits_to_keep):
-    tokenizer = make_tokenizer()
+def test_shared_prompts_give_the_full_forwards_values_and_gradients(variant, logits_to_keep, tokenizer):
     model = model_variant(tokenizer, variant)
     model.train()
     ids, mask = (tensor[:, : PROMPT + logits_to_keep] for tensor in grouped_batch(len(tokenizer)))
@@ -62,10 +60,9 @@ def test_shared_prompts_give_the_full_forwards_values_and_gradients(variant, log
 
 
 @pytest.mark.parametrize("family", ATTENTION_FAMILIES)
-def test_models_whose_cache_is_attention_only_share_prompts(family):
+def test_models_whose_cache_is_attention_only_share_prompts(family, tokenizer):
     """Qwen3, Qwen3-MoE, Gemma3 (sliding and full layers) and Mistral (a window of 3 positions, shorter than the
     prompts)."""
-    tokenizer = make_tokenizer()
     model = make_family_model(tokenizer, family)
     model.train()
     assert prompt_sharing_blocker(model) is None
@@ -73,12 +70,11 @@ def test_models_whose_cache_is_attention_only_share_prompts(family):
 
 
 @pytest.mark.parametrize("family", STATE_FAMILIES)
-def test_models_with_recurrent_or_convolution_layers_take_the_full_forward(family):
+def test_models_with_recurrent_or_convolution_layers_take_the_full_forward(family, tokenizer):
     """Bamba, Jamba (Mamba layers), Falcon-H1 (Mamba beside attention in every layer), Qwen3-Next (gated delta rule)
     and LFM2 (short convolutions) keep a state that is no per-position key/value: extended from a shared prompt it
     gave Bamba's and Jamba's gradients off by a third and more, and Qwen3-Next's backward failed. They are refused
     by name, and `share_prompts` gives the full forward itself."""
-    tokenizer = make_tokenizer()
     model = make_family_model(tokenizer, family)
     model.train()
     ids, mask = grouped_batch(len(tokenizer))
@@ -91,8 +87,7 @@ def test_models_with_recurrent_or_convolution_layers_take_the_full_forward(famil
     assert all(map(torch.equal, shared_gradients, full_gradients))
 
 
-def test_rows_with_distinct_prompts_take_one_full_forward():
-    tokenizer = make_tokenizer()
+def test_rows_with_distinct_prompts_take_one_full_forward(tokenizer):
     model = make_model(tokenizer)
     ids, mask = grouped_batch(len(tokenizer))
     distinct = [0, 1, 3]  # one row of each group
@@ -102,19 +97,18 @@ def test_rows_with_distinct_prompts_take_one_full_forward():
     assert positions == len(distinct) * (PROMPT + COMPLETION)
 
 
-def test_the_cache_goes_by_the_name_the_models_forward_takes():
+def test_the_cache_goes_by_the_name_the_models_forward_takes(tokenizer):
     class OlderModel(nn.Module):
         def forward(self, input_ids=None, attention_mask=None, past_key_values=None, use_cache=None):
             raise NotImplementedError
 
-    tokenizer = make_tokenizer()
     assert cache_keyword(make_model(tokenizer)) == "cache"
     assert cache_keyword(model_variant(tokenizer, "lora")) == "cache"
     assert cache_keyword(OlderModel()) == "past_key_values"
     assert prompt_sharing_blocker(OlderModel()) == "the config of OlderModel does not say what its cache layers are"
 
 
-def test_a_forward_that_takes_no_cache_runs_every_prompt():
+def test_a_forward_that_takes_no_cache_runs_every_prompt(tokenizer):
     """A wrapper whose forward declares no cache (``**kwargs``, as a compiled model's) takes the full forward."""
 
     class Wrapper(nn.Module):
@@ -128,7 +122,6 @@ def test_a_forward_that_takes_no_cache_runs_every_prompt():
         def get_input_embeddings(self):
             return self.model.get_input_embeddings()
 
-    tokenizer = make_tokenizer()
     model = make_model(tokenizer)
     wrapper = Wrapper(model)
     assert cache_keyword(wrapper) is None

@@ -13,7 +13,6 @@ from tiny import (
     grouped_batch,
     make_family_model,
     make_model,
-    make_tokenizer,
     model_variant,
 )
 from transformers import GenerationConfig, LogitsProcessorList
@@ -57,8 +56,7 @@ def sample_both(model, tokenizer, **generate_kwargs):
 
 
 @pytest.mark.parametrize("variant", ["plain", "lora", "sliding_window"])
-def test_shared_prefill_samples_the_full_prefills_tokens_from_its_logits(variant):
-    tokenizer = make_tokenizer()
+def test_shared_prefill_samples_the_full_prefills_tokens_from_its_logits(variant, tokenizer):
     model = model_variant(tokenizer, variant)
     (full, full_positions), (shared, shared_positions) = sample_both(
         model, tokenizer, generation_config=sampling_config()
@@ -76,10 +74,9 @@ def test_shared_prefill_samples_the_full_prefills_tokens_from_its_logits(variant
 
 
 @pytest.mark.parametrize("family", ["lfm2", "bamba"])
-def test_models_with_recurrent_or_convolution_layers_take_the_full_prefill(family):
+def test_models_with_recurrent_or_convolution_layers_take_the_full_prefill(family, tokenizer):
     """A model `forward.prompt_sharing_blocker` refuses (LFM2's short convolutions, Bamba's Mamba layers) samples
     with the full prefill: the same call, the same tokens and logits."""
-    tokenizer = make_tokenizer()
     model = make_family_model(tokenizer, family)
     (full, full_positions), (shared, shared_positions) = sample_both(
         model, tokenizer, generation_config=sampling_config()
@@ -89,8 +86,7 @@ def test_models_with_recurrent_or_convolution_layers_take_the_full_prefill(famil
     assert shared_positions == full_positions == len(GROUP_OF_ROW) * (PROMPT + NEW_TOKENS - 1)
 
 
-def test_generation_settings_given_as_keywords_share_too():
-    tokenizer = make_tokenizer()
+def test_generation_settings_given_as_keywords_share_too(tokenizer):
     model = make_model(tokenizer)
     ids, mask = (tensor[:, :PROMPT] for tensor in grouped_batch(len(tokenizer)))
     settings = dict(do_sample=True, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, pad_token_id=0)
@@ -101,10 +97,9 @@ def test_generation_settings_given_as_keywords_share_too():
     assert shared_positions == full_positions - rows * PROMPT + 3 * (PROMPT - 1) + rows
 
 
-def test_other_calls_go_to_generate_as_they_came():
+def test_other_calls_go_to_generate_as_they_came(tokenizer):
     """Distinct prompts, a `generate` argument that is not a generation setting, beam search (given or the model's
     default), several sequences per row and a prompt-learning adapter each take the full prefill."""
-    tokenizer = make_tokenizer()
     model = make_model(tokenizer)
     beams_by_default = make_model(tokenizer)
     beams_by_default.generation_config.num_beams = 2
@@ -136,10 +131,9 @@ def test_other_calls_go_to_generate_as_they_came():
 
 
 @pytest.mark.parametrize("where", ["keyword", "model default"])
-def test_the_cache_turned_off_takes_the_full_prefill(where):
+def test_the_cache_turned_off_takes_the_full_prefill(where, tokenizer):
     """With ``use_cache=False`` `generate` feeds every step the whole sequence, which on top of a shared cache would
     give other logits: given as a keyword or in the model's generation config, it takes the full prefill."""
-    tokenizer = make_tokenizer()
     model = make_model(tokenizer)
     kwargs = dict(generation_config=sampling_config())
     if where == "keyword":
@@ -153,8 +147,7 @@ def test_the_cache_turned_off_takes_the_full_prefill(where):
     assert shared_positions == full_positions == rows * sum(range(PROMPT, PROMPT + NEW_TOKENS))  # no cache at all
 
 
-def test_the_models_own_generate_is_restored():
-    tokenizer = make_tokenizer()
+def test_the_models_own_generate_is_restored(tokenizer):
     model = make_model(tokenizer)
     with prompts_prefilled_once(model):
         assert "generate" in vars(model)

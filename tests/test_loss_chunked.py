@@ -472,7 +472,11 @@ def tiny_model(tokenizer, model_type):
     return model
 
 
-@pytest.mark.parametrize("model_type", [t for t in TRANSFORMED_HEADS if t != "gemma2"])
+# falcon_h1 (Mamba layers, in plain PyTorch on CPU) takes about 25 s: in the slow tier.
+SCALED_HEAD_TYPES = [pytest.param(t, marks=pytest.mark.slow) if t == "falcon_h1" else t for t in TRANSFORMED_HEADS]
+
+
+@pytest.mark.parametrize("model_type", [t for t in SCALED_HEAD_TYPES if t != "gemma2"])
 def test_a_scaled_head_takes_the_chunked_path_with_the_models_scale(model_type):
     """`logit_scale(model)` times the head's projection of `completion_hidden` is the model's logits (in float64;
     the two are different computations, so to 1e-12 of the logits' scale, not bitwise)."""
@@ -533,11 +537,13 @@ def assert_chunked_path_equals_logits_path(trainer, monkeypatch) -> None:
     torch.testing.assert_close(chunked_teacher_entropy, teacher_entropy, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("setup", TEACHER_SETUPS.values(), ids=TEACHER_SETUPS.keys())
 def test_trainer_loss_from_hidden_states_equals_the_loss_from_logits(tmp_path, monkeypatch, setup):
     assert_chunked_path_equals_logits_path(trainer_for(tmp_path, *setup), monkeypatch)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("model_type", ["cohere", "granite"])
 def test_trainer_loss_of_a_scaled_head_from_hidden_states_equals_the_loss_from_logits(
     tmp_path, monkeypatch, model_type

@@ -61,6 +61,7 @@ def run(tmp_path, reward=None, dataset=None, sdpo_config=None, model=None, token
     )
 
 
+@pytest.mark.slow
 def test_coverage_is_the_trainers_own_selection(tmp_path, monkeypatch):
     spy = Rollouts(monkeypatch)
     report = run(tmp_path)
@@ -80,6 +81,7 @@ def test_coverage_is_the_trainers_own_selection(tmp_path, monkeypatch):
     assert 0 < report.failed_with_signal <= 1  # ParityReward gives every failure feedback
 
 
+@pytest.mark.slow
 def test_teacher_samples_read_exactly_the_prompt_the_trainer_builds(tmp_path, monkeypatch):
     spy = Rollouts(monkeypatch)
     tokenizer = make_tokenizer()
@@ -102,6 +104,7 @@ def test_teacher_samples_read_exactly_the_prompt_the_trainer_builds(tmp_path, mo
     assert report.edge.failures * SAMPLES == len(expected) > 0
 
 
+@pytest.mark.slow
 def test_no_feedback_and_no_success_means_no_teacher_signal(tmp_path):
     def never(completions, **kwargs):
         return [0.0] * len(completions)
@@ -113,6 +116,7 @@ def test_no_feedback_and_no_success_means_no_teacher_signal(tmp_path):
     assert "no failed completion gets a demonstration or feedback" in report.reason
 
 
+@pytest.mark.slow
 def test_the_report_round_trips_through_json(tmp_path):
     report = run(tmp_path)
     text = json.dumps(report.to_dict())
@@ -120,6 +124,7 @@ def test_the_report_round_trips_through_json(tmp_path):
     assert report.verdict in ("grpo", "sdpo", "srpo") and report.reason
 
 
+@pytest.mark.slow
 def test_the_callers_model_arguments_and_random_state_are_left_as_they_were(tmp_path):
     tokenizer = make_tokenizer()
     model = make_model(tokenizer)
@@ -144,6 +149,7 @@ def test_the_callers_model_arguments_and_random_state_are_left_as_they_were(tmp_
     assert torch.equal(torch.get_rng_state(), states[2])
 
 
+@pytest.mark.slow
 def test_a_seed_gives_the_same_report(tmp_path):
     first, second = run(tmp_path), run(tmp_path)
     first.seconds = second.seconds = first.step_cost_vs_grpo = second.step_cost_vs_grpo = 0.0
@@ -189,6 +195,7 @@ def test_a_reward_of_the_wrong_length_is_named(tmp_path):
         run(tmp_path, reward=short_reward)
 
 
+@pytest.mark.slow
 def test_the_command_measures_a_train_config_and_writes_json(tmp_path, model_dir, capsys):
     dataset = tmp_path / "train.jsonl"
     dataset.write_text("".join(json.dumps(row) + "\n" for row in make_dataset()))
@@ -245,6 +252,7 @@ class HalfRight:
         return rewards
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("every, measured_steps", [(1, 2), (2, 1), (None, 0)])
 def test_training_logs_the_teacher_edge_every_so_many_steps(tmp_path, every, measured_steps):
     tokenizer = make_tokenizer()

@@ -60,6 +60,7 @@ def assert_unchanged(before, model):
         assert torch.equal(after[name].detach(), value), name
 
 
+@pytest.mark.slow
 def test_solve_stops_at_the_first_success_without_a_step_after_it(model, tokenizer):
     reward = SucceedsInRound(round=3, index=2)
     result = solve(model, tokenizer, PROMPT, reward, max_attempts=40, attempts_per_round=4, learning_rate=1e-3, **FAST)
@@ -77,6 +78,7 @@ def test_solve_takes_no_step_when_the_first_round_succeeds(model, tokenizer):
     assert (result.solved, result.attempts, result.steps, len(result.rounds)) == (True, 1, 0, 1)
 
 
+@pytest.mark.slow
 def test_solve_never_scores_more_than_max_attempts(model, tokenizer):
     reward = SucceedsInRound(round=None)
     result = solve(model, tokenizer, PROMPT, reward, max_attempts=10, attempts_per_round=4, **FAST)
@@ -87,6 +89,7 @@ def test_solve_never_scores_more_than_max_attempts(model, tokenizer):
     assert result.best_reward == 0.0
 
 
+@pytest.mark.slow
 def test_solve_trains_a_copy_and_leaves_the_callers_model_and_tokenizer_unchanged(model, tokenizer):
     before, template, training = parameters(model), tokenizer.chat_template, model.training
     result = solve(model, tokenizer, PROMPT, SucceedsInRound(3), max_attempts=16, attempts_per_round=4, **FAST)
@@ -142,6 +145,7 @@ PEFT_OPTIONS = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("options", list(PEFT_OPTIONS))
 def test_solve_with_a_peft_config_leaves_the_callers_model_exactly_as_it_was(model, tokenizer, options):
     peft = pytest.importorskip("peft")
@@ -166,6 +170,7 @@ class FailsInRound(SucceedsInRound):
         return super().__call__(prompts, completions, completion_ids, **columns)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("options", list(PEFT_OPTIONS))
 def test_solve_with_a_peft_config_raises_an_error_of_the_search_and_still_restores_the_model(model, tokenizer, options):
     peft = pytest.importorskip("peft")

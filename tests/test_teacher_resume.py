@@ -2,7 +2,7 @@
 
 import torch
 from safetensors.torch import load_file
-from test_teachers import build, lora_model
+from test_teacher import build, lora_model
 from tiny import make_tokenizer
 from transformers import Trainer, TrainerCallback
 

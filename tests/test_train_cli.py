@@ -208,6 +208,7 @@ def test_local_datasets_files_and_folders(tmp_path, jsonl_dataset):
         load_train_dataset(str(tmp_path / "data.txt"), None, "train")
 
 
+@pytest.mark.slow
 def test_train_command_under_accelerate_launch_with_two_processes(tmp_path, model_dir, jsonl_dataset):
     # Two completions per process and groups of four: one process alone would refuse this configuration.
     config = write_config(tmp_path, model_dir, jsonl_dataset, max_steps=1, per_device_train_batch_size=2)

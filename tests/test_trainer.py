@@ -93,6 +93,7 @@ def test_standard_prompts_train(tmp_path):
     assert logged(trainer, "self_distillation/reprompt_sample_fraction")
 
 
+@pytest.mark.slow
 def test_accumulation_iterations_and_eval(tmp_path):
     trainer = build(
         tmp_path,
@@ -112,6 +113,7 @@ def test_accumulation_iterations_and_eval(tmp_path):
     assert all(torch.isfinite(torch.tensor(logged(trainer, "loss"))))
 
 
+@pytest.mark.slow
 def test_ema_teacher_moves_between_initial_and_student_frozen_does_not(tmp_path):
     ema = build(tmp_path / "ema", max_steps=3, sdpo_config=SDPOConfig(teacher_update_rate=0.5))
     initial = snapshot(ema.model)
@@ -434,6 +436,7 @@ def test_model_given_as_a_path(tmp_path):
     assert logged(trainer, "self_distillation/distillation_loss")
 
 
+@pytest.mark.slow
 def test_collapse_warning_is_logged_once(tmp_path, caplog):
     class FadingReward:
         """Successes in the first five steps only: reward and demonstrations then fall together."""

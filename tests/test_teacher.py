@@ -64,8 +64,7 @@ def test_full_model_modes_train(tmp_path, mode):
 
 
 @pytest.mark.parametrize("mode", ["lora_ema", "frozen", "trust_region"])
-def test_peft_modes_train_without_copying_the_model(tmp_path, mode):
-    tokenizer = make_tokenizer()
+def test_peft_modes_train_without_copying_the_model(tmp_path, mode, tokenizer):
     trainer = build(tmp_path, SDPOConfig(teacher_mode=mode), model=lora_model(tokenizer), tokenizer=tokenizer)
     before = trainable(trainer.model)
     trainer.train()
@@ -77,8 +76,7 @@ def test_peft_modes_train_without_copying_the_model(tmp_path, mode):
 @pytest.mark.parametrize(
     "mode, peft", [("ema", False), ("frozen", False), ("trust_region", False), ("lora_ema", True), ("frozen", True)]
 )
-def test_each_teacher_runs_equal_prompts_once_with_the_full_forwards_values(mode, peft):
-    tokenizer = make_tokenizer()
+def test_each_teacher_runs_equal_prompts_once_with_the_full_forwards_values(mode, peft, tokenizer):
     student = lora_model(tokenizer) if peft else make_model(tokenizer)
     teacher = build_teacher(SDPOConfig(teacher_mode=mode), student)
     ids, mask = grouped_batch(len(tokenizer))
@@ -99,8 +97,7 @@ def test_each_teacher_runs_equal_prompts_once_with_the_full_forwards_values(mode
     assert shared_positions == forwards * (3 * PROMPT + rows * (COMPLETION - 1))
 
 
-def test_ema_on_a_peft_model_points_to_lora_ema(tmp_path):
-    tokenizer = make_tokenizer()
+def test_ema_on_a_peft_model_points_to_lora_ema(tmp_path, tokenizer):
     with pytest.raises(ValueError, match="lora_ema"):
         build(tmp_path, SDPOConfig(teacher_mode="ema"), model=lora_model(tokenizer), tokenizer=tokenizer)
 
@@ -110,8 +107,7 @@ def test_lora_ema_on_a_full_model_is_a_clear_error(tmp_path):
         build(tmp_path, SDPOConfig(teacher_mode="lora_ema"))
 
 
-def test_lora_ema_teacher_moves_toward_the_student_at_the_rate_and_gets_no_gradient(tmp_path):
-    tokenizer = make_tokenizer()
+def test_lora_ema_teacher_moves_toward_the_student_at_the_rate_and_gets_no_gradient(tmp_path, tokenizer):
     rate = 0.25
     trainer = build(
         tmp_path,
@@ -140,8 +136,7 @@ def test_lora_ema_teacher_moves_toward_the_student_at_the_rate_and_gets_no_gradi
     assert all(p.requires_grad for n, p in student.items() if ".default." in n), "student adapter stays trainable"
 
 
-def test_lora_ema_teacher_logits_come_from_the_teacher_adapter(tmp_path):
-    tokenizer = make_tokenizer()
+def test_lora_ema_teacher_logits_come_from_the_teacher_adapter(tmp_path, tokenizer):
     trainer = build(tmp_path, SDPOConfig(teacher_mode="lora_ema"), model=lora_model(tokenizer), tokenizer=tokenizer)
     with torch.no_grad():
         for name, param in trainer.model.named_parameters():
@@ -215,9 +210,9 @@ def final_weights(trainer):
     return student, teacher
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["ema", "lora_ema"])
-def test_resume_is_bit_identical(tmp_path, mode):
-    tokenizer = make_tokenizer()
+def test_resume_is_bit_identical(tmp_path, mode, tokenizer):
 
     def run(output_dir, stop_at, resume=None):
         model = lora_model(tokenizer) if mode == "lora_ema" else make_model(tokenizer)
@@ -279,8 +274,7 @@ def test_resume_with_another_teacher_mode_is_refused(tmp_path):
         again.train(resume_from_checkpoint=str(tmp_path / "checkpoint-1"))
 
 
-def test_save_model_writes_the_student_adapter_only(tmp_path):
-    tokenizer = make_tokenizer()
+def test_save_model_writes_the_student_adapter_only(tmp_path, tokenizer):
     trainer = build(
         tmp_path, SDPOConfig(teacher_mode="lora_ema"), model=lora_model(tokenizer), tokenizer=tokenizer, max_steps=1
     )
