@@ -195,9 +195,9 @@ def main(argv: list[str] | None = None) -> int:
     tasks = options.tasks[:1] if options.quick else options.tasks
     path = options.results or RESULTS_DIR / ("preflight_quick.json" if options.quick else "preflight.json")
     results = load_results(path, reports={})
-    results.update(provenance(__file__, sys.argv[1:] if argv is None else argv))
-    results["settings"] = {**size, "seed": options.seed}
-    if not options.fit_only:
+    if not options.fit_only:  # the provenance of the measurements; a refit keeps theirs
+        results.update(provenance(__file__, sys.argv[1:] if argv is None else argv))
+        results["settings"] = {**size, "seed": options.seed}
         for task in tasks:
             if task in results["reports"]:
                 continue
