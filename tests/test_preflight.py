@@ -7,8 +7,8 @@ import random
 import numpy as np
 import pytest
 import torch
-import yaml
 from datasets import Dataset
+from test_train_cli import write_config
 from tiny import ParityReward, grpo_args, make_dataset, make_model, make_tokenizer
 
 from sdpo_rl import SDPOConfig, cli
@@ -199,20 +199,7 @@ def test_a_reward_of_the_wrong_length_is_named(tmp_path):
 def test_the_command_measures_a_train_config_and_writes_json(tmp_path, model_dir, capsys):
     dataset = tmp_path / "train.jsonl"
     dataset.write_text("".join(json.dumps(row) + "\n" for row in make_dataset()))
-    config = {
-        "model_name_or_path": str(model_dir),
-        "dataset_name": str(dataset),
-        "reward_funcs": ["tiny:ParityReward"],
-        "output_dir": str(tmp_path / "output"),
-        "per_device_train_batch_size": 4,
-        "num_generations": 4,
-        "max_completion_length": 6,
-        "use_cpu": True,
-        "bf16": False,
-        "report_to": "none",
-    }
-    path = tmp_path / "config.yaml"
-    path.write_text(yaml.safe_dump(config))
+    path = write_config(tmp_path, model_dir, dataset)  # the same YAML file as `sdpo-rl train`
     out = tmp_path / "report.json"
     argv = ["preflight", "--config", str(path), "--prompts", "2", "--teacher-samples", "1", "--no-progress"]
     assert cli.main([*argv, "--json", str(out), "--max_completion_length", "4"]) == 0
