@@ -41,7 +41,7 @@ BOOTSTRAP_RESAMPLES = 1000
 FRAME_POSITIONS = 3  # the first completion positions, where a reprompt's frame shows (docs/preflight.md)
 # Verdict thresholds; docs/preflight.md says how the validation chose them.
 FRAME_SHARE_LIMIT = 0.5
-EDGE_KINDS = ("demonstration", "feedback_only")  # the kinds of teacher prompt of a failed completion
+DEMONSTRATION, FEEDBACK_ONLY = EDGE_KINDS = ("demonstration", "feedback_only")  # a failed completion's teacher prompt
 MIN_EDGE_PROMPTS = 5  # fewer prompts with a teacher prompt make the bootstrap interval meaningless
 
 
@@ -260,7 +260,7 @@ def teacher_edge_counts(trainer, inputs: list[dict], teacher_batch, teacher_samp
         signal, prompt = teacher_batch.signals[global_index], teacher_batch.teacher_prompts[i]
         if successes[i] or not signal.has_signal or prompt is None:
             continue
-        kind = "demonstration" if signal.demonstration is not None else "feedback_only"
+        kind = DEMONSTRATION if signal.demonstration is not None else FEEDBACK_ONLY
         first = i - i % group
         if kind not in counts.setdefault(first, {}):
             counts[first][kind] = PromptCounts(student=group, student_successes=sum(successes[first : first + group]))
@@ -409,8 +409,8 @@ def _report(trainer, sdpo_config, rollouts, counts, token_level, timings, teache
     n = len(signals)
     edges = {
         "edge": _edge(counts, EDGE_KINDS, seed),
-        "edge_demonstration": _edge(counts, ("demonstration",), seed),
-        "edge_feedback_only": _edge(counts, ("feedback_only",), seed),
+        "edge_demonstration": _edge(counts, (DEMONSTRATION,), seed),
+        "edge_feedback_only": _edge(counts, (FEEDBACK_ONLY,), seed),
     }
     finite = [r for r in rewards if not math.isnan(r)]
     report = PreflightReport(
