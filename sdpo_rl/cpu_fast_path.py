@@ -22,7 +22,7 @@ from torch import nn
 from trl.kernels import ChunkedLogProbFunction
 from trl.trainer.utils import _CHUNKED_LOGPROB_CHUNK_SIZE as TRL_LOGPROB_VOCAB_CHUNK
 
-from .forward import completion_hidden, linear_head, logit_scale, prompt_sharing_blocker
+from .forward import completion_hidden, linear_head, logit_scale, logit_softcap, prompt_sharing_blocker
 from .generation import prompts_prefilled_once
 from .metrics import PROMPT_SHARING
 
@@ -91,14 +91,15 @@ class CPUFastPath:
 
     def _score_completion_tokens(self, hidden, head: nn.Linear, completion_ids, where, logps, entropies=None):
         """`logps` and `entropies` ``[B, T]`` with the tokens `where` set to their log-probs and entropies under
-        ``logit_scale * head(hidden) / temperature``; `entropies` None: not computed.
+        ``logit_scale * cap(head(hidden)) / temperature`` (``cap``: the model's soft cap, or none); `entropies` None:
+        not computed.
 
         TRL's chunked kernel with TRL's precision settings computes them, as its fused head does; `masked_scatter`
         keeps the result connected to the model when `where` is empty, as TRL's own compact scoring does.
         """
         cast_to_float32 = self.args.cast_lm_head_to_fp32
         outputs = ("entropy",) if entropies is not None else ()
-        scale = logit_scale(self.accelerator.unwrap_model(self.model))
+        student = self.accelerator.unwrap_model(self.model)
         with torch.autocast(hidden.device.type, enabled=False) if cast_to_float32 else self.accelerator.autocast():
             token_logps, token_entropies, *_ = ChunkedLogProbFunction.apply(
                 hidden[where].float() if cast_to_float32 else hidden[where],
@@ -107,8 +108,8 @@ class CPUFastPath:
                 completion_ids[where],
                 self.temperature,
                 TRL_LOGPROB_VOCAB_CHUNK,
-                None,  # soft-capping: `linear_head` leaves soft-capped models to TRL's forward
-                scale,
+                logit_softcap(student),
+                logit_scale(student),
                 outputs,
             )
         logps = logps.masked_scatter(where, token_logps.to(logps.dtype))

@@ -16,7 +16,7 @@ from functools import partial
 import torch
 from torch import nn
 
-from .forward import HeadInputs, completion_hidden, completion_logits, linear_head, logit_scale
+from .forward import HeadInputs, completion_hidden, completion_logits, linear_head, logit_scale, logit_softcap
 from .loss import self_distillation_loss, token_entropy
 from .loss.chunked import PolicyGradient, default_chunk_size, self_distillation_loss_from_hidden
 from .metrics import DISTILLATION_LOSS, STUDENT_ENTROPY, TEACHER_ENTROPY
@@ -92,6 +92,8 @@ class DistillationStep:
                 *loss_inputs,
                 temperature=self.temperature,
                 logit_scale=logit_scale(student),
+                logit_softcap=logit_softcap(student),
+                teacher_coefficients=teacher.term_coefficients,
                 return_entropy=True,
                 **options,
             )
@@ -160,12 +162,7 @@ class DistillationStep:
         frame = self._teacher_outputs(student, inputs, rows, head, prompt="frame_prompt")[2]
         if head is None:
             return student_out.detach() + gamma * (teacher - frame)
-        return HeadInputs(
-            hidden=(student_out.detach(),)
-            + tuple(gamma * h for h in teacher.hidden)
-            + tuple(-gamma * h for h in frame.hidden),
-            weight=(head.weight,) + teacher.weight + frame.weight,
-        )
+        return HeadInputs((student_out.detach(),), (head.weight,)) + teacher.scaled(gamma) + frame.scaled(-gamma)
 
     @staticmethod
     def _per_token_weight(inputs, rows: torch.Tensor, shape: torch.Size) -> torch.Tensor | None:
@@ -223,7 +220,8 @@ class DistillationStep:
             if isinstance(teacher, HeadInputs):
                 chunk = default_chunk_size(teacher.weight[0].shape[0], torch.float32)
                 temperature = self.temperature / logit_scale(student)  # the head's logits times the scale
-                values = head_entropy([h[active] for h in teacher.hidden], teacher.weight, temperature, chunk)
+                terms = HeadInputs(tuple(h[active] for h in teacher.hidden), teacher.weight, teacher.coefficients)
+                values = head_entropy(terms, temperature, chunk, logit_softcap(student))
             else:
                 values = token_entropy(teacher / self.temperature)[active]
             entropy[part] = torch.zeros_like(completion_mask, dtype=entropy.dtype).masked_scatter(active, values)

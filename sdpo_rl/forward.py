@@ -31,7 +31,7 @@ _LOGIT_TRANSFORM_FIELDS = (
 )
 # Model types whose causal LM multiplies the head's output by a config field (True) or divides it by one (False),
 # right after the head (read in their transformers 5.25 forwards). A scale is linear, so the loss from hidden states
-# applies it exactly (`logit_scale`); soft-capping (Gemma2 and others) and the other families keep their logits.
+# applies it exactly (`logit_scale`); the other families keep their logits (soft-capping: `_LOGIT_SOFTCAPS`).
 _LOGIT_SCALES = {
     **dict.fromkeys(["cohere", "cohere2", "cohere2_moe"], ("logit_scale", True)),
     "falcon_h1": ("lm_head_multiplier", True),
@@ -41,6 +41,11 @@ _LOGIT_SCALES = {
         ("logits_scaling", False),
     ),
 }
+
+# Model types whose causal LM soft-caps the head's output, ``c * tanh(z / c)`` with ``c`` = the config's
+# `final_logit_softcapping`, right after the head (read in their transformers 5.25 forwards). The loss from hidden
+# states applies it term by term (`logit_softcap`, `sdpo_rl.loss.chunked`).
+_LOGIT_SOFTCAPS = frozenset({"gemma2", "gemma3_text", "gemma3n_text", "gemma4_text", "vaultgemma", "nanochat"})
 
 # The cache layers whose states at a position are keys and values computed from the tokens up to it, kept per position
 # (transformers' `DynamicLayer` and `DynamicSlidingWindowLayer`): the only ones a shared prompt's cache may hold.
@@ -63,23 +68,45 @@ def completion_logits(
 
 @dataclass(frozen=True)
 class HeadInputs:
-    """Logits given as ``sum_i hidden[i] @ weight[i].T``: hidden states ``[B, T, H_i]``, head weights ``[V, H_i]``.
+    """Logits given as ``sum_i coefficients[i] * f(hidden[i] @ weight[i].T)``: hidden states ``[B, T, H_i]``, head
+    weights ``[V, H_i]``, where ``f`` is the models' own transform of their head's projection (`logit_scale`,
+    `logit_softcap`), applied by the loss.
 
-    One term for a model's own head; two for the trust-region teacher's mixture of two models' logits.
+    One term for a model's own head; two for the trust-region teacher's mixture of two models' logits, more for the
+    hindsight contrast. The coefficients stay apart from the hidden states because soft-capping is not linear.
     """
 
     hidden: tuple[torch.Tensor, ...]
     weight: tuple[torch.Tensor, ...]
+    coefficients: tuple[float, ...] | None = None  # one per term; None: all 1
+
+    def __post_init__(self):
+        if self.coefficients is not None and len(self.coefficients) != len(self.hidden):
+            raise ValueError(f"{len(self.coefficients)} coefficients for {len(self.hidden)} terms")
+
+    def scaled(self, factor: float) -> HeadInputs:
+        """These terms with every coefficient multiplied by `factor`."""
+        return HeadInputs(self.hidden, self.weight, tuple(factor * c for c in self.term_coefficients))
+
+    @property
+    def term_coefficients(self) -> tuple[float, ...]:
+        return (1.0,) * len(self.hidden) if self.coefficients is None else self.coefficients
+
+    def __add__(self, other: HeadInputs) -> HeadInputs:
+        """The sum of two models' logits: the terms of both."""
+        return HeadInputs(
+            self.hidden + other.hidden, self.weight + other.weight, self.term_coefficients + other.term_coefficients
+        )
 
 
 def linear_head(model: nn.Module) -> nn.Linear | None:
     """The output head if `model`'s logits are exactly a bias-free `nn.Linear` of its final hidden states, times
-    `logit_scale(model)`; else None.
+    `logit_scale(model)` or soft-capped by `logit_softcap(model)`; else None.
 
     None as well for a head that is a subclass or wrapper (PEFT LoRA or `modules_to_save`, quantised layers), a
     sharded head weight (its full value exists only inside the model's forward), and models whose config otherwise
-    transforms the projection (`_LOGIT_TRANSFORM_FIELDS`: soft-capping, a scale outside `_LOGIT_SCALES`, a scale of
-    0).
+    transforms the projection (`_LOGIT_TRANSFORM_FIELDS`: soft-capping outside `_LOGIT_SOFTCAPS`, a scale outside
+    `_LOGIT_SCALES`, a scale or a soft cap of 0).
     """
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     if type(head) is not nn.Linear or head.bias is not None or is_sharded(head.weight):
@@ -87,11 +114,10 @@ def linear_head(model: nn.Module) -> nn.Linear | None:
     config = getattr(model, "config", None)
     text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
     scaled_by, _ = _scaling(config)
-    if any(
-        getattr(text_config, field, None) not in (None, 1.0) for field in _LOGIT_TRANSFORM_FIELDS if field != scaled_by
-    ):
+    applied = {scaled_by, "final_logit_softcapping" if _soft_capped(config) else None}
+    if any(_transforms(f, getattr(text_config, f, None)) for f in _LOGIT_TRANSFORM_FIELDS if f not in applied):
         return None
-    return None if scaled_by is not None and getattr(config, scaled_by, None) == 0 else head
+    return None if any(getattr(config, field, None) == 0 for field in applied if field) else head
 
 
 def logit_scale(model: nn.Module) -> float:
@@ -105,10 +131,31 @@ def logit_scale(model: nn.Module) -> float:
     return float(value) if multiplies else 1.0 / float(value)
 
 
+def _transforms(field: str, value) -> bool:
+    """Whether a `_LOGIT_TRANSFORM_FIELDS` value changes the logits (a soft cap of 1 does, a scale of 1 does not)."""
+    return value is not None and (field == "final_logit_softcapping" or value != 1.0)
+
+
+def logit_softcap(model: nn.Module) -> float | None:
+    """The soft cap ``c`` of `model`'s logits, ``c * tanh(projection / c)``, for the model types in `_LOGIT_SOFTCAPS`
+    (Gemma 2's `final_logit_softcapping`); None for every other model and where the config sets none."""
+    config = getattr(model, "config", None)
+    value = getattr(config, "final_logit_softcapping", None) if _soft_capped(config) else None
+    return None if value is None else float(value)
+
+
+def _soft_capped(config) -> bool:
+    """Whether `config` is a text model type in `_LOGIT_SOFTCAPS`."""
+    return _text_only(config) and getattr(config, "model_type", None) in _LOGIT_SOFTCAPS
+
+
+def _text_only(config) -> bool:
+    return config is not None and (not hasattr(config, "get_text_config") or config.get_text_config() is config)
+
+
 def _scaling(config) -> tuple[str | None, bool]:
     """``(config field, whether it multiplies)`` of a text model type in `_LOGIT_SCALES`, else ``(None, True)``."""
-    text_only = config is not None and (not hasattr(config, "get_text_config") or config.get_text_config() is config)
-    return _LOGIT_SCALES.get(getattr(config, "model_type", None), (None, True)) if text_only else (None, True)
+    return _LOGIT_SCALES.get(getattr(config, "model_type", None), (None, True)) if _text_only(config) else (None, True)
 
 
 def completion_hidden(

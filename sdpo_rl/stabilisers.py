@@ -15,6 +15,9 @@ from collections.abc import Sequence
 
 import torch
 
+from .forward import HeadInputs
+from .loss.chunked import project_logits
+
 
 def _successes(rewards: Sequence[float], threshold: float) -> list[bool]:
     return [float(r) >= threshold for r in rewards]  # NaN compares False: never a success
@@ -79,17 +82,18 @@ def normalise_to_mean_one(values: torch.Tensor, mask: torch.Tensor, total: torch
     return torch.where(mask > 0, values * (count / total), 0.0)
 
 
-def head_entropy(
-    hidden: Sequence[torch.Tensor], weight: Sequence[torch.Tensor], temperature: float, chunk_size: int
-) -> torch.Tensor:
-    """Entropy (nats) of softmax(sum_i hidden_i @ weight_i.T / temperature) per token, without gradient.
-
-    hidden: ``[N, H_i]`` each, weight: ``[V, H_i]`` each -> ``[N]``; ``chunk_size`` tokens are projected at a time.
-    """
+def head_entropy(terms: HeadInputs, temperature: float, chunk_size: int, softcap: float | None = None) -> torch.Tensor:
+    """Entropy (nats) per token of ``softmax(logits / temperature)``, without gradient, the logits given as
+    `HeadInputs` terms of ``[N, H_i]`` hidden states (soft-capped by `softcap`, as in `project_logits`) -> ``[N]``;
+    ``chunk_size`` tokens are projected at a time, in float32 or wider."""
+    hidden, weight = terms.hidden, terms.weight
+    dtype = torch.promote_types(weight[0].dtype, torch.float32)
     entropies = []
     with torch.no_grad():
         for start in range(0, hidden[0].shape[0], chunk_size):
-            logits = sum(h[start : start + chunk_size].to(w.dtype) @ w.T for h, w in zip(hidden, weight, strict=True))
+            rows = [h[start : start + chunk_size] for h in hidden]
+            logits = rows[0].new_empty(rows[0].shape[0], weight[0].shape[0], dtype=dtype)
+            project_logits(rows, weight, logits, terms.coefficients, softcap)
             log_probs = torch.log_softmax(logits.float() / temperature, dim=-1)
             entropies.append(-(log_probs.exp() * log_probs).sum(-1))
     return torch.cat(entropies) if entropies else hidden[0].new_zeros(0, dtype=torch.float32)

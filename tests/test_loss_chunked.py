@@ -188,6 +188,82 @@ def test_a_logit_scale_that_is_not_a_finite_non_zero_number_is_refused(logit_sca
         )
 
 
+def soft_capped(hidden, weight, softcap, coefficient=1.0):
+    return coefficient * softcap * torch.tanh(hidden @ weight.T / softcap)
+
+
+@pytest.mark.parametrize("second_loss", [False, True])
+@pytest.mark.parametrize("name", SETTINGS)
+def test_a_soft_cap_and_teacher_coefficients_equal_the_loss_from_capped_logits(name, second_loss):
+    """Gemma 2's logits ``c tanh(z / c)``, the teacher's three capped terms with coefficients (the hindsight
+    contrast's shape): the loss, the student's gradients (with a second loss on its log-probs folded into the pass or
+    not) and the entropies, as from the logits. A cap of 2 saturates these logits (std ~2.4), so a missing cap, a
+    cap applied after the mixture or a gradient without the cap's slope all fail."""
+    batch, other, third = random_batch(seed=3), random_batch(seed=4), random_batch(seed=5)
+    softcap, coefficients, temperature = 2.0, (1.0, 1.5, -1.5), 0.7
+    teacher_terms = (batch["teacher_hidden"], other["teacher_hidden"], third["teacher_hidden"])
+    teacher_weights = (batch["teacher_weight"], other["teacher_weight"], third["teacher_weight"])
+    sd_mask = torch.tensor([1.0, 0.0, 1.0], dtype=torch.float64)
+    ids, mask = batch["completion_ids"], batch["completion_mask"]
+    loss_settings = settings(name, is_clip=2.0)
+    logp_weights = torch.randn(3, 7, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+
+    hidden, weight = leaf(batch["student_hidden"]), leaf(batch["student_weight"])
+    student_logits = soft_capped(hidden, weight, softcap) / temperature
+    teacher_logits = sum(
+        soft_capped(h, w, softcap, c) for h, w, c in zip(teacher_terms, teacher_weights, coefficients, strict=True)
+    )
+    teacher_logits = teacher_logits / temperature
+    loss = self_distillation_loss(
+        student_logits, teacher_logits, ids, mask, sd_mask, batch["old_per_token_logps"], settings=loss_settings
+    )
+    distilled = (mask * sd_mask[:, None]).bool()
+    logps = torch.where(distilled, sampled_token_logps(student_logits, ids), 0.0)
+    total = loss + (logp_weights * logps).sum() if second_loss else loss
+    expected = (loss.detach(), *torch.autograd.grad(total, (hidden, weight)))
+    assert expected[0].abs() > 1e-4 and expected[2].abs().max() > 1e-4, "the case must have a loss and a gradient"
+
+    hidden, weight = leaf(batch["student_hidden"]), leaf(batch["student_weight"])
+    outputs = self_distillation_loss_from_hidden(
+        hidden,
+        weight,
+        teacher_terms,
+        teacher_weights,
+        ids,
+        mask,
+        sd_mask,
+        batch["old_per_token_logps"],
+        settings=loss_settings,
+        temperature=temperature,
+        logit_softcap=softcap,
+        teacher_coefficients=coefficients,
+        chunk_size=4,
+        return_entropy=True,
+        policy_gradient=PolicyGradient(None) if second_loss else None,
+    )
+    chunked_loss, student_entropy, teacher_entropy, *chunked_logps = outputs
+    total = chunked_loss + (logp_weights * chunked_logps[0]).sum() if second_loss else chunked_loss
+    assert_same((chunked_loss.detach(), *torch.autograd.grad(total, (hidden, weight))), expected)
+    torch.testing.assert_close(student_entropy[distilled], token_entropy(student_logits)[distilled].float())
+    torch.testing.assert_close(teacher_entropy[distilled], token_entropy(teacher_logits)[distilled].float())
+
+
+@pytest.mark.parametrize(
+    ("option", "needle"),
+    [
+        (dict(logit_softcap=0.0), r"logit_softcap=0.0 must be None \(no soft-capping\) or a finite positive number"),
+        (dict(logit_softcap=float("inf")), "logit_softcap=inf must be"),
+        (dict(teacher_coefficients=(1.0, 2.0)), r"teacher_coefficients=\(1.0, 2.0\) must be None or 1 finite number"),
+        (dict(teacher_coefficients=(float("nan"),)), "teacher_coefficients=.* must be None or 1 finite number"),
+    ],
+)
+def test_a_soft_cap_or_teacher_coefficients_out_of_range_are_refused(option, needle):
+    with pytest.raises(ValueError, match=needle):
+        self_distillation_loss_from_hidden(
+            *positional(random_batch())[:6], settings=settings("jsd_top5_tail"), **option
+        )
+
+
 @pytest.mark.parametrize("name", ["jsd_top5_tail", "reverse_top3_renorm", "sampled_token"])
 def test_a_sparse_support_streams_the_teacher_in_blocks(monkeypatch, name):
     """With a top-K or sampled-token support the teacher is normalised by a pass over blocks of tokens x vocabulary
@@ -443,14 +519,15 @@ def trainer_for(tmp_path, sdpo_config, peft, model_type=None):
     )
 
 
-# Tiny models of families whose logits are their head's projection times a config scale (or soft-capped: gemma2).
+# Tiny models of families whose logits are their head's projection times a config scale, or soft-capped (gemma2: a
+# cap of 1 bends the tiny model's logits, up to ~4 once `assert_chunked_path_equals_logits_path` moves its weights).
 TRANSFORMED_HEADS = {
     "cohere": dict(logit_scale=0.25),
     "cohere2": dict(logit_scale=0.25),
     "granite": dict(logits_scaling=4.0),
     "hyperclovax": dict(logits_scaling=3.0),
     "falcon_h1": dict(lm_head_multiplier=0.5),
-    "gemma2": dict(final_logit_softcapping=5.0, head_dim=8),
+    "gemma2": dict(final_logit_softcapping=1.0, head_dim=8),
 }
 
 
@@ -476,23 +553,26 @@ def tiny_model(tokenizer, model_type):
 SCALED_HEAD_TYPES = [pytest.param(t, marks=pytest.mark.slow) if t == "falcon_h1" else t for t in TRANSFORMED_HEADS]
 
 
-@pytest.mark.parametrize("model_type", [t for t in SCALED_HEAD_TYPES if t != "gemma2"])
-def test_a_scaled_head_takes_the_chunked_path_with_the_models_scale(model_type):
-    """`logit_scale(model)` times the head's projection of `completion_hidden` is the model's logits (in float64;
-    the two are different computations, so to 1e-12 of the logits' scale, not bitwise)."""
+@pytest.mark.parametrize("model_type", SCALED_HEAD_TYPES)
+def test_a_transformed_head_takes_the_chunked_path_with_the_models_transform(model_type):
+    """`logit_scale(model)` times the head's projection of `completion_hidden`, soft-capped by `logit_softcap(model)`,
+    is the model's logits (in float64; the two are different computations, so to 1e-12 of the logits' scale, not
+    bitwise)."""
     from tiny import make_tokenizer
 
-    from sdpo_rl.forward import completion_hidden, completion_logits, linear_head, logit_scale
+    from sdpo_rl.forward import completion_hidden, completion_logits, linear_head, logit_scale, logit_softcap
 
     model = tiny_model(make_tokenizer(), model_type).double()
     head = linear_head(model)
-    assert head is model.lm_head and logit_scale(model) != 1.0
+    assert head is model.lm_head and (logit_scale(model) != 1.0) != (logit_softcap(model) is not None)
     ids = torch.randint(3, model.config.vocab_size, (2, 9), generator=torch.Generator().manual_seed(0))
     mask = torch.ones_like(ids)
     with torch.no_grad():
         logits = completion_logits(model, ids, mask, 4)
-        projected = logit_scale(model) * completion_hidden(model, head, ids, mask, 4) @ head.weight.T
-    torch.testing.assert_close(projected, logits, rtol=0, atol=1e-12 * float(logits.abs().max()))
+        projected = completion_hidden(model, head, ids, mask, 4) @ head.weight.T
+    if logit_softcap(model) is not None:
+        projected = logit_softcap(model) * torch.tanh(projected / logit_softcap(model))
+    torch.testing.assert_close(logit_scale(model) * projected, logits, rtol=0, atol=1e-12 * float(logits.abs().max()))
 
 
 def loss_grads_and_entropies(trainer, batch):
@@ -543,15 +623,23 @@ def test_trainer_loss_from_hidden_states_equals_the_loss_from_logits(tmp_path, m
     assert_chunked_path_equals_logits_path(trainer_for(tmp_path, *setup), monkeypatch)
 
 
+TRANSFORMED_HEAD_SETUPS = {
+    # the hybrid's one pass (the distillation and TRL's log-probs of the other tokens), a two-term teacher
+    "hybrid_trust_region": SDPOConfig(teacher_mode="trust_region", teacher_update_rate=0.3, grpo_weight=0.5),
+    # routing, the teacher's entropy weights and the hindsight contrast's three terms
+    "srpo_contrast": SDPOConfig(sample_routing=True, teacher_entropy_weighting=1.0, hindsight_contrast=1.0),
+}
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("model_type", ["cohere", "granite"])
-def test_trainer_loss_of_a_scaled_head_from_hidden_states_equals_the_loss_from_logits(
-    tmp_path, monkeypatch, model_type
+@pytest.mark.parametrize("setup", TRANSFORMED_HEAD_SETUPS)
+@pytest.mark.parametrize("model_type", ["cohere", "granite", "gemma2"])
+def test_trainer_loss_of_a_transformed_head_from_hidden_states_equals_the_loss_from_logits(
+    tmp_path, monkeypatch, model_type, setup
 ):
-    """Through a scaled head: the hybrid's one pass (the distillation and TRL's log-probs of the other tokens) with
-    a two-term (trust-region) teacher."""
-    config = SDPOConfig(teacher_mode="trust_region", teacher_update_rate=0.3, grpo_weight=0.5)
-    assert_chunked_path_equals_logits_path(trainer_for(tmp_path, config, False, model_type), monkeypatch)
+    """Through a scaled or soft-capped head."""
+    trainer = trainer_for(tmp_path, TRANSFORMED_HEAD_SETUPS[setup], False, model_type)
+    assert_chunked_path_equals_logits_path(trainer, monkeypatch)
 
 
 @pytest.mark.parametrize(
@@ -573,8 +661,13 @@ def test_only_a_plain_bias_free_linear_head_with_untransformed_logits_takes_the_
     assert linear_head(model) is model.lm_head
     assert linear_head(get_peft_model(make_model(tokenizer), LoraConfig(r=4, target_modules=["q_proj"]))) is not None
     assert linear_head(get_peft_model(make_model(tokenizer), LoraConfig(r=4, target_modules=["lm_head"]))) is None
-    assert linear_head(make_model(tokenizer, final_logit_softcapping=30.0)) is None
-    assert linear_head(tiny_model(tokenizer, "gemma2")) is None, "soft-capping keeps the logits"
+    assert linear_head(make_model(tokenizer, final_logit_softcapping=30.0)) is None, (
+        "a cap of a family not in the table"
+    )
+    assert linear_head(tiny_model(tokenizer, "gemma2")) is not None, "gemma2's soft cap is applied by the loss"
+    uncapped = tiny_model(tokenizer, "gemma2")
+    uncapped.config.final_logit_softcapping = 0.0
+    assert linear_head(uncapped) is None
     assert linear_head(make_model(tokenizer, logits_scaling=2.0)) is None, "a scale of a family not in the table"
     unscaled = tiny_model(tokenizer, "cohere")
     unscaled.config.logit_scale = 0.0

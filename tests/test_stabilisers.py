@@ -11,6 +11,7 @@ from trl import GRPOTrainer
 import sdpo_rl.hybrid as hybrid_module
 import sdpo_rl.teacher_batch as teacher_batch_module
 from sdpo_rl import SDPOConfig, SDPOTrainer
+from sdpo_rl.forward import HeadInputs
 from sdpo_rl.loss.chunked import PolicyGradient
 from sdpo_rl.reprompt import select_teacher_signals
 from sdpo_rl.stabilisers import (
@@ -70,13 +71,17 @@ def test_entropy_weights_normalise_to_mean_one_and_equal_entropies_give_ones():
     assert torch.equal(normalise_to_mean_one(flat, mask, (flat * mask).sum(), mask.sum()), mask)
 
 
-def test_head_entropy_matches_the_softmax_entropy_of_the_summed_logits():
+@pytest.mark.parametrize("softcap", [None, 1.5])
+def test_head_entropy_matches_the_softmax_entropy_of_the_summed_logits(softcap):
+    """Of ``sum_i c_i cap(h_i @ W_i.T) / temperature``; a cap of 1.5 saturates these logits."""
     torch.manual_seed(0)
     hidden = (torch.randn(5, 3), torch.randn(5, 2))
     weight = (torch.randn(7, 3), torch.randn(7, 2))
-    logits = (hidden[0] @ weight[0].T + hidden[1] @ weight[1].T) / 0.7
+    cap = (lambda z: z) if softcap is None else (lambda z: softcap * torch.tanh(z / softcap))
+    logits = (0.3 * cap(hidden[0] @ weight[0].T) - 2.0 * cap(hidden[1] @ weight[1].T)) / 0.7
     expected = -(logits.softmax(-1) * logits.log_softmax(-1)).sum(-1)
-    torch.testing.assert_close(head_entropy(hidden, weight, 0.7, chunk_size=2), expected)
+    entropy = head_entropy(HeadInputs(hidden, weight, (0.3, -2.0)), 0.7, chunk_size=2, softcap=softcap)
+    torch.testing.assert_close(entropy, expected)
 
 
 # ---- in the trainer ---------------------------------------------------------------------------------------------

@@ -5,7 +5,9 @@ section 4).
 ``hidden @ weight.T / temperature`` without ever holding the ``[B, T, V]`` logits: only the distilled tokens are
 projected, ``chunk_size`` of them at a time, through :func:`sdpo_rl.loss.per_token_loss`, and each chunk's gradient
 is finished before the next chunk is projected. Notation as in :mod:`sdpo_rl.loss`, plus ``H`` the hidden size and
-``N`` the number of distilled tokens.
+``N`` the number of distilled tokens. A model's transform of its head's projection (a scale, Gemma 2's soft cap) is
+applied to each projected term; the soft cap's gradient is taken from the probabilities
+(`_capped_softmax_backward_`).
 
 With the full vocabulary as support, a chunk projects both models into two ``[chunk, V]`` buffers (`_chunk_step`).
 With a sparse support (the default top-K, or the sampled token), the teacher is only read at the support: one pass
@@ -40,13 +42,14 @@ from .self_distillation import (
 # above 32 MiB, glibc's largest heap block, each is mapped on allocation and returned when freed, so the resident
 # memory is what is alive; smaller ones are carved from the heap, which fragments (measured: up to twice the peak).
 CHUNK_BYTES = 36 * 2**20
-# Vocabulary columns `_project` computes at a time on the CPU.
+# Vocabulary columns `project_logits` computes at a time on the CPU.
 CPU_PROJECTION_COLUMNS = 32_768
 # (tokens, vocabulary columns) `_teacher_pass` projects at a time: a 4 MiB float32 buffer.
 TEACHER_PASS_SHAPE = (256, 4096)
 # Tokens whose support's head rows `_logits_at` gathers at a time (8 x 100 x 896 float32: under 3 MiB).
 GATHER_ROWS = 8
-# Vocabulary columns `_exp_with_entropy_` exponentiates at a time (a 1 MiB temporary at 62 tokens).
+# Vocabulary columns `_exp_with_entropy_` exponentiates (and `_softmax_backward_` soft-caps) at a time (a 1 MiB
+# temporary at 62 tokens).
 ENTROPY_COLUMNS = 4096
 
 
@@ -121,6 +124,8 @@ class PolicyGradient:
 @dataclass(frozen=True)
 class _ChunkSettings:
     teacher_weight: tuple[torch.Tensor, ...]  # each [V, H_i]
+    teacher_coefficients: tuple[float, ...]  # the teacher's logits: sum_i c_i cap(h_i @ W_i.T)
+    softcap: float | None  # cap(z) = softcap * tanh(z / softcap), student and teacher; None: cap(z) = z
     temperature: float  # the logits are divided by it: the sampling temperature over the logit scale
     chunk_size: int
     dtype: torch.dtype  # of the logits and the loss
@@ -147,17 +152,32 @@ class _ChunkBuffers:
         return _ChunkBuffers(self.student_logits[:count], teacher)
 
 
-def _project(hidden: Sequence[torch.Tensor], weight: Sequence[torch.Tensor], out: torch.Tensor) -> torch.Tensor:
-    """``out = sum_i hidden_i @ weight_i.T``, returned; each product runs in its weight's dtype, as the head would.
+def project_logits(
+    hidden: Sequence[torch.Tensor],
+    weight: Sequence[torch.Tensor],
+    out: torch.Tensor,
+    coefficients: Sequence[float] | None = None,
+    softcap: float | None = None,
+) -> torch.Tensor:
+    """``out = sum_i c_i cap(hidden_i @ weight_i.T)``, returned: ``[n, H_i]`` and ``[V, H_i]`` pairs into ``[n, V]``.
 
-    On the CPU a slice of the vocabulary at a time: MKL gives a product of so few rows a workspace the size of its
-    output (measured: one more ``[chunk, V]`` at the peak), and a slice's is a fraction of that.
+    ``c_i`` are the `coefficients` (None: all 1) and ``cap(z) = softcap * tanh(z / softcap)`` (None: ``cap(z) = z``),
+    the models' soft-capping, applied to each term, in ``out``'s dtype; each product runs in its weight's dtype, as
+    the head would. On the CPU a slice of the vocabulary at a time: MKL gives a product of so few rows a workspace
+    the size of its output (measured: one more ``[chunk, V]`` at the peak), and a slice's is a fraction of that.
     """
+    coefficients = (1.0,) * len(hidden) if coefficients is None else coefficients
     columns = CPU_PROJECTION_COLUMNS if out.device.type == "cpu" else out.shape[1]
     for start in range(0, out.shape[1], columns):
         part = slice(start, start + columns)
-        for i, (h, w) in enumerate(zip(hidden, weight, strict=True)):
+        for i, (h, w, c) in enumerate(zip(hidden, weight, coefficients, strict=True)):
             h, w, o = h.to(w.dtype), w[part], out[:, part]
+            if softcap is not None:
+                term = _soft_cap_((h @ w.T).to(o.dtype), softcap, c)
+                o.copy_(term) if i == 0 else o.add_(term)
+                continue
+            if c != 1.0:
+                h = c * h  # linear: the coefficient scales the hidden states
             if w.dtype != out.dtype:
                 product = h @ w.T
                 o.copy_(product) if i == 0 else o.add_(product)
@@ -166,6 +186,14 @@ def _project(hidden: Sequence[torch.Tensor], weight: Sequence[torch.Tensor], out
             else:
                 o.addmm_(h, w.T)
     return out
+
+
+def _soft_cap_(logits: torch.Tensor, softcap: float | None, coefficient: float = 1.0) -> torch.Tensor:
+    """``coefficient * softcap * tanh(logits / softcap)`` in place (``coefficient * logits`` for no softcap)."""
+    if softcap is not None:
+        logits.div_(softcap).tanh_()
+        coefficient = coefficient * softcap
+    return logits if coefficient == 1.0 else logits.mul_(coefficient)
 
 
 def _aggregation_weights(mask: torch.Tensor, loss_agg_mode: str, normalizer: torch.Tensor | float | None):
@@ -294,11 +322,14 @@ def _chunk_step(
     sparse support there is no teacher buffer, and the student's takes those last two.
     """
     student = buffers.student_logits
-    _project([hidden], [weight], student)
+    project_logits([hidden], [weight], student, softcap=settings.softcap)
     if settings.temperature != 1.0:
         student.div_(settings.temperature)
     indices = support_indices(student, chunk.completion_ids, settings.loss)
+    first_logit = student[:, :1].clone() if settings.softcap is not None else None
     torch.log_softmax(student, dim=-1, out=student)
+    # [n, 1]: the soft cap's gradient recovers the logits from the probabilities with it
+    log_normaliser = None if first_logit is None else first_logit.sub_(student[:, :1])
     q = _teacher_log_probs(chunk, settings, buffers.teacher_logits, indices)
 
     # The loss reads the log-probabilities at the support only: its gradient w.r.t. them is [n, N], and autograd
@@ -317,7 +348,8 @@ def _chunk_step(
         return chunk_loss.detach(), []
     probs, entropies = _probabilities(student, buffers.teacher_logits, chunk, settings)
     if wants_grad:
-        _add_gradients(probs, grad_s, indices, hidden, weight, chunk, settings, grad_hidden, grad_weight)
+        grad_logits = _logits_gradient(probs, grad_s, indices, chunk, settings, log_normaliser)
+        _add_gradients(grad_logits, hidden, weight, grad_hidden, grad_weight)
     return chunk_loss.detach(), entropies
 
 
@@ -328,10 +360,11 @@ def _teacher_log_probs(chunk: _DistilledTokens, settings: _ChunkSettings, buffer
     With a sparse support there is no buffer: its logits are computed at the support only, from its hidden states
     and the gathered rows of its head, and normalised by the log-normaliser `_teacher_pass` computed for every token.
     """
+    terms = (chunk.teacher_hidden, settings.teacher_weight)
     if buffer is None:
-        logits = _logits_at(chunk.teacher_hidden, settings.teacher_weight, indices, settings.dtype)
+        logits = _logits_at(*terms, indices, settings.dtype, settings.teacher_coefficients, settings.softcap)
         return logits.div_(settings.temperature).sub_(chunk.teacher_log_normaliser.unsqueeze(-1))
-    _project(chunk.teacher_hidden, settings.teacher_weight, buffer)
+    project_logits(*terms, buffer, settings.teacher_coefficients, settings.softcap)
     if settings.temperature != 1.0:
         buffer.div_(settings.temperature)
     torch.log_softmax(buffer, dim=-1, out=buffer)
@@ -351,17 +384,23 @@ def _probabilities(student: torch.Tensor, teacher: torch.Tensor | None, chunk: _
     return probs, entropies
 
 
-def _add_gradients(probs, grad_s, indices, hidden, weight, chunk, settings, grad_hidden, grad_weight) -> None:
-    """Turn ``probs`` ``[n, V]`` into the gradient w.r.t. the chunk's logits, from the loss's gradient ``grad_s``
-    w.r.t. the student's log-probabilities at ``indices`` (and the `PolicyGradient`'s at the sampled tokens), and add
-    the gradients w.r.t. the hidden states (their rows) and the head weight."""
+def _logits_gradient(probs, grad_s, indices, chunk: _DistilledTokens, settings: _ChunkSettings, log_normaliser):
+    """Turn ``probs`` ``[n, V]`` into the gradient w.r.t. the chunk's head projection, from the loss's gradient
+    ``grad_s`` w.r.t. the student's log-probabilities at ``indices`` (and the `PolicyGradient`'s at the sampled
+    tokens), through the temperature and the soft cap (``log_normaliser`` ``[n, 1]``: the student's)."""
     if chunk.logp_gradient is not None:  # the second loss's gradient w.r.t. the sampled tokens' log-probs
         ids, grad_logp = chunk.completion_ids.unsqueeze(-1), chunk.logp_gradient.unsqueeze(-1).to(grad_s.dtype)
         if indices is None:
             grad_s = grad_s.scatter_add(-1, ids, grad_logp)
         else:
             indices, grad_s = torch.cat([indices, ids], dim=-1), torch.cat([grad_s, grad_logp], dim=-1)
-    grad_logits = _softmax_backward_(probs, grad_s, indices, settings.temperature)
+    if settings.softcap is None:
+        return _softmax_backward_(probs, grad_s, indices, settings.temperature)
+    return _capped_softmax_backward_(probs, grad_s, indices, settings.temperature, settings.softcap, log_normaliser)
+
+
+def _add_gradients(grad_logits, hidden, weight, grad_hidden, grad_weight) -> None:
+    """Add the gradients w.r.t. the hidden states (their rows) and the head weight, from the projection's."""
     if grad_hidden is not None:
         grad_hidden.copy_(grad_logits.to(weight.dtype) @ weight)
     if grad_weight is not None:
@@ -373,17 +412,17 @@ def _sparse_support(settings: LossSettings) -> bool:
     return not settings.full_logit_distillation or settings.distillation_topk is not None
 
 
-def _logits_at(hidden: Sequence[torch.Tensor], weight: Sequence[torch.Tensor], indices: torch.Tensor, dtype):
-    """``sum_i hidden_i @ weight_i.T`` at ``indices`` only: ``[n, H_i]``, ``[V, H_i]``, ``[n, K]`` -> ``[n, K]``.
+def _logits_at(hidden, weight, indices: torch.Tensor, dtype, coefficients: Sequence[float], softcap: float | None):
+    """`project_logits` at ``indices`` only: ``[n, H_i]``, ``[V, H_i]``, ``[n, K]`` -> ``[n, K]``.
 
     A few rows at a time, so that the gathered head rows (``[rows, K, H_i]``) stay small.
     """
     out = indices.new_zeros(indices.shape, dtype=dtype)
     for start in range(0, indices.shape[0], GATHER_ROWS):
         rows = slice(start, start + GATHER_ROWS)
-        for h, w in zip(hidden, weight, strict=True):
+        for h, w, c in zip(hidden, weight, coefficients, strict=True):
             product = torch.bmm(w[indices[rows]], h[rows].to(w.dtype).unsqueeze(-1)).squeeze(-1)
-            out[rows] += product
+            out[rows] += _soft_cap_(product.to(dtype), softcap, c)
     return out
 
 
@@ -409,8 +448,12 @@ def _teacher_pass(teacher_hidden: tuple[torch.Tensor, ...], settings: _ChunkSett
         total, spread = buffer.new_zeros(n), buffer.new_zeros(n)
         for first in range(0, vocab, block_columns):
             columns = slice(first, first + block_columns)
-            logits = _project(
-                hidden, [w[columns] for w in settings.teacher_weight], buffer[:n, : min(block_columns, vocab - first)]
+            logits = project_logits(
+                hidden,
+                [w[columns] for w in settings.teacher_weight],
+                buffer[:n, : min(block_columns, vocab - first)],
+                settings.teacher_coefficients,
+                settings.softcap,
             )
             if settings.temperature != 1.0:
                 logits.div_(settings.temperature)
@@ -468,6 +511,40 @@ def _softmax_backward_(
     return probs.add_(grad_support) if indices is None else probs.scatter_add_(-1, indices, grad_support)
 
 
+def _capped_softmax_backward_(
+    probs: torch.Tensor,
+    grad_support: torch.Tensor,
+    indices: torch.Tensor | None,
+    temperature: float,
+    softcap: float,
+    log_normaliser: torch.Tensor,
+) -> torch.Tensor:
+    """`_softmax_backward_` through the soft cap: the gradient w.r.t. ``z``, the logits being
+    ``cap(z) = softcap * tanh(z / softcap)``, is the one w.r.t. ``cap(z)`` times ``1 - (cap(z) / softcap)^2``.
+
+    ``cap(z)`` is recovered from the probabilities, ``temperature * (log p + log_normaliser)``, a slice of columns
+    at a time, so that no second ``[n, V]`` tensor is needed; a probability that underflowed to 0 gives the slope
+    of the cap's far end, 0 (its gradient is 0 as well, unless it is in the support).
+    """
+
+    def slope(p: torch.Tensor) -> torch.Tensor:
+        capped = p.log().add_(log_normaliser).mul_(temperature / softcap).clamp_(-1.0, 1.0)
+        return capped.square_().neg_().add_(1.0)
+
+    grad_support = grad_support / temperature
+    total = grad_support.sum(-1, keepdim=True).neg_()
+    support_slope = None if indices is None else slope(probs.gather(-1, indices))
+    for start in range(0, probs.shape[1], ENTROPY_COLUMNS):
+        columns = slice(start, start + ENTROPY_COLUMNS)
+        part = probs[:, columns]
+        part_slope = slope(part)
+        part.mul_(total)
+        if indices is None:
+            part.add_(grad_support[:, columns])
+        part.mul_(part_slope)
+    return probs if indices is None else probs.scatter_add_(-1, indices, grad_support.mul_(support_slope))
+
+
 def default_chunk_size(vocab_size: int, dtype: torch.dtype) -> int:
     """Tokens per chunk: as many as keep one ``[chunk, vocab_size]`` tensor of ``dtype`` under ``CHUNK_BYTES``."""
     return max(1, (CHUNK_BYTES - 1) // (vocab_size * dtype.itemsize))
@@ -475,6 +552,10 @@ def default_chunk_size(vocab_size: int, dtype: torch.dtype) -> int:
 
 def _as_tuple(tensors: torch.Tensor | Sequence[torch.Tensor]) -> tuple[torch.Tensor, ...]:
     return (tensors,) if isinstance(tensors, torch.Tensor) else tuple(tensors)
+
+
+def _finite_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _scatter(values: torch.Tensor, where: torch.Tensor) -> torch.Tensor:
@@ -495,14 +576,16 @@ def self_distillation_loss_from_hidden(
     settings: LossSettings,
     temperature: float = 1.0,
     logit_scale: float = 1.0,
+    logit_softcap: float | None = None,
+    teacher_coefficients: Sequence[float] | None = None,
     per_token_weight: torch.Tensor | None = None,
     normalizer: torch.Tensor | float | None = None,
     chunk_size: int | None = None,
     return_entropy: bool = False,
     policy_gradient: PolicyGradient | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, ...]:
-    """``self_distillation_loss`` of the logits ``logit_scale * hidden @ weight.T / temperature``, without
-    ``[B, T, V]`` logits.
+    """``self_distillation_loss`` of the logits ``logit_scale * cap(hidden @ weight.T) / temperature``, without
+    ``[B, T, V]`` logits (``cap`` is the soft cap, or none).
 
     Only the distilled tokens (``completion_mask * self_distillation_mask``) are projected, ``chunk_size`` at a time,
     so the peak memory beyond the inputs is the head weight's gradient plus O(``chunk_size * V``). The logits are
@@ -513,13 +596,18 @@ def self_distillation_loss_from_hidden(
         student_lm_head_weight: ``[V, H]`` the student's output head, a linear layer without bias. Both receive
             gradients.
         teacher_hidden, teacher_lm_head_weight: ``[B, T, H]`` and ``[V, H]``, or sequences of such pairs whose
-            products add up to the teacher's logits (the trust-region teacher mixes two models' logits this way).
-            They never receive a gradient.
+            transformed products, times `teacher_coefficients`, add up to the teacher's logits (the trust-region
+            teacher mixes two models' logits this way). They never receive a gradient.
         temperature: the sampling temperature the logits are divided by.
         logit_scale: the factor the model multiplies its head's projection by, the student's and the teacher's
             (`sdpo_rl.forward.logit_scale`: Cohere's `logit_scale`, Granite's 1 / `logits_scaling`). Linear, so it
             is applied with the temperature: the logits are divided by ``temperature / logit_scale``, and the
             gradient goes through both.
+        logit_softcap: ``c`` of the models' soft-capping ``cap(z) = c * tanh(z / c)`` of each head's projection
+            (`sdpo_rl.forward.logit_softcap`: Gemma 2's `final_logit_softcapping`), applied before the scale; None:
+            none.
+        teacher_coefficients: one factor per teacher term (None: all 1): the teacher's logits are
+            ``sum_i teacher_coefficients[i] * cap(teacher_hidden[i] @ teacher_lm_head_weight[i].T)``, scaled.
         chunk_size: tokens projected at a time; any value gives the same loss. None: :func:`default_chunk_size`.
         return_entropy: also return the ``[B, T]`` entropies of the student's and the teacher's next-token
             distributions (nats, no gradient, 0 where no token is distilled), which cost one more pass per chunk.
@@ -533,9 +621,17 @@ def self_distillation_loss_from_hidden(
     """
     if chunk_size is not None and not (isinstance(chunk_size, int) and chunk_size >= 1):
         raise ValueError(f"chunk_size={chunk_size!r} must be None or an int >= 1")
-    if not (isinstance(logit_scale, (int, float)) and math.isfinite(logit_scale) and logit_scale != 0):
+    if not (_finite_number(logit_scale) and logit_scale != 0):
         raise ValueError(f"logit_scale={logit_scale!r} must be a finite non-zero number (1.0: logits unscaled)")
+    if logit_softcap is not None and not (_finite_number(logit_softcap) and logit_softcap > 0):
+        raise ValueError(f"logit_softcap={logit_softcap!r} must be None (no soft-capping) or a finite positive number")
     teacher_hidden, teacher_weight = _as_tuple(teacher_hidden), _as_tuple(teacher_lm_head_weight)
+    coefficients = (1.0,) * len(teacher_hidden) if teacher_coefficients is None else tuple(teacher_coefficients)
+    if len(coefficients) != len(teacher_hidden) or not all(map(_finite_number, coefficients)):
+        raise ValueError(
+            f"teacher_coefficients={teacher_coefficients!r} must be None or {len(teacher_hidden)} finite numbers, one "
+            "per teacher term"
+        )
     _check_hidden_shapes(
         student_hidden,
         student_lm_head_weight,
@@ -563,6 +659,8 @@ def self_distillation_loss_from_hidden(
     )
     chunk_settings = _ChunkSettings(
         teacher_weight=tuple(w.detach() for w in teacher_weight),
+        teacher_coefficients=coefficients,
+        softcap=None if logit_softcap is None else float(logit_softcap),
         temperature=temperature / logit_scale,
         chunk_size=chunk_size or default_chunk_size(student_lm_head_weight.shape[0], dtype),
         dtype=dtype,

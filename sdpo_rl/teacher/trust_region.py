@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from ..forward import HeadInputs, no_grad_head_inputs, no_grad_logits
+from ..forward import no_grad_head_inputs, no_grad_logits
 from .base import Teacher
 
 
@@ -26,16 +26,12 @@ class TrustRegionTeacher(Teacher):
         return torch.lerp(reference, current.to(reference.dtype), self.rate)
 
     def completion_head_inputs(self, student, input_ids, attention_mask, logits_to_keep, share_prompts=False):
-        """The mixture as two terms: ``(1 - r) h_ref @ W_ref.T + r h_theta @ W_theta.T``."""
+        """The mixture as two terms, ``(1 - r) z_ref`` and ``r z_theta``."""
         reference = self.reference.completion_head_inputs(
             student, input_ids, attention_mask, logits_to_keep, share_prompts
         )
         current = no_grad_head_inputs(student, input_ids, attention_mask, logits_to_keep, share_prompts)
-        return HeadInputs(
-            hidden=tuple((1.0 - self.rate) * h for h in reference.hidden)
-            + tuple(self.rate * h for h in current.hidden),
-            weight=reference.weight + current.weight,
-        )
+        return reference.scaled(1.0 - self.rate) + current.scaled(self.rate)
 
     def to(self, device: torch.device) -> None:
         self.reference.to(device)
