@@ -131,3 +131,19 @@ def test_a_forward_that_takes_no_cache_runs_every_prompt(tokenizer):
         shared = completion_hidden(wrapper, model.lm_head, ids, mask, COMPLETION, share_prompts=True)
     assert embedded == [ids.numel()]
     assert torch.equal(shared, completion_hidden(model, model.lm_head, ids, mask, COMPLETION))
+
+
+def test_head_inputs_add_and_scale_terms_and_keep_one_coefficient_per_term():
+    """The trust-region mixture and the hindsight contrast are built from `scaled` and `+`: their terms in order, each
+    with its own coefficient (a soft cap is applied per term, so none is folded into a hidden state)."""
+    from sdpo_rl.forward import HeadInputs
+
+    hidden, weight = torch.zeros(1, 2, 3), torch.zeros(5, 3)
+    one = HeadInputs((hidden,), (weight,))
+    two = HeadInputs((hidden, hidden), (weight, weight), (0.5, 2.0))
+    assert one.term_coefficients == (1.0,)
+    mixed = one + two.scaled(-3.0)
+    assert mixed.term_coefficients == (1.0, -1.5, -6.0)
+    assert mixed.hidden == (hidden, hidden, hidden) and mixed.weight == (weight, weight, weight)
+    with pytest.raises(ValueError, match="3 coefficients for 2 terms"):
+        HeadInputs((hidden, hidden), (weight, weight), (1.0, 1.0, 1.0))
