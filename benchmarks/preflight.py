@@ -10,7 +10,8 @@ goal: the verdict's sign (an SDPO-family method ends above GRPO, or not) agrees 
     python benchmarks/preflight.py --quick        # a smoke run (CI): one task, 2 prompts, 1 teacher sample
     python benchmarks/preflight.py --fit-only     # redo the fit and the plot from the saved reports
 
-A finished task's report is saved at once and a rerun skips it.
+A finished task's report is saved at once and a rerun skips it. Every run, `--fit-only` included, gives the saved
+reports the verdict that `sdpo_rl.preflight.recommend`'s current rules draw from their measures.
 """
 
 from __future__ import annotations
@@ -79,6 +80,14 @@ def fit(points: list[tuple[float, float]]) -> dict:
     if len(points) < 3 or len(set(xs)) < 2 or len(set(ys)) < 2:
         return {"slope": None, "r": None, "n": len(points)}
     return {"slope": statistics.linear_regression(xs, ys).slope, "r": statistics.correlation(xs, ys), "n": len(points)}
+
+
+def apply_current_rules(reports: dict[str, dict]) -> None:
+    """Set each saved report's verdict, reason and recommended config from its measures by the current rules."""
+    from sdpo_rl.preflight import PreflightReport, recommend
+
+    for report in reports.values():
+        report["verdict"], report["reason"], report["recommended_config"] = recommend(PreflightReport.from_dict(report))
 
 
 def relate(reports: dict[str, dict], table: dict[str, dict]) -> dict:
@@ -206,6 +215,7 @@ def main(argv: list[str] | None = None) -> int:
             save_results(path, results)
             report = results["reports"][task]
             print(f"{task}: edge {measure_value(report, 'edge')}, verdict {report['verdict']}", flush=True)
+    apply_current_rules(results["reports"])
     learning = load_results(options.learning, runs=[])
     results["outcomes"] = outcomes(learning["runs"])
     results.update(relate(results["reports"], results["outcomes"]))

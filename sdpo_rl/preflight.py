@@ -39,8 +39,9 @@ from .teacher_batch import total_rewards
 
 BOOTSTRAP_RESAMPLES = 1000
 FRAME_POSITIONS = 3  # the first completion positions, where a reprompt's frame shows (docs/preflight.md)
-# Verdict thresholds; docs/preflight.md says how the validation chose them.
-FRAME_SHARE_LIMIT = 0.5
+# The verdict's recommendation where the teacher knows more: distillation added to GRPO's loss, not in its place
+# (docs/preflight.md says which measurements chose it).
+HYBRID_GRPO_WEIGHT = 0.8
 DEMONSTRATION, FEEDBACK_ONLY = EDGE_KINDS = ("demonstration", "feedback_only")  # a failed completion's teacher prompt
 MIN_EDGE_PROMPTS = 5  # fewer prompts with a teacher prompt make the bootstrap interval meaningless
 
@@ -435,7 +436,7 @@ def _report(trainer, sdpo_config, rollouts, counts, token_level, timings, teache
         verdict="",
         reason="",
     )
-    report.verdict, report.reason, report.recommended_config = recommend(report, sdpo_config)
+    report.verdict, report.reason, report.recommended_config = recommend(report)
     report.seconds = time.perf_counter() - started
     return report
 
@@ -446,7 +447,7 @@ def _step_cost(timings: dict[str, float], calls: int) -> float:
     return 1.0 + timings["teacher"] / max(timings["rollout"], 1e-9) if calls else math.nan
 
 
-def recommend(report: PreflightReport, sdpo_config: SDPOConfig) -> tuple[str, str, dict[str, Any]]:
+def recommend(report: PreflightReport) -> tuple[str, str, dict[str, Any]]:
     """`(verdict, reason, SDPOConfig fields to set)` from a report's measures, by the rules of docs/preflight.md."""
     if report.failed_with_signal is None:
         return (
@@ -476,11 +477,10 @@ def recommend(report: PreflightReport, sdpo_config: SDPOConfig) -> tuple[str, st
             "reliable to teach.",
             {"enabled": False},
         )
-    if report.frame_share is not None and report.frame_share > FRAME_SHARE_LIMIT:
-        return (
-            "srpo",
-            f"the teacher knows more (edge {interval}), but {report.frame_share:.0%} of the divergence sits on the "
-            f"first {FRAME_POSITIONS} tokens, the reprompt's frame: distil only the failures and keep GRPO's loss.",
-            {"sample_routing": True},
-        )
-    return "sdpo", f"the teacher knows more (edge {interval}): self-distillation has something to teach.", {}
+    return (
+        "hybrid",
+        f"the teacher knows more (edge {interval}): add its distillation to GRPO's loss at weight "
+        f"{1 - HYBRID_GRPO_WEIGHT:.1f}, since pure self-distillation collapsed at 135M even where the teacher clearly "
+        "knew more.",
+        {"grpo_weight": HYBRID_GRPO_WEIGHT},
+    )

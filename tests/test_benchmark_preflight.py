@@ -92,3 +92,14 @@ def test_preflight_benchmark_quick_mode_writes_a_report_and_its_table(tmp_path):
     assert list(saved["reports"]) == ["capitals"] and saved["settings"]["prompts"] == 2
     assert {"command", "date", "machine", "commit"} <= set(saved)
     assert "| capitals |" in completed.stdout and results.with_suffix(".png").exists()
+
+
+def test_saved_reports_get_the_current_rules_verdict():
+    """A report saved under older rules (verdict "sdpo" for a clear edge) is re-judged from its measures."""
+    from test_preflight import measured
+
+    saved = measured(0.5, (0.26, 0.17, 0.34)).to_dict() | {"verdict": "sdpo", "reason": "old", "recommended_config": {}}
+    reports = {"capitals_hard": json.loads(json.dumps(saved))}
+    benchmark_module("preflight").apply_current_rules(reports)
+    assert reports["capitals_hard"]["verdict"] == "hybrid"
+    assert reports["capitals_hard"]["recommended_config"] == {"grpo_weight": 0.8}

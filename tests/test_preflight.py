@@ -3,6 +3,7 @@ verdict without a teacher signal, errors on bad input, the JSON report, the call
 
 import json
 import random
+import re
 
 import numpy as np
 import pytest
@@ -13,7 +14,7 @@ from tiny import ParityReward, grpo_args, make_dataset, make_model, make_tokeniz
 
 from sdpo_rl import SDPOConfig, cli
 from sdpo_rl.metrics import FEEDBACK_USED_FRACTION, REPROMPT_SAMPLE_FRACTION, SUCCESS_SAMPLE_FRACTION, TEACHER_EDGE
-from sdpo_rl.preflight import PreflightReport, preflight
+from sdpo_rl.preflight import Edge, Interval, PreflightReport, preflight, recommend
 from sdpo_rl.reprompt import render_teacher_prompt
 from sdpo_rl.trainer import SDPOTrainer
 
@@ -121,7 +122,7 @@ def test_the_report_round_trips_through_json(tmp_path):
     report = run(tmp_path)
     text = json.dumps(report.to_dict())
     assert PreflightReport.from_dict(json.loads(text)) == report
-    assert report.verdict in ("grpo", "sdpo", "srpo") and report.reason
+    assert report.verdict in ("grpo", "hybrid") and report.reason
 
 
 @pytest.mark.slow
@@ -256,3 +257,49 @@ def test_training_logs_the_teacher_edge_every_so_many_steps(tmp_path, every, mea
     assert len(edges) == measured_steps
     # Half of each group succeeds (pass rate 0.5), so the teacher's pass rate minus it lies in [-0.5, 0.5].
     assert all(-0.5 <= edge <= 0.5 for edge in edges)
+
+
+def measured(failed_with_signal, edge=None, prompts=8) -> PreflightReport:
+    """A report with only the measures the verdict reads set (the others are placeholders)."""
+    interval = None if edge is None else Interval(*edge)
+    measure = Edge(failures=3 * prompts, prompts=prompts, teacher_pass_rate=0.3, student_pass_rate=0.1, edge=interval)
+    fractions = dict.fromkeys(
+        ["student_pass_rate", "student_mean_reward", "groups_without_success", "groups_with_some_success"], 0.1
+    )
+    fractions |= dict.fromkeys(["groups_all_successful", "grpo_signal_fraction", "demonstration_only"], 0.1)
+    fractions |= dict.fromkeys(["feedback_only", "demonstration_and_feedback", "no_signal"], 0.1)
+    return PreflightReport(
+        prompts=prompts,
+        num_generations=4,
+        teacher_samples=4,
+        failed_with_signal=failed_with_signal,
+        edge=measure,
+        edge_demonstration=measure,
+        edge_feedback_only=measure,
+        log_prob_gain=None,
+        frame_share=None,
+        step_cost_vs_grpo=1.5,
+        verdict="",
+        reason="",
+        **fractions,
+    )
+
+
+@pytest.mark.parametrize(
+    ("report", "verdict", "config", "reason"),
+    [
+        (measured(None), "grpo", {"enabled": False}, "every completion already succeeds"),
+        (measured(0.0), "grpo", {"enabled": False}, "no failed completion gets a demonstration or feedback"),
+        (measured(0.5, (0.3, 0.1, 0.5), prompts=4), "grpo", {"enabled": False}, "only 4 prompts had a failed"),
+        (measured(0.5, (0.05, 0.0, 0.1)), "grpo", {"enabled": False}, "not clearly better than the student"),
+        (measured(0.5, (-0.1, -0.2, 0.0)), "grpo", {"enabled": False}, r"edge -0.100 \[-0.200, \+0.000\]"),
+        (measured(0.5, (0.26, 0.17, 0.34)), "hybrid", {"grpo_weight": 0.8}, "add its distillation to GRPO's loss"),
+    ],
+)
+def test_the_verdict_follows_the_documented_rules(report, verdict, config, reason):
+    """docs/preflight.md's table, row by row: only an edge whose whole interval is above 0, over at least 5 prompts,
+    recommends distillation, and then added to GRPO's loss (the measured 135M outcome), never pure SDPO."""
+    got_verdict, got_reason, got_config = recommend(report)
+    assert (got_verdict, got_config) == (verdict, config)
+    assert re.search(reason, got_reason)
+    SDPOConfig(**got_config)  # a valid configuration
