@@ -48,7 +48,7 @@ CPU_PROJECTION_COLUMNS = 32_768
 TEACHER_PASS_SHAPE = (256, 4096)
 # Tokens whose support's head rows `_logits_at` gathers at a time (8 x 100 x 896 float32: under 3 MiB).
 GATHER_ROWS = 8
-# Vocabulary columns `_exp_with_entropy_` exponentiates (and `_softmax_backward_` soft-caps) at a time (a 1 MiB
+# Vocabulary columns `_exp_with_entropy_` exponentiates (and `_capped_softmax_backward_` soft-caps) at a time (1 MiB
 # temporary at 62 tokens).
 ENTROPY_COLUMNS = 4096
 
